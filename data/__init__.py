@@ -1,0 +1,1 @@
+"""Datasets to shards: adapters, the synthetic re-ID world, the shard writer and readers, samplers."""

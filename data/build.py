@@ -1,0 +1,46 @@
+"""Building shard sets: every split of every dataset a builder returns, and the summary of the result."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from data.shards import ShardError, WriteOptions, check_writable_dir, write_split
+from data.source import RecordSource
+from shared.table import format_table
+
+Sources = Mapping[str, Mapping[str, RecordSource]]  # dataset -> split -> source
+
+
+def select_splits(sources: Sources, splits: list[str] | None) -> Sources:
+    """Keep only the named splits; an unknown name is a one-line error listing the valid ones."""
+    if not splits:
+        return sources
+    valid = sorted({s for per_dataset in sources.values() for s in per_dataset})
+    unknown = [s for s in splits if s not in valid]
+    if unknown:
+        raise ShardError(f"unknown split name(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return {d: {s: src for s, src in per.items() if s in splits} for d, per in sources.items()
+            if any(s in splits for s in per)}
+
+
+def build_all(sources: Sources, out: str | Path, options: WriteOptions) -> list[dict[str, Any]]:
+    """Write every split under ``out/<dataset>/<split>/``; train pids are relabelled 0..N-1."""
+    out = check_writable_dir(out)
+    out.mkdir(exist_ok=True)
+    manifests = []
+    for dataset, splits in sources.items():
+        for split, source in splits.items():
+            manifests.append(write_split(source, out / dataset / split, split, relabel=split == "train",
+                                         options=options))
+    return manifests
+
+
+def summary(manifests: list[dict[str, Any]]) -> str:
+    rows = [
+        [m["dataset"], m["split"], m["num_samples"], m["num_pids"], m["num_cameras"], len(m["shards"]),
+         round(sum(s["size"] for s in m["shards"]) / 2**20, 2), m.get("reused_shards", 0)]
+        for m in manifests
+    ]
+    return format_table(["dataset", "split", "images", "ids", "cameras", "shards", "MiB", "reused"], rows)

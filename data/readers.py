@@ -1,0 +1,242 @@
+"""Reading shards: streaming (sequential passes) and indexed (random access by ``index``).
+
+Both readers yield the same sample: ``{"image", "pid", "camid", "viewid", "index", "key"}`` where
+``image`` is a uint8 CHW RGB tensor (or whatever the transform makes of it) and a missing label is -1.
+
+- :class:`StreamingShards` is a webdataset pipeline: the shard list is split by node (rank) and by
+  DataLoader worker, each shard is read as a tar stream and its sha256 checked on the fly.
+- :class:`IndexedShards` reads one sample with two ``pread`` calls at the offsets in ``index.npy``,
+  which is what P×K identity sampling needs; its ``pids``/``camids`` arrays feed the samplers.
+
+Bad data never kills a pass. A sample that cannot be decoded, a tar member that is broken or a
+shard that ends early becomes a :class:`Problem` in the stream instead of a sample. :func:`collate`
+moves problems out of the batch, and :class:`SampleTally` counts them, aborts with one line once more
+than ``max_bad_fraction`` of the split is lost, and reports them at the end of the pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import Dataset, IterableDataset
+from torchvision.io import ImageReadMode, decode_image
+
+from data.shards import IMAGE_EXTS, ShardError, load_index, load_manifest
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Problem(NamedTuple):
+    """A sample (or a run of samples) that a pass could not deliver, or a warning about a shard."""
+
+    where: str
+    reason: str
+    lost: int = 1
+
+
+class TooManyBadSamples(ShardError):
+    pass
+
+
+def decode(data: bytes) -> torch.Tensor:
+    """Encoded JPEG/PNG bytes to a uint8 CHW RGB tensor (libjpeg-turbo via torchvision, no PIL)."""
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def make_sample(data: bytes, labels: dict[str, Any], key: str, transform: Transform | None) -> dict[str, Any]:
+    """The sample both readers yield. Raises on undecodable bytes; callers turn that into a Problem."""
+    image = decode(data)
+    if transform is not None:
+        image = transform(image)
+    sample = {name: -1 if labels.get(name) is None else int(labels[name]) for name in ("pid", "camid", "viewid")}
+    return {"image": image, **sample, "index": int(labels["index"]), "key": key}
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only file wrapper that hashes every byte read through it."""
+
+    def __init__(self, f: io.BufferedReader):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.f.readinto(buffer)
+        self.sha256.update(memoryview(buffer)[:n])
+        return n
+
+    def finish(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.sha256.hexdigest()
+
+
+class StreamingShards(IterableDataset):
+    """Sequential pass over one split, sharded across ranks and DataLoader workers by webdataset."""
+
+    def __init__(self, split_dir: str | Path, transform: Transform | None = None, *, shuffle_shards: bool = False,
+                 seed: int = 0, verify: bool = True):
+        self.split_dir = Path(split_dir)
+        self.manifest = load_manifest(self.split_dir)
+        self.transform, self.shuffle_shards, self.seed, self.verify = transform, shuffle_shards, seed, verify
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shards(self) -> list[dict[str, Any]]:
+        shards = list(self.manifest["shards"])
+        if self.shuffle_shards:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
+            shards = [shards[i] for i in order]
+        return shards
+
+    def __iter__(self) -> Iterator[dict[str, Any] | Problem]:
+        for shard in wds.split_by_worker(wds.split_by_node(self._shards())):
+            yield from self._read_shard(shard)
+
+    def _read_shard(self, shard: dict[str, Any]) -> Iterator[dict[str, Any] | Problem]:
+        path = self.split_dir / shard["name"]
+        seen = 0
+        try:
+            with open(path, "rb") as raw:
+                reader = _HashingReader(raw)
+                files = wds.tariterators.tar_file_iterator(io.BufferedReader(reader))
+                for group in wds.tariterators.group_by_keys({**f, "__url__": str(path)} for f in files):
+                    seen += 1
+                    yield self._sample(group, path)
+                if self.verify and reader.finish() != shard["sha256"]:
+                    yield Problem(str(path), "sha256 differs from the manifest (tampered or corrupted shard)", 0)
+        except Exception as e:  # a broken member or a truncated shard ends this shard, not the pass
+            yield Problem(str(path), f"unreadable after {seen} samples: {str(e).splitlines()[0]}", 0)
+        if seen < shard["num_samples"]:
+            yield Problem(str(path), f"delivered {seen} of {shard['num_samples']} samples", shard["num_samples"] - seen)
+
+    def _sample(self, group: dict[str, Any], path: Path) -> dict[str, Any] | Problem:
+        key = group["__key__"]
+        try:
+            labels = json.loads(group["json"])
+            data = next(group[ext] for ext in IMAGE_EXTS if ext in group)
+            return make_sample(data, labels, key, self.transform)
+        except StopIteration:
+            return Problem(f"{path}:{key}", "no image member")
+        except Exception as e:
+            return Problem(f"{path}:{key}", str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+class IndexedShards(Dataset):
+    """Random access by ``index`` over one split's shards, through the byte offsets in ``index.npy``."""
+
+    def __init__(self, split_dir: str | Path, transform: Transform | None = None):
+        self.split_dir = Path(split_dir)
+        self.manifest = load_manifest(self.split_dir)
+        self.index = load_index(self.split_dir)
+        if len(self.index) != self.manifest["num_samples"]:
+            raise ShardError(f"{self.split_dir}: index has {len(self.index)} rows, manifest {self.manifest['num_samples']}")
+        self.paths = [self.split_dir / s["name"] for s in self.manifest["shards"]]
+        self.transform = transform
+        self._fds: dict[int, int] = {}
+        self._owner = -1
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def pids(self) -> np.ndarray:
+        return self.index["pid"]
+
+    @property
+    def camids(self) -> np.ndarray:
+        return self.index["camid"]
+
+    def _fd(self, shard: int) -> int:
+        if self._owner != os.getpid():  # descriptors are opened per process (DataLoader workers fork)
+            self._fds, self._owner = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def read_bytes(self, index: int) -> tuple[bytes, bytes]:
+        """The stored image bytes and json bytes of sample ``index``."""
+        row = self.index[index]
+        fd = self._fd(int(row["shard"]))
+        image = os.pread(fd, int(row["image_size"]), int(row["image_offset"]))
+        meta = os.pread(fd, int(row["json_size"]), int(row["json_offset"]))
+        return image, meta
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Problem:
+        if not 0 <= index < len(self.index):
+            raise IndexError(f"index {index} out of range for {self.split_dir} ({len(self.index)} samples)")
+        row = self.index[index]
+        where = f"{self.paths[int(row['shard'])]}@{index}"
+        try:
+            data, meta = self.read_bytes(index)
+            labels = json.loads(meta)
+            return make_sample(data, labels, labels["key"], self.transform)
+        except OSError as e:
+            return Problem(where, f"cannot read: {e.strerror or e}")
+        except Exception as e:
+            return Problem(where, str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def collate(items: Sequence[dict[str, Any] | Problem]) -> dict[str, Any]:
+    """Stack samples into a batch; problems travel beside it in ``batch["problems"]``."""
+    samples = [s for s in items if not isinstance(s, Problem)]
+    batch: dict[str, Any] = {"problems": [p for p in items if isinstance(p, Problem)]}
+    if samples:
+        batch["image"] = torch.stack([s["image"] for s in samples])
+        for name in ("pid", "camid", "viewid", "index"):
+            batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
+        batch["key"] = [s["key"] for s in samples]
+    return batch
+
+
+class SampleTally:
+    """Counts delivered and lost samples over a pass; aborts when too many are lost."""
+
+    def __init__(self, expected: int, max_bad_fraction: float = 0.01, name: str = "pass"):
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.expected, self.max_bad_fraction, self.name = expected, max_bad_fraction, name
+        self.delivered = 0
+        self.lost = 0
+        self.problems: list[Problem] = []
+
+    def update(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.delivered += len(batch.get("index", ()))
+        for problem in batch["problems"]:
+            self.lost += problem.lost
+            self.problems.append(problem)
+        if self.lost > self.max_bad_fraction * self.expected:
+            first = self.problems[0]
+            raise TooManyBadSamples(
+                f"{self.name}: {self.lost} of {self.expected} samples lost ({100 * self.lost / self.expected:.2f}%), "
+                f"over max_bad_fraction={self.max_bad_fraction}; first: {first.where}: {first.reason}")
+        return batch
+
+    def wrap(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Yield non-empty batches, counting problems as they pass."""
+        for batch in batches:
+            self.update(batch)
+            if "index" in batch:
+                yield batch
+
+    def summary(self) -> str:
+        lines = [f"{self.name}: {self.delivered} samples delivered, {self.lost} lost, {len(self.problems)} problems"]
+        lines += [f"  {p.where}: {p.reason}" for p in self.problems[:10]]
+        if len(self.problems) > 10:
+            lines.append(f"  ... and {len(self.problems) - 10} more")
+        return "\n".join(lines)

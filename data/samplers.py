@@ -1,0 +1,264 @@
+"""Identity batch samplers for metric-learning training (P identities x K images per batch).
+
+Both samplers are batch samplers (``DataLoader(dataset, batch_sampler=sampler)``) over a map-style
+dataset addressed by sample index; they only need the label arrays. Indices whose pid is negative
+(outliers / un-clustered samples of pseudo labels) are never sampled.
+
+Semantics follow:
+
+* ``PKSampler``: torchreid's ``RandomIdentitySampler`` (deep-person-reid, ``torchreid/data/sampler.py``):
+  per epoch every identity's shuffled images are cut into groups of K, then batches are formed by
+  repeatedly taking one group from each of P distinct identities drawn at random among those that
+  still have groups, until fewer than P such identities remain.
+* ``CameraAwarePKSampler``: SpCL's ``RandomMultipleGallerySampler`` (``spcl/utils/data/sampler.py``):
+  one group per identity per epoch, made of a random anchor image plus K-1 images preferably taken
+  from other cameras than the anchor's.
+
+Deviations from the sources:
+
+* Randomness comes from a private ``numpy.random.Generator`` seeded with ``(seed, epoch)`` instead of
+  the global ``random`` / ``numpy`` / ``torch`` state, so an epoch is reproducible on its own.
+* The samplers yield whole batches and shard them across ranks (rank r takes global batches
+  r, r + world_size, ...); the sources yield a flat single-process index stream.
+* ``__len__`` is the exact number of batches of the current epoch, not an estimate.
+* An identity with fewer than K images contributes each of its images once and draws only the
+  missing slots with replacement (torchreid draws all K with replacement, which may skip images).
+* Camera-aware groups first take one image per camera other than the anchor's, so an identity seen
+  by at least K cameras always yields K distinct cameras; then further images of other cameras,
+  then images of the anchor's camera, and repeat images only when the identity has fewer than K.
+  SpCL draws the K-1 images among other-camera images only, with replacement whenever there are
+  fewer than K of them, and skips identities that have a single image.
+* The camera-aware sampler drops the last incomplete batch (SpCL leaves batching to the loader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _as_labels(values: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
+    """One int64 label per dataset index; rejects non-integer or non-1-D input."""
+    arr = np.asarray(values)
+    if arr.size == 0:
+        return arr.astype(np.int64).reshape(-1)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D array of integers, got shape {arr.shape} dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _within_identity_offsets(offsets: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Keep offsets inside their identity's block; redraw the others uniformly from that identity.
+
+    ``offsets`` is (groups, K) and ``counts`` (groups, 1) the image count of each group's identity;
+    only identities with fewer than K images have offsets past their count.
+    """
+    redrawn = (rng.random(offsets.shape) * counts).astype(np.int64)
+    return np.where(offsets < counts, offsets, redrawn)
+
+
+def _draw_identity_batches(groups_per_identity: np.ndarray, p: int, rng: np.random.Generator) -> np.ndarray:
+    """torchreid's batch loop: rows of P group ids, each from P distinct identities drawn at random.
+
+    Group ids of identity i are ``nxt[i] .. end[i] - 1``. Identities with groups left occupy
+    ``active[:n_active]``; a partial Fisher-Yates shuffle of its first P slots draws a uniform
+    P-subset in O(P), and exhausted identities are swap-removed.
+    """
+    end = np.cumsum(groups_per_identity)
+    nxt = (end - groups_per_identity).tolist()
+    end = end.tolist()
+    active = list(range(len(end)))
+    n_active = len(active)
+    # Every batch consumes P groups, so this many uniforms always suffice.
+    uniforms = rng.random(int(groups_per_identity.sum()) // p * p).tolist()
+    u = 0
+    out: list[int] = []
+    while n_active >= p:
+        for j in range(p):
+            r = j + int(uniforms[u] * (n_active - j))
+            u += 1
+            active[j], active[r] = active[r], active[j]
+        # Descending order: swap-removing slot j only moves in an identity from a slot already visited
+        # or never drawn, so slots 0..j-1 still hold this batch's identities.
+        for j in range(p - 1, -1, -1):
+            ident = active[j]
+            out.append(nxt[ident])
+            nxt[ident] += 1
+            if nxt[ident] == end[ident]:
+                n_active -= 1
+                active[j] = active[n_active]
+    return np.asarray(out, dtype=np.int64).reshape(-1, p)
+
+
+class PKSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of P identities x K images, torchreid ``RandomIdentitySampler`` style.
+
+    Every rank builds the same global batch list for an epoch from ``(seed, epoch)``, truncates it to
+    a multiple of ``world_size`` and keeps every ``world_size``-th batch starting at ``rank``, so all
+    ranks yield the same number of batches and never share an index within an epoch.
+
+    Epoch and progress: iterating yields the batches of ``epoch`` not yet consumed, and a completed
+    iteration moves on to the next epoch (so ``len`` then counts that epoch's batches; PK batch
+    counts can differ slightly between epochs). ``set_epoch`` to another epoch restarts progress at
+    0, to the current one keeps it, so ``load_state_dict`` followed by the trainer's usual
+    ``set_epoch`` resumes mid-epoch. Progress counts batches handed to the DataLoader, which runs
+    ahead of the training step when workers prefetch; a trainer checkpointing mid-epoch there should
+    store its own step count as ``consumed``.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int] | np.ndarray,
+        camids: Sequence[int] | np.ndarray | None = None,
+        p: int = 16,
+        k: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if p < 1:
+            raise ValueError(f"p (identities per batch) must be >= 1, got {p}")
+        if k < 1:
+            raise ValueError(f"k (images per identity) must be >= 1, got {k}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        pid_arr = _as_labels(pids, "pids")
+        cam_arr = None
+        if camids is not None:
+            cam_arr = _as_labels(camids, "camids")
+            if len(cam_arr) != len(pid_arr):
+                raise ValueError(f"camids has {len(cam_arr)} entries but pids has {len(pid_arr)}")
+
+        valid = np.flatnonzero(pid_arr >= 0)
+        # Dataset indices grouped by identity: identity i owns order[starts[i] : starts[i] + counts[i]].
+        self._order = valid[np.argsort(pid_arr[valid], kind="stable")]
+        _, self._starts, self._counts = np.unique(pid_arr[self._order], return_index=True, return_counts=True)
+        if len(self._counts) < p:
+            raise ValueError(f"need at least p={p} identities with pid >= 0, got {len(self._counts)}")
+        self._identity = np.repeat(np.arange(len(self._counts)), self._counts)
+        self._identity_key = self._identity.astype(np.uint64) << np.uint64(32)
+        self._camids = cam_arr
+        self.p, self.k, self.seed, self.rank, self.world_size = p, k, seed, rank, world_size
+        self.epoch = 0
+        self._consumed = 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def num_identities(self) -> int:
+        """Identities with pid >= 0."""
+        return len(self._counts)
+
+    def _shuffle_within_identities(self, rng: np.random.Generator) -> np.ndarray:
+        """Positions into ``self._order`` that permute each identity's block at random, blocks in place."""
+        # Identity in the high 32 bits, a random word in the low ones: exact integer keys, no float ties.
+        return np.argsort(self._identity_key | rng.integers(0, 1 << 32, size=len(self._order), dtype=np.uint64))
+
+    def _build_batches(self, rng: np.random.Generator) -> np.ndarray:
+        """Global batches of one epoch as a (batches, P*K) array of dataset indices."""
+        shuffled = self._order[self._shuffle_within_identities(rng)]
+        groups_per_identity = np.maximum(self._counts // self.k, 1)
+        owner = np.repeat(np.arange(self.num_identities), groups_per_identity)
+        # nth group of its identity = global group number - the identity's first group number
+        nth = np.arange(len(owner)) - (np.cumsum(groups_per_identity) - groups_per_identity)[owner]
+        offsets = nth[:, None] * self.k + np.arange(self.k)
+        offsets = _within_identity_offsets(offsets, self._counts[owner][:, None], rng)
+        groups = shuffled[self._starts[owner][:, None] + offsets]
+        rows = _draw_identity_batches(groups_per_identity, self.p, rng)
+        return groups[rows].reshape(len(rows), self.p * self.k)
+
+    def global_batches(self, epoch: int) -> np.ndarray:
+        """All ranks' batches of ``epoch`` before sharding, as a (batches, P*K) array."""
+        return self._build_batches(np.random.default_rng([self.seed, epoch]))
+
+    def rank_batches(self, epoch: int) -> np.ndarray:
+        """This rank's batches of ``epoch`` as a (batches, P*K) array; cached for the last epoch asked."""
+        if self._cache is None or self._cache[0] != epoch:
+            batches = self.global_batches(epoch)
+            usable = len(batches) // self.world_size * self.world_size
+            self._cache = (epoch, batches[self.rank : usable : self.world_size])
+        return self._cache[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._consumed = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
+        batches = self.rank_batches(epoch)
+        for i in range(self._consumed, len(batches)):
+            self._consumed = i + 1
+            yield batches[i].tolist()
+        self.epoch, self._consumed = epoch + 1, 0
+
+    def __len__(self) -> int:
+        return len(self.rank_batches(self.epoch))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        total = len(self.rank_batches(epoch))
+        if not 0 <= consumed <= total:
+            raise ValueError(f"consumed={consumed} is outside [0, {total}] batches of epoch {epoch}")
+        self.epoch, self._consumed = epoch, consumed
+
+
+class CameraAwarePKSampler(PKSampler):
+    """One group of K images per identity and epoch, spread over cameras (SpCL style).
+
+    A group is a random anchor image, then one image of each other camera, then more images of
+    other cameras, then images of the anchor's camera, each tier in random order; identities with
+    fewer than K images repeat random images. Identities are shuffled and every P consecutive
+    groups form a batch; the last incomplete batch is dropped. Sharding and resume are PKSampler's.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int] | np.ndarray,
+        camids: Sequence[int] | np.ndarray | None = None,
+        p: int = 16,
+        k: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if camids is None:
+            raise ValueError("CameraAwarePKSampler requires camids")
+        super().__init__(pids, camids, p=p, k=k, seed=seed, rank=rank, world_size=world_size)
+        # Dense camera codes keep the (identity, camera) sort key small.
+        codes = np.unique(self._camids[self._order], return_inverse=True)[1].reshape(-1)
+        self._cam_code, self._num_cams = codes, int(codes.max()) + 1
+
+    def _build_batches(self, rng: np.random.Generator) -> np.ndarray:
+        perm = self._shuffle_within_identities(rng)
+        shuffled, cam, ident = self._order[perm], self._cam_code[perm], self._identity
+        # The first image of each shuffled block is the anchor.
+        anchor_cam = cam[self._starts][ident]
+        # First image of each (identity, camera) pair in shuffled order: a stable sort keeps that order.
+        pair = ident * self._num_cams + cam
+        by_pair = np.argsort(pair, kind="stable")
+        pair_head = np.ones(len(by_pair), dtype=bool)
+        pair_head[1:] = pair[by_pair[1:]] != pair[by_pair[:-1]]
+        new_cam = np.zeros(len(shuffled), dtype=bool)
+        new_cam[by_pair[pair_head]] = True
+        # Tiers: 0 anchor, 1 first image of another camera, 2 other images of other cameras, 3 anchor's camera.
+        tier = np.full(len(shuffled), 3)
+        tier[cam != anchor_cam] = 2
+        tier[new_cam & (cam != anchor_cam)] = 1
+        tier[self._starts] = 0
+        # Stable sort keeps the random order within each tier of each identity.
+        ranked = shuffled[np.argsort(ident * 4 + tier, kind="stable")]
+
+        offsets = np.broadcast_to(np.arange(self.k), (self.num_identities, self.k))
+        offsets = _within_identity_offsets(offsets, self._counts[:, None], rng)
+        groups = ranked[self._starts[:, None] + offsets][rng.permutation(self.num_identities)]
+        n_batches = self.num_identities // self.p
+        return groups[: n_batches * self.p].reshape(n_batches, self.p * self.k)

@@ -1,0 +1,356 @@
+"""The shard contract: writing a split as webdataset tar shards with a manifest and a random-access index.
+
+Layout of one split (``<out>/<dataset>/<split>/``)::
+
+    <split>-000000.tar ...   webdataset shards; one sample = ``<key>.jpg`` (original encoded bytes)
+                             + ``<key>.json`` ({"index", "pid", "camid", "viewid", "dataset", "source", ...})
+    manifest.json            schema version, status, counts, pid map, cameras, shards with size and sha256
+    index.npy                one row per sample, in ``index`` order: shard, byte offsets and sizes of the
+                             image and json members, pid, camid, viewid (structured array, no pickle)
+    index.wids.json          the same shard list in the wids shard-index format
+
+``index`` is the sample's position 0..N-1 in its split: the same on every rank and run.
+
+Writing is atomic and resumable. Shard ``k`` always holds samples ``[k*S, (k+1)*S)``, so a re-run
+regenerates exactly the shards that are missing or whose sha256 differs from the manifest, and
+skips the rest. A shard is written to a hidden temporary file and renamed when complete; the manifest
+is rewritten (atomically) after each shard, so an interrupted build leaves only whole, vouched-for
+shards visible. Tar headers are normalised (mtime 0, root owner, mode 0444), so the same source gives
+byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data.source import RecordSource
+from shared.io import atomic_open, atomic_write_json
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.npy"
+WIDS_INDEX = "index.wids.json"
+IMAGE_EXTS = ("jpg", "png")
+
+INDEX_DTYPE = np.dtype(
+    [
+        ("shard", "<i4"),
+        ("image_offset", "<i8"),
+        ("image_size", "<i8"),
+        ("json_offset", "<i8"),
+        ("json_size", "<i8"),
+        ("pid", "<i8"),
+        ("camid", "<i4"),
+        ("viewid", "<i4"),
+        ("ext", "<u1"),
+    ]
+)
+
+
+class ShardError(RuntimeError):
+    """A shard build or read problem, described in one line."""
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    samples_per_shard: int = 10_000
+    workers: int = 1
+    chunk: int = 256  # samples per task handed to a worker: the unit of progress
+    progress: bool = True
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:06d}.tar"
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_json(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def check_writable_dir(out: str | Path) -> Path:
+    """Fail in one line, before any work, when ``out`` cannot be created or written."""
+    out = Path(out)
+    parent = out if out.exists() else out.parent
+    if not parent.exists():
+        raise ShardError(f"output parent directory does not exist: {parent}")
+    if not parent.is_dir():
+        raise ShardError(f"output path is not a directory: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ShardError(f"output directory is not writable: {parent}")
+    return out
+
+
+def _label(value: Any) -> int:
+    return -1 if value is None else int(value)
+
+
+def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Read every record's meta (cheap) and derive the stored json and the split-level facts."""
+    metas = []
+    for i in range(len(source)):
+        meta = dict(source.meta(i))
+        for field in ("pid", "camid", "viewid"):
+            meta.setdefault(field, None)
+        meta["dataset"] = source.dataset
+        meta.setdefault("source", source.dataset)
+        metas.append(meta)
+    pid_map: dict[str, int] = {}
+    if relabel:
+        raw = sorted({m["pid"] for m in metas if m["pid"] is not None})
+        pid_map = {str(p): i for i, p in enumerate(raw)}
+        for m in metas:
+            if m["pid"] is not None:
+                m["raw_pid"] = m["pid"]
+                m["pid"] = pid_map[str(m["pid"])]
+    for i, m in enumerate(metas):
+        m["index"], m["key"] = i, source.key(i)
+    pids = {m["pid"] for m in metas if m["pid"] is not None}
+    cams = sorted({m["camid"] for m in metas if m["camid"] is not None})
+    fingerprint = hashlib.sha256()
+    for m in metas:
+        fingerprint.update(encode_json(m) + b"\n")
+    facts = {
+        "dataset": source.dataset,
+        "split": split,
+        "num_samples": len(metas),
+        "num_pids": len(pids),
+        "num_cameras": len(cams),
+        "cameras": cams,
+        "pid_map": pid_map,
+        "fingerprint": fingerprint.hexdigest(),
+    }
+    return metas, facts
+
+
+_worker_source: RecordSource | None = None
+
+
+def _init_worker(source: RecordSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _encode_range(bounds: tuple[int, int], source: RecordSource | None = None) -> list[tuple[str, bytes, str]]:
+    src = source if source is not None else _worker_source
+    assert src is not None
+    out = []
+    for i in range(*bounds):
+        data, ext = src.image(i)
+        if ext not in IMAGE_EXTS:
+            raise ShardError(f"{src.dataset}: record {src.key(i)} has unsupported image type {ext!r}")
+        out.append((src.key(i), data, ext))
+    return out
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+
+class _Encoder:
+    """Yields encoded samples for index ranges, in order, in this process or from a worker pool."""
+
+    def __init__(self, source: RecordSource, workers: int):
+        self.source = source
+        self.pool = (
+            multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(source,))
+            if workers > 1
+            else None
+        )
+
+    def __call__(self, ranges: list[tuple[int, int]]) -> Iterator[list[tuple[str, bytes, str]]]:
+        if self.pool is None:
+            return (_encode_range(r, self.source) for r in ranges)
+        return self.pool.imap(_encode_range, ranges)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def _write_shard(path: Path, batches: Iterator[list[tuple[str, bytes, str]]], metas: Sequence[dict[str, Any]],
+                 first: int, bar: tqdm) -> dict[str, Any]:
+    i = first
+    try:
+        with atomic_open(path, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for batch in batches:
+                    for key, data, ext in batch:
+                        _tar_member(tar, f"{key}.{ext}", data)
+                        _tar_member(tar, f"{key}.json", encode_json(metas[i]))
+                        i += 1
+                    bar.update(len(batch))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ShardError(f"disk full while writing {path}; no partial shard was left") from None
+        raise ShardError(f"cannot write {path}: {e.strerror or e}") from None
+    return {"name": path.name, "num_samples": i - first, "first_index": first, "size": path.stat().st_size,
+            "sha256": sha256_file(path)}
+
+
+def _vouched(split_dir: Path, facts: dict[str, Any], samples_per_shard: int) -> dict[str, dict[str, Any]]:
+    """Shards that an earlier run of the same build finished and whose bytes still match the manifest."""
+    path = split_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("fingerprint") != facts["fingerprint"] or old.get("samples_per_shard") != samples_per_shard:
+        return {}
+    good = {}
+    for entry in old.get("shards", []):
+        shard = split_dir / entry["name"]
+        if shard.is_file() and shard.stat().st_size == entry["size"] and sha256_file(shard) == entry["sha256"]:
+            good[entry["name"]] = entry
+    return good
+
+
+def _build_index(split_dir: Path, shards: list[dict[str, Any]], metas: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Scan the finished shards' headers (no data is read) for each member's byte offset."""
+    index = np.zeros(len(metas), dtype=INDEX_DTYPE)
+    for k, entry in enumerate(shards):
+        i = entry["first_index"]
+        with tarfile.open(split_dir / entry["name"], "r:") as tar:
+            for member in tar:
+                stem, _, ext = member.name.rpartition(".")
+                if ext == "json":
+                    index[i]["json_offset"], index[i]["json_size"] = member.offset_data, member.size
+                    i += 1
+                else:
+                    row = index[i]
+                    row["shard"], row["ext"] = k, IMAGE_EXTS.index(ext)
+                    row["image_offset"], row["image_size"] = member.offset_data, member.size
+        if i != entry["first_index"] + entry["num_samples"]:
+            raise ShardError(f"{split_dir / entry['name']}: holds {i - entry['first_index']} samples, "
+                             f"manifest says {entry['num_samples']}")
+    index["pid"] = [_label(m["pid"]) for m in metas]
+    index["camid"] = [_label(m["camid"]) for m in metas]
+    index["viewid"] = [_label(m["viewid"]) for m in metas]
+    return index
+
+
+def write_split(source: RecordSource, split_dir: str | Path, split: str, *, relabel: bool = False,
+                options: WriteOptions = WriteOptions()) -> dict[str, Any]:
+    """Write ``source`` as the shards of one split; return the manifest. Skips shards already vouched for."""
+    split_dir = Path(split_dir)
+    if options.samples_per_shard < 1:
+        raise ShardError(f"samples_per_shard must be >= 1, got {options.samples_per_shard}")
+    if len(source) == 0:
+        raise ShardError(f"{source.dataset}/{split}: the source has no samples")
+    try:
+        split_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ShardError(f"cannot create {split_dir}: {e.strerror or e}") from None
+    if not os.access(split_dir, os.W_OK | os.X_OK):
+        raise ShardError(f"output directory is not writable: {split_dir}")
+    for leftover in split_dir.glob(".*.tmp"):  # temporaries of a build that was killed outright
+        leftover.unlink()
+    metas, facts = _plan(source, split, relabel)
+    n, size = len(metas), options.samples_per_shard
+    done = _vouched(split_dir, facts, size)
+    manifest = {"schema_version": SCHEMA_VERSION, "status": "partial", "samples_per_shard": size, **facts}
+    shards: list[dict[str, Any]] = []
+    encoder = _Encoder(source, options.workers)
+    bar = tqdm(total=n, desc=f"{source.dataset}/{split}", unit="img", disable=not options.progress, leave=False)
+    try:
+        for k, first in enumerate(range(0, n, size)):
+            name = shard_name(split, k)
+            last = min(first + size, n)
+            if name in done:
+                shards.append(done[name])
+                bar.update(last - first)
+                continue
+            shards.append(_write_shard(split_dir / name, encoder(_chunks(first, last, options.chunk)), metas,
+                                       first, bar))
+            # Vouch for what is finished so far: a crash after this line never loses this shard.
+            atomic_write_json(split_dir / MANIFEST, {**manifest, "shards": shards})
+    finally:
+        encoder.close()
+        bar.close()
+    for stale in split_dir.glob(f"{split}-*.tar"):
+        if stale.name not in {s["name"] for s in shards}:
+            stale.unlink()
+    index = _build_index(split_dir, shards, metas)
+    with atomic_open(split_dir / INDEX, "wb") as f:
+        np.save(f, index, allow_pickle=False)
+    atomic_write_json(split_dir / WIDS_INDEX, {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": f"{source.dataset}/{split}",
+        "shardlist": [{"url": s["name"], "nsamples": s["num_samples"]} for s in shards],
+    })
+    manifest.update(status="complete", shards=shards, reused_shards=len(done))
+    atomic_write_json(split_dir / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(split_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a complete split; a one-line error when it is missing, partial or foreign."""
+    path = Path(split_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"no {MANIFEST} in {split_dir}: not a shard split directory (build it with data/build_shards.py)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ShardError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if manifest.get("status") != "complete":
+        raise ShardError(f"{path}: the build of this split did not finish; re-run the same build command to complete it")
+    return manifest
+
+
+def load_index(split_dir: str | Path) -> np.ndarray:
+    path = Path(split_dir) / INDEX
+    if not path.is_file():
+        raise ShardError(f"no {INDEX} in {split_dir}; re-run the build command to write it")
+    index = np.load(path, allow_pickle=False)
+    if index.dtype != INDEX_DTYPE:
+        raise ShardError(f"{path}: unexpected index layout {index.dtype}")
+    return index
+
+
+def verify_split(split_dir: str | Path) -> list[str]:
+    """Check every shard's size and sha256 against the manifest; return one line per problem."""
+    split_dir = Path(split_dir)
+    manifest = load_manifest(split_dir)
+    problems = []
+    for entry in manifest["shards"]:
+        shard = split_dir / entry["name"]
+        if not shard.is_file():
+            problems.append(f"{shard}: missing")
+        elif shard.stat().st_size != entry["size"] or sha256_file(shard) != entry["sha256"]:
+            problems.append(f"{shard}: sha256 differs from the manifest (tampered or corrupted)")
+    return problems

@@ -1,0 +1,1 @@
+"""What both stages use: config, evaluation, weights I/O, backbones."""

@@ -1,0 +1,100 @@
+"""Typed configs: dataclasses filled from ``launch/configs/*.yaml`` and ``key=value`` overrides.
+
+A config schema is a plain dataclass (nested dataclasses allowed). Values are merged in order
+schema defaults < YAML file < command-line overrides by OmegaConf, which checks types. A field whose
+values are restricted declares them with :func:`choice`. Every mistake (unknown key, wrong type,
+value outside the choices, malformed override, missing file) raises :class:`ConfigError` with one
+line that names the key and what would have been valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from shared.io import atomic_open
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config mistake, described in one line."""
+
+
+def choice(default: str, *options: str) -> Any:
+    """A string field restricted to ``default`` and ``options``."""
+    return dataclasses.field(default=default, metadata={"choices": (default, *options)})
+
+
+def _fields_at(schema: type, dotted: str) -> list[str]:
+    """The valid key names beside ``dotted`` (the fields of the dataclass that should hold it)."""
+    cls = schema
+    for part in dotted.split(".")[:-1]:
+        nested = {f.name: f.type for f in dataclasses.fields(cls)}.get(part)
+        if not (isinstance(nested, type) and dataclasses.is_dataclass(nested)):
+            break
+        cls = nested
+    return sorted(f.name for f in dataclasses.fields(cls))
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        options = f.metadata.get("choices")
+        if options is not None and value not in options:
+            raise ConfigError(f"config key '{key}': invalid value {value!r}; valid choices: {', '.join(options)}")
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{key}.")
+
+
+def _resolve_types(schema: type) -> None:
+    # OmegaConf needs real classes, not the strings that ``from __future__ import annotations`` leaves.
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        f.type = hints[f.name]
+        if dataclasses.is_dataclass(f.type):
+            _resolve_types(f.type)
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a ``schema`` instance from its defaults, an optional YAML file and ``key=value`` overrides."""
+    _resolve_types(schema)
+    layers = [OmegaConf.structured(schema)]
+    source = "defaults"
+    try:
+        if path is not None:
+            source = str(path)
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            source = f"override '{item}'"
+            key, sep, _ = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+            layers.append(OmegaConf.from_dotlist([item]))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(
+            f"{source}: unknown config key '{key}'; valid keys here: {', '.join(_fields_at(schema, key))}"
+        ) from None
+    except OmegaConfBaseException as e:
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{source}: config key '{e.full_key}': {msg}") from None
+    _check_choices(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (a run directory's ``config.yaml``)."""
+    with atomic_open(path, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
