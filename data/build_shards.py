@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", type=Path, help="split directories or roots that contain them")
     p = sub.add_parser("summary", help="print the table of every split under a root")
     p.add_argument("root", type=Path)
-    args = parser.parse_args(argv)
+    # Overrides may come before, between or after the options.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command not in BUILDERS or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in BUILDERS:
+        args.overrides += extra
 
     try:
         if args.command == "verify":

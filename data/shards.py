@@ -127,7 +127,7 @@ def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[st
         m["index"], m["key"] = i, source.key(i)
     pids = {m["pid"] for m in metas if m["pid"] is not None}
     cams = sorted({m["camid"] for m in metas if m["camid"] is not None})
-    fingerprint = hashlib.sha256()
+    fingerprint = hashlib.sha256(getattr(source, "fingerprint", "").encode())
     for m in metas:
         fingerprint.update(encode_json(m) + b"\n")
     facts = {

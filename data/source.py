@@ -16,6 +16,9 @@ class RecordSource(Protocol):
     ``meta(i)`` must be cheap (no image decoding or rendering): the writer reads every record's meta
     before writing to relabel pids and count cameras. ``image(i)`` returns the encoded bytes exactly
     as they are to be stored and their extension (``"jpg"`` or ``"png"``).
+
+    A source may also have a ``fingerprint`` string naming whatever its images depend on beyond
+    their meta (a renderer version, a config): a resumed build reuses shards only when it matches.
     """
 
     dataset: str

@@ -31,3 +31,28 @@ def test_train_pipeline_augments_at_the_right_size() -> None:
     out = full(_image())
     assert out.shape == (3, 128, 64) and not torch.allclose(out, plain)
     assert (out == 0).all(dim=0).any()  # an erased rectangle (zeros after normalisation)
+
+
+def test_pad_crop_is_a_zero_filled_shift_within_pad() -> None:
+    cfg = TransformConfig(height=64, width=32, flip=0.0, pad=4, random_erasing=0.0)
+    train, test = build_transforms(cfg, train=True), build_transforms(cfg, train=False)
+    plain = test(_image())
+    zero = (torch.zeros(3, 1, 1) - torch.tensor(cfg.mean).view(3, 1, 1)) / torch.tensor(cfg.std).view(3, 1, 1)
+    shifts = set()
+    torch.manual_seed(1)
+    for _ in range(20):
+        out = train(_image())
+        matches = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                   if torch.allclose(out, _shift(plain, dy, dx, zero), atol=1e-5)]
+        assert len(matches) == 1
+        shifts.add(matches[0])
+    assert len(shifts) > 5  # the offset really is random
+
+
+def _shift(image: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Tensor:
+    """Crop of ``image`` at offset (dy, dx), filled with ``fill`` outside it."""
+    h, w = image.shape[-2:]
+    out = fill.expand(3, h, w).clone()
+    ys, xs = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
+    out[:, ys, xs] = image[:, max(0, dy):min(h, h + dy), max(0, dx):min(w, w + dx)]
+    return out
