@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, default_collate
 from torchvision.io import ImageReadMode, decode_image
 
 from data.shards import IMAGE_EXTS, ShardError, load_index, load_manifest
@@ -197,7 +197,8 @@ def collate(items: Sequence[dict[str, Any] | Problem]) -> dict[str, Any]:
     samples = [s for s in items if not isinstance(s, Problem)]
     batch: dict[str, Any] = {"problems": [p for p in items if isinstance(p, Problem)]}
     if samples:
-        batch["image"] = torch.stack([s["image"] for s in samples])
+        # default_collate stacks straight into shared memory inside DataLoader workers (no extra copy).
+        batch["image"] = default_collate([s["image"] for s in samples])
         for name in ("pid", "camid", "viewid", "index"):
             batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
         batch["key"] = [s["key"] for s in samples]

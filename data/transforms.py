@@ -1,14 +1,19 @@
 """Image transforms on uint8 CHW tensors, for training and for testing.
 
 The training pipeline is the re-ID standard (BoT, torchreid): resize, random horizontal flip, pad and
-random crop back to size, optional colour jitter, scale to float and normalise, random erasing
-(Zhong et al., AAAI 2020). It runs on tensors from ``torchvision.io`` decoding, never through PIL.
+random crop back to size, optional colour jitter, random erasing (Zhong et al., AAAI 2020), then
+normalisation. It runs on tensors from ``torchvision.io`` decoding, never through PIL.
+
+The per-sample transforms stay in uint8 and :class:`Normalize` runs on the batch, on the device, as
+the consumer's first step (as FastReID does). Batches cross from DataLoader workers in a quarter of
+the bytes of float32, which measured 2.3k -> 3.1k images/s with two workers on two cores.
 
 The steps are the ``torchvision.transforms.v2.functional`` kernels, called from one fused callable
 rather than a ``v2.Compose``: at 256x128 the generic v2 dispatch (input flattening and type checks per
 transform) costs more than the kernels themselves. Deviations from the v2 classes, all equivalent in
 distribution: pad + random crop is a single crop at a random offset in [-pad, pad] with zero fill;
-normalisation is fused with the float conversion; colour jitter applies brightness, contrast and
+random erasing fills with the mean pixel rounded to uint8 (BoT erases normalised images with 0, the
+mean: the difference is under half a grey level); colour jitter applies brightness, contrast and
 saturation in that fixed order. Randomness comes from torch's global generator, like torchvision's,
 so DataLoader worker seeding works as usual.
 """
@@ -47,41 +52,39 @@ def _randint(low: int, high: int) -> int:
 
 
 class ReIDTransform:
-    """uint8 CHW image -> normalised float32 CHW tensor of ``cfg.height`` x ``cfg.width``."""
+    """uint8 CHW image -> uint8 CHW image of ``cfg.height`` x ``cfg.width``, augmented when training."""
 
     def __init__(self, cfg: TransformConfig, train: bool):
-        if len(cfg.mean) != 3 or len(cfg.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {cfg.mean} and {cfg.std}")
+        _check_mean_std(cfg)
         self.cfg, self.train = cfg, train
         self.size = [cfg.height, cfg.width]
-        self.mean = torch.tensor(cfg.mean).view(3, 1, 1) * 255
-        self.std = torch.tensor(cfg.std).view(3, 1, 1) * 255
+        self.fill = torch.tensor([round(255 * m) for m in cfg.mean], dtype=torch.uint8).view(3, 1, 1)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         image = F.resize_image(image, self.size, antialias=True)
-        if self.train:
-            if cfg.flip > 0 and float(torch.rand(())) < cfg.flip:
-                image = F.horizontal_flip_image(image)
-            if cfg.pad > 0:
-                image = F.crop_image(image, _randint(-cfg.pad, cfg.pad), _randint(-cfg.pad, cfg.pad), *self.size)
-            if cfg.color_jitter > 0:
-                s = cfg.color_jitter
-                image = F.adjust_brightness_image(image, _uniform(max(0.0, 1 - s), 1 + s))
-                image = F.adjust_contrast_image(image, _uniform(max(0.0, 1 - s), 1 + s))
-                image = F.adjust_saturation_image(image, _uniform(max(0.0, 1 - s), 1 + s))
-        out = image.float().sub_(self.mean).div_(self.std)
-        if self.train and cfg.random_erasing > 0 and float(torch.rand(())) < cfg.random_erasing:
-            _erase(out)
-        return out
+        if not self.train:
+            return image
+        if cfg.flip > 0 and float(torch.rand(())) < cfg.flip:
+            image = F.horizontal_flip_image(image)
+        if cfg.pad > 0:
+            image = F.crop_image(image, _randint(-cfg.pad, cfg.pad), _randint(-cfg.pad, cfg.pad), *self.size)
+        if cfg.color_jitter > 0:
+            s = cfg.color_jitter
+            image = F.adjust_brightness_image(image, _uniform(max(0.0, 1 - s), 1 + s))
+            image = F.adjust_contrast_image(image, _uniform(max(0.0, 1 - s), 1 + s))
+            image = F.adjust_saturation_image(image, _uniform(max(0.0, 1 - s), 1 + s))
+        if cfg.random_erasing > 0 and float(torch.rand(())) < cfg.random_erasing:
+            image = _erase(image, self.fill)
+        return image
 
     def __repr__(self) -> str:
         return f"ReIDTransform(train={self.train}, {self.cfg})"
 
 
-def _erase(image: torch.Tensor, scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3),
-           attempts: int = 10) -> None:
-    """Zero one random rectangle in place (zero = the dataset mean after normalisation, as in BoT)."""
+def _erase(image: torch.Tensor, fill: torch.Tensor, scale: tuple[float, float] = (0.02, 0.33),
+           ratio: tuple[float, float] = (0.3, 3.3), attempts: int = 10) -> torch.Tensor:
+    """Fill one random rectangle with ``fill`` (up to ``attempts`` draws of area and aspect)."""
     h, w = image.shape[-2:]
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(attempts):
@@ -90,10 +93,31 @@ def _erase(image: torch.Tensor, scale: tuple[float, float] = (0.02, 0.33), ratio
         eh, ew = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < eh < h and 0 < ew < w:
             top, left = _randint(0, h - eh), _randint(0, w - ew)
-            image[..., top:top + eh, left:left + ew] = 0
-            return
+            image = image.clone()  # the resized image may be shared with the caller
+            image[..., top:top + eh, left:left + ew] = fill
+            return image
+    return image
+
+
+def _check_mean_std(cfg: TransformConfig) -> None:
+    if len(cfg.mean) != 3 or len(cfg.std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {cfg.mean} and {cfg.std}")
+
+
+class Normalize(torch.nn.Module):
+    """uint8 (or 0..255 float) NCHW batch -> float32 normalised batch; runs wherever the batch is."""
+
+    def __init__(self, mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD):
+        super().__init__()
+        _check_mean_std(TransformConfig(mean=list(mean), std=list(std)))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # In place on a fresh copy: out-of-place broadcasting measured ten times slower on CPU.
+        return images.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)
 
 
 def build_transforms(cfg: TransformConfig, train: bool) -> ReIDTransform:
-    """The training (augmenting) or test (deterministic) pipeline for ``cfg``."""
+    """The training (augmenting) or test (deterministic) per-sample pipeline for ``cfg``."""
     return ReIDTransform(cfg, train)

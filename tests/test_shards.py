@@ -179,3 +179,11 @@ def test_reader_on_a_non_split_directory_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "s" / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="unreadable manifest"):
         StreamingShards(tmp_path / "s")
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Permission bits do not bind root, so the check itself is what is exercised here.
+    monkeypatch.setattr(shards.os, "access", lambda path, mode: False)
+    assert build_shards_main(["synthetic", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: output directory is not writable: {tmp_path}"

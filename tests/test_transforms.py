@@ -1,58 +1,66 @@
-"""Tensor transforms: sizes, dtypes, determinism of the test pipeline, and that augmentation acts."""
+"""Tensor transforms: sizes, dtypes, determinism of the test pipeline, augmentation, normalisation."""
 
 from __future__ import annotations
 
 import torch
 
-from data.transforms import TransformConfig, build_transforms
+from data.transforms import Normalize, TransformConfig, build_transforms
 
 
 def _image() -> torch.Tensor:
     return torch.randint(0, 256, (3, 160, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def test_test_pipeline_is_deterministic_and_normalised() -> None:
-    cfg = TransformConfig(height=128, width=64)
-    t = build_transforms(cfg, train=False)
+def test_test_pipeline_is_deterministic_uint8() -> None:
+    t = build_transforms(TransformConfig(height=128, width=64), train=False)
     a, b = t(_image()), t(_image())
-    assert a.shape == (3, 128, 64) and a.dtype == torch.float32 and torch.equal(a, b)
-    flat = torch.full((3, 10, 10), 255, dtype=torch.uint8)
+    assert a.shape == (3, 128, 64) and a.dtype == torch.uint8 and torch.equal(a, b)
+
+
+def test_normalize_on_the_batch() -> None:
+    cfg = TransformConfig()
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = Normalize(cfg.mean, cfg.std)(batch)
     expected = (1 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
-    assert torch.allclose(t(flat)[:, 0, 0], expected, atol=1e-5)
+    assert out.dtype == torch.float32 and torch.allclose(out[1, :, 2, 2], expected, atol=1e-6)
 
 
 def test_train_pipeline_augments_at_the_right_size() -> None:
     cfg = TransformConfig(height=128, width=64, flip=1.0, pad=0, random_erasing=0.0)
     flipped = build_transforms(cfg, train=True)(_image())
     plain = build_transforms(cfg, train=False)(_image())
-    assert torch.allclose(flipped, plain.flip(-1))
-    full = build_transforms(TransformConfig(height=128, width=64, color_jitter=0.3, random_erasing=1.0), train=True)
+    assert torch.equal(flipped, plain.flip(-1))
+    erase_cfg = TransformConfig(height=128, width=64, flip=0.0, pad=0, random_erasing=1.0)
     torch.manual_seed(0)
-    out = full(_image())
-    assert out.shape == (3, 128, 64) and not torch.allclose(out, plain)
-    assert (out == 0).all(dim=0).any()  # an erased rectangle (zeros after normalisation)
+    erased = build_transforms(erase_cfg, train=True)(_image())
+    changed = (erased != plain).any(dim=0)
+    fill = torch.tensor([round(255 * m) for m in erase_cfg.mean], dtype=torch.uint8)
+    assert changed.any() and (erased.permute(1, 2, 0)[changed] == fill).all()  # one mean-filled rectangle
+    rows, cols = changed.nonzero().unbind(1)
+    box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert box.float().mean() > 0.9
+    jitter = build_transforms(TransformConfig(height=128, width=64, color_jitter=0.4, random_erasing=0.0), train=True)
+    assert jitter(_image()).dtype == torch.uint8 and not torch.equal(jitter(_image()), plain)
 
 
 def test_pad_crop_is_a_zero_filled_shift_within_pad() -> None:
     cfg = TransformConfig(height=64, width=32, flip=0.0, pad=4, random_erasing=0.0)
     train, test = build_transforms(cfg, train=True), build_transforms(cfg, train=False)
     plain = test(_image())
-    zero = (torch.zeros(3, 1, 1) - torch.tensor(cfg.mean).view(3, 1, 1)) / torch.tensor(cfg.std).view(3, 1, 1)
     shifts = set()
     torch.manual_seed(1)
     for _ in range(20):
         out = train(_image())
-        matches = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
-                   if torch.allclose(out, _shift(plain, dy, dx, zero), atol=1e-5)]
+        matches = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5) if torch.equal(out, _shift(plain, dy, dx))]
         assert len(matches) == 1
         shifts.add(matches[0])
     assert len(shifts) > 5  # the offset really is random
 
 
-def _shift(image: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Tensor:
-    """Crop of ``image`` at offset (dy, dx), filled with ``fill`` outside it."""
+def _shift(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Crop of ``image`` at offset (dy, dx), zero outside it."""
     h, w = image.shape[-2:]
-    out = fill.expand(3, h, w).clone()
+    out = torch.zeros_like(image)
     ys, xs = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
     out[:, ys, xs] = image[:, max(0, dy):min(h, h + dy), max(0, dx):min(w, w + dx)]
     return out

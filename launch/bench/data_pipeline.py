@@ -2,10 +2,13 @@
 
     python launch/bench/data_pipeline.py [--images 4000] [--workers 0] [--out runs/bench/data_pipeline.json]
 
-1. streaming: webdataset shards -> torchvision.io decode -> tensor train transforms (StreamingShards)
+1. streaming: webdataset shards -> torchvision.io decode -> uint8 tensor train transforms
+   (StreamingShards) -> batch normalisation (Normalize, timed here on the CPU)
 2. indexed P×K: PKSampler batches read by offset from the same shards (IndexedShards), same transforms
 3. baseline: the same images unpacked to a folder tree, torchvision ImageFolder + PIL decode + the
    classic PIL train transforms (resize, flip, pad+crop, to-tensor, normalise, random erasing)
+
+All three end with the same normalised float32 batch.
 
 Every reader runs in the main process with one intra-op thread (``--workers 0``, the per-core
 figure) unless ``--workers N`` asks for DataLoader workers. The ratio column is against the baseline.
@@ -28,14 +31,14 @@ from data.readers import IndexedShards, SampleTally, StreamingShards, collate
 from data.samplers import PKSampler
 from data.shards import WriteOptions, load_manifest, write_split
 from data.synthetic import SyntheticConfig, build_sources
-from data.transforms import TransformConfig, build_transforms
+from data.transforms import Normalize, TransformConfig, build_transforms
 from shared.io import atomic_write_json
 from shared.table import format_table
 
 BATCH = 64
 
 
-def _rate(loader: DataLoader, expected: int) -> float:
+def _rate(loader: DataLoader, expected: int, normalize: Normalize) -> float:
     """Images/s over one full pass (after a short warm-up pass over the first batches)."""
     for i, _ in enumerate(loader):
         if i == 2:
@@ -43,9 +46,9 @@ def _rate(loader: DataLoader, expected: int) -> float:
     start, n = time.perf_counter(), 0
     tally = SampleTally(expected)
     for batch in loader:
-        if isinstance(batch, dict):
-            tally.update(batch)
-            n += len(batch.get("index", ()))
+        if isinstance(batch, dict):  # our readers: uint8 batch, normalised as a model's first step would
+            normalize(tally.update(batch)["image"])
+            n += len(batch["index"])
         else:
             n += len(batch[0])
     return n / (time.perf_counter() - start)
@@ -86,14 +89,15 @@ def main() -> None:
         indexed = IndexedShards(split_dir, train_tf)
         sampler = PKSampler(indexed.pids, indexed.camids, p=16, k=4, seed=0)
         loaders = {
-            "streaming shards (decode + v2 transforms)": DataLoader(
+            "streaming shards": DataLoader(
                 StreamingShards(split_dir, train_tf), batch_size=BATCH, num_workers=args.workers, collate_fn=collate),
             "indexed P×K from shards": DataLoader(
                 indexed, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate),
             "baseline: ImageFolder + PIL": DataLoader(
                 datasets.ImageFolder(str(folder), pil_tf), batch_size=BATCH, num_workers=args.workers, shuffle=True),
         }
-        rates = {name: max(_rate(loader, n) for _ in range(args.repeats)) for name, loader in loaders.items()}
+        normalize = Normalize(tcfg.mean, tcfg.std)
+        rates = {name: max(_rate(loader, n, normalize) for _ in range(args.repeats)) for name, loader in loaders.items()}
     base = rates["baseline: ImageFolder + PIL"]
     rows = [[name, round(rate, 1), round(rate / base, 2)] for name, rate in rates.items()]
     print(f"{n} images of {cfg.height}x{cfg.width} -> {tcfg.height}x{tcfg.width}, batch {BATCH}, "
