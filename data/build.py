@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from data.shards import ShardError, WriteOptions, check_writable_dir, write_split
-from data.source import RecordSource
+from data.source import Sources
 from shared.table import format_table
-
-Sources = Mapping[str, Mapping[str, RecordSource]]  # dataset -> split -> source
 
 
 def select_splits(sources: Sources, splits: list[str] | None) -> Sources:

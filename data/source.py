@@ -1,12 +1,26 @@
-"""The record source protocol: what every dataset adapter hands the shard writer.
+"""What every dataset hands the shard writer: record sources, and the adapter registry that finds them.
 
-A source is random access so that a resumed build can regenerate exactly the samples of the shards
-that are still missing, and so that shards can be written by several processes in parallel.
+- A :class:`RecordSource` is one split of one dataset, random access by position. Random access lets a
+  resumed build regenerate exactly the samples of the shards still missing, and lets several
+  processes encode in parallel.
+- A :class:`DatasetAdapter` is one dataset: the command-line arguments that locate it and the
+  ``{dataset: {split: source}}`` it builds. Registering a subclass with :func:`register` makes it a
+  subcommand of ``data/build_shards.py``. Adding a dataset is one small class in one file (see
+  ``data/datasets/folder.py`` for the generic CSV / folder-tree adapter).
+- :class:`FileSource` serves records that are image files on disk, copying their encoded bytes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import argparse
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from PIL import Image
 
 
 @runtime_checkable
@@ -14,8 +28,9 @@ class RecordSource(Protocol):
     """One split of one dataset, addressable by position 0..len-1 (the sample's future ``index``).
 
     ``meta(i)`` must be cheap (no image decoding or rendering): the writer reads every record's meta
-    before writing to relabel pids and count cameras. ``image(i)`` returns the encoded bytes exactly
-    as they are to be stored and their extension (``"jpg"`` or ``"png"``).
+    before writing to relabel pids and count cameras. It holds ``pid``, ``camid``, ``viewid`` (None
+    when unknown), ``source`` (where the image came from) and any attributes. ``image(i)`` returns
+    the encoded bytes exactly as they are to be stored and their extension (``"jpg"`` or ``"png"``).
 
     A source may also have a ``fingerprint`` string naming whatever its images depend on beyond
     their meta (a renderer version, a config): a resumed build reuses shards only when it matches.
@@ -30,3 +45,100 @@ class RecordSource(Protocol):
     def meta(self, i: int) -> dict[str, Any]: ...
 
     def image(self, i: int) -> tuple[bytes, str]: ...
+
+
+Sources = Mapping[str, Mapping[str, RecordSource]]  # dataset -> split -> source
+
+
+class DatasetAdapter(ABC):
+    """One dataset on disk (or generated): its arguments and its splits.
+
+    Subclasses set ``name`` (the subcommand) and ``summary`` (its ``--help`` line), may add arguments
+    in :meth:`add_arguments`, and build their sources in :meth:`sources`. A subclass that sets
+    ``config_schema`` (a dataclass) gets ``--config YAML`` and ``key=value`` overrides, loaded into
+    ``self.config``. Every check of the input (missing files, wrong layout) happens in
+    :meth:`sources`, before any shard is written, and raises a one-line ``DatasetError``.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    config_schema: ClassVar[type | None] = None
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.config: Any = None
+        if self.config_schema is not None:
+            from shared.config import load_config
+
+            self.config = load_config(self.config_schema, args.config, args.overrides)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Arguments beyond the common ones (``--out``, ``--splits``, ``--workers``, ...)."""
+
+    @abstractmethod
+    def sources(self) -> Sources: ...
+
+
+class DatasetError(ValueError):
+    """A dataset that is not where or what it should be, described in one line."""
+
+
+ADAPTERS: dict[str, type[DatasetAdapter]] = {}
+
+
+def register(cls: type[DatasetAdapter]) -> type[DatasetAdapter]:
+    """Class decorator: make ``cls`` available as ``data/build_shards.py <cls.name>``."""
+    if cls.name in ADAPTERS and ADAPTERS[cls.name] is not cls:
+        raise ValueError(f"dataset adapter name {cls.name!r} is registered twice")
+    ADAPTERS[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """An image file and its labels. ``key`` must be unique in its split, without dots or slashes."""
+
+    path: Path
+    key: str
+    pid: int | None
+    camid: int | None
+    viewid: int | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+class FileSource:
+    """Records that are image files. JPEG and PNG bytes are copied as they are; other formats are
+    re-encoded once to JPEG (quality 95). ``source`` in the meta is the path relative to ``root``."""
+
+    def __init__(self, dataset: str, records: Sequence[FileRecord], root: Path):
+        self.dataset, self.records, self.root = dataset, list(records), Path(root)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def key(self, i: int) -> str:
+        return self.records[i].key
+
+    def meta(self, i: int) -> dict[str, Any]:
+        r = self.records[i]
+        try:
+            source = str(r.path.relative_to(self.root))
+        except ValueError:
+            source = str(r.path)
+        return {"pid": r.pid, "camid": r.camid, "viewid": r.viewid, "source": source, **r.attributes}
+
+    def image(self, i: int) -> tuple[bytes, str]:
+        path = self.records[i].path
+        data = path.read_bytes()
+        suffix = path.suffix.lower()
+        if suffix in JPEG_SUFFIXES:
+            return data, "jpg"
+        if suffix == ".png":
+            return data, "png"
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=95)
+        return buf.getvalue(), "jpg"

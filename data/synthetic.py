@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data.source import RecordSource
+from data.source import DatasetAdapter, RecordSource, register
 
 PERSON_DATASET = "synthetic_person"
 POOL_DATASET = "synthetic_lup"
@@ -1274,3 +1274,14 @@ def build_sources(cfg: SyntheticConfig) -> dict[str, dict[str, RecordSource]]:
         raise ValueError("every split needs at least one identity (and the pool one image)")
     return {PERSON_DATASET: _person_sources(cfg), POOL_DATASET: {"pool": _pool_source(cfg)},
             VEHICLE_DATASET: _vehicle_sources(cfg)}
+
+
+@register
+class SyntheticAdapter(DatasetAdapter):
+    name = "synthetic"
+    summary = ("the procedural re-ID world: persons (Market-1501 protocol), an unlabeled LUPerson-like pool, "
+               "vehicles (VeRi-776 protocol); any SyntheticConfig field can be overridden as key=value")
+    config_schema = SyntheticConfig
+
+    def sources(self) -> dict[str, dict[str, RecordSource]]:
+        return build_sources(self.config)
