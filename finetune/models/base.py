@@ -1,0 +1,38 @@
+"""The contract every re-ID model follows, so one engine trains and evaluates all of them.
+
+- ``forward(images, camids=None, viewids=None)``: ``images`` is a normalised (N, 3, H, W) batch; models
+  that use camera or view metadata (MBR's embeddings) take it here, the others ignore it.
+- In training mode it returns a dict of named outputs (e.g. ``"global/feat"``, ``"global/logits"``);
+  ``loss_terms`` declares which output feeds which loss with which weight, so the routing and the
+  weights (FNC's λ = 2, MBR's 0.6/0.4 split, ...) belong to the model, not to the engine.
+- In evaluation mode it returns the final (N, feature_dim) inference feature.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """``weight * loss(outputs[input], pids)`` where ``loss`` is ``"ce"`` (logits) or ``"triplet"`` (features)."""
+
+    loss: str
+    input: str
+    weight: float = 1.0
+
+
+class ReIDModel(nn.Module, ABC):
+    """Base class: subclasses set the attributes below and implement ``forward``."""
+
+    feature_dim: int
+    input_size: tuple[int, int]  # (height, width) the paper trains and tests at
+    loss_terms: tuple[LossTerm, ...]
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
+                viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor: ...
