@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,28 @@ class DatasetAdapter(ABC):
 
 class DatasetError(ValueError):
     """A dataset that is not where or what it should be, described in one line."""
+
+
+class CountMismatchWarning(UserWarning):
+    """A split whose counts differ from the published ones (a partial download, another version)."""
+
+
+def require(root: Path, *relative: str, dataset: str, layout: str) -> None:
+    """Fail in one line when ``root`` lacks any of ``relative``, naming it and the expected layout."""
+    if not root.is_dir():
+        raise DatasetError(f"{dataset}: --root {root} is not a directory; expected layout: {layout}")
+    for rel in relative:
+        if not (root / rel).exists():
+            raise DatasetError(f"{dataset}: {root / rel} not found; expected layout: {layout}")
+
+
+def check_counts(dataset: str, split: str, found: Mapping[str, int], published: Mapping[str, int]) -> list[str]:
+    """Warn (with both numbers) for every count that differs from the published one; return the warnings."""
+    messages = [f"{dataset}/{split}: {name} = {found[name]:,}, published {value:,}"
+                for name, value in published.items() if name in found and found[name] != value]
+    for message in messages:
+        warnings.warn(message, CountMismatchWarning, stacklevel=2)
+    return messages
 
 
 ADAPTERS: dict[str, type[DatasetAdapter]] = {}
