@@ -6,6 +6,8 @@ registered in ``MODELS``.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from finetune.models.base import ReIDModel
@@ -16,3 +18,8 @@ MODELS: Registry[ReIDModel] = Registry("model")
 
 def build_model(name: str, num_classes: int, **options: Any) -> ReIDModel:
     return MODELS.build(name, num_classes, **options)
+
+
+# Every module of this package registers its builders on import: a new file is all a new family needs.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
