@@ -241,3 +241,52 @@ class SampleTally:
         if len(self.problems) > 10:
             lines.append(f"  ... and {len(self.problems) - 10} more")
         return "\n".join(lines)
+
+
+class ConcatShards(Dataset):
+    """Several indexed splits as one training set, with pids and camids that never collide.
+
+    Split ``k``'s labels are shifted past those of splits ``0..k-1`` (pid offset = their pid count,
+    camid offset = their camera count); -1 (unknown) stays -1. Indices are global: split ``k``'s
+    sample ``i`` is ``offsets[k] + i``. Use it for multi-dataset training from train splits, whose
+    pids the writer relabelled to 0..N-1.
+    """
+
+    def __init__(self, parts: Sequence[IndexedShards]):
+        if not parts:
+            raise ValueError("ConcatShards needs at least one split")
+        self.parts = list(parts)
+        sizes = [len(p) for p in self.parts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        pid_counts = [int(p.pids.max()) + 1 if (p.pids >= 0).any() else 0 for p in self.parts]
+        cam_counts = [int(p.camids.max()) + 1 if (p.camids >= 0).any() else 0 for p in self.parts]
+        self.pid_offsets = np.concatenate([[0], np.cumsum(pid_counts)]).astype(np.int64)
+        self.cam_offsets = np.concatenate([[0], np.cumsum(cam_counts)]).astype(np.int64)
+        self._pids = _shifted([p.pids for p in self.parts], self.pid_offsets)
+        self._camids = _shifted([p.camids for p in self.parts], self.cam_offsets)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def pids(self) -> np.ndarray:
+        return self._pids
+
+    @property
+    def camids(self) -> np.ndarray:
+        return self._camids
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Problem:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} combined samples")
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        sample = self.parts[k][index - int(self.offsets[k])]
+        if isinstance(sample, Problem):
+            return sample
+        sample["index"], sample["pid"], sample["camid"] = index, int(self._pids[index]), int(self._camids[index])
+        return sample
+
+
+def _shifted(values: Sequence[np.ndarray], offsets: np.ndarray) -> np.ndarray:
+    """Concatenate label arrays, adding ``offsets[k]`` to part ``k``'s known (>= 0) labels."""
+    return np.concatenate([np.where(v >= 0, v + offsets[k], -1) for k, v in enumerate(values)]).astype(np.int64)

@@ -187,3 +187,20 @@ def test_unwritable_output_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(shards.os, "access", lambda path, mode: False)
     assert build_shards_main(["synthetic", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == f"error: output directory is not writable: {tmp_path}"
+
+
+def test_concatenated_splits_never_collide(tmp_path: Path, toy_source: ToySource) -> None:
+    from data.readers import ConcatShards
+    from data.samplers import PKSampler
+
+    for name in ("a", "b"):
+        write_split(toy_source, tmp_path / name, "train", relabel=True, options=OPTS)
+    a, b = IndexedShards(tmp_path / "a"), IndexedShards(tmp_path / "b")
+    both = ConcatShards([a, b])
+    assert len(both) == 80 and both.pids.tolist() == a.pids.tolist() + (b.pids + 10).tolist()
+    assert both.camids.tolist() == a.camids.tolist() + (b.camids + 3).tolist()
+    sample = both[45]
+    assert (sample["index"], sample["pid"], sample["camid"]) == (45, 5 // 4 + 10 + 0, 5 % 3 + 3)
+    assert torch.equal(sample["image"], b[5]["image"])
+    batch = next(iter(PKSampler(both.pids, both.camids, p=4, k=2, seed=0)))
+    assert len({int(both.pids[i]) for i in batch}) == 4
