@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -84,8 +83,11 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # one encoder: json.dumps builds one per call
+
+
 def encode_json(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return _JSON.encode(meta).encode()
 
 
 def check_writable_dir(out: str | Path) -> Path:
@@ -105,8 +107,8 @@ def _label(value: Any) -> int:
     return -1 if value is None else int(value)
 
 
-def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Read every record's meta (cheap) and derive the stored json and the split-level facts."""
+def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[str, Any]], list[bytes], dict[str, Any]]:
+    """Read every record's meta (cheap) and derive the stored json (encoded once) and the split facts."""
     metas = []
     for i in range(len(source)):
         meta = dict(source.meta(i))
@@ -127,9 +129,9 @@ def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[st
         m["index"], m["key"] = i, source.key(i)
     pids = {m["pid"] for m in metas if m["pid"] is not None}
     cams = sorted({m["camid"] for m in metas if m["camid"] is not None})
+    encoded = [encode_json(m) for m in metas]
     fingerprint = hashlib.sha256(getattr(source, "fingerprint", "").encode())
-    for m in metas:
-        fingerprint.update(encode_json(m) + b"\n")
+    fingerprint.update(b"\n".join(encoded))
     facts = {
         "dataset": source.dataset,
         "split": split,
@@ -140,37 +142,77 @@ def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[st
         "pid_map": pid_map,
         "fingerprint": fingerprint.hexdigest(),
     }
-    return metas, facts
+    return metas, encoded, facts
 
 
-_worker_source: RecordSource | None = None
+_worker: tuple[RecordSource, Sequence[bytes]] | None = None
 
 
-def _init_worker(source: RecordSource) -> None:
-    global _worker_source
-    _worker_source = source
+def _init_worker(source: RecordSource, encoded: Sequence[bytes]) -> None:
+    global _worker
+    _worker = (source, encoded)
 
 
-def _encode_range(bounds: tuple[int, int], source: RecordSource | None = None) -> list[tuple[str, bytes, str]]:
-    src = source if source is not None else _worker_source
-    assert src is not None
-    out = []
-    for i in range(*bounds):
-        data, ext = src.image(i)
+def _encode_range(bounds: tuple[int, int], job: tuple[RecordSource, Sequence[bytes]] | None = None
+                  ) -> tuple[bytes, np.ndarray]:
+    """Samples ``bounds`` as ready-to-append tar bytes, and each member's data offset within them.
+
+    Workers build whole runs of members, so the writing process only appends, hashes and counts.
+    """
+    source, encoded = job if job is not None else _worker
+    parts: list[bytes] = []
+    rows = np.empty((bounds[1] - bounds[0], 5), dtype=np.int64)
+    offset = 0
+    for row, i in enumerate(range(*bounds)):
+        data, ext = source.image(i)
         if ext not in IMAGE_EXTS:
-            raise ShardError(f"{src.dataset}: record {src.key(i)} has unsupported image type {ext!r}")
-        out.append((src.key(i), data, ext))
-    return out
+            raise ShardError(f"{source.dataset}: record {source.key(i)} has unsupported image type {ext!r}")
+        key, meta = source.key(i), encoded[i]
+        image_header, meta_header = _tar_header(f"{key}.{ext}", len(data)), _tar_header(f"{key}.json", len(meta))
+        image_pad, meta_pad = _ZEROS[:-len(data) % 512], _ZEROS[:-len(meta) % 512]
+        image_at = offset + len(image_header)
+        meta_at = image_at + len(data) + len(image_pad) + len(meta_header)
+        parts += (image_header, data, image_pad, meta_header, meta, meta_pad)
+        offset = meta_at + len(meta) + len(meta_pad)
+        rows[row] = image_at, len(data), meta_at, len(meta), IMAGE_EXTS.index(ext)
+    return b"".join(parts), rows
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+_FIXED = b"0000444\x000000000\x000000000\x00"  # mode 0444, uid 0, gid 0
+_MTIME = b"00000000000\x00"
+_MAGIC = b"ustar\x0000"
+# The checksum is the byte sum of the header with its own field as 8 spaces: all but name and size is fixed.
+_FIXED_SUM = sum(_FIXED) + sum(_MTIME) + 8 * 32 + ord("0") + sum(_MAGIC)
+_ZEROS = bytes(tarfile.RECORDSIZE)
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """A normalised tar header (mode 0444, owner 0, mtime 0): ustar, or pax for names over 100 bytes."""
+    raw = name.encode()
+    if len(raw) > 100:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = size, 0o444
+        return info.tobuf(tarfile.PAX_FORMAT)
+    size_field = b"%011o\x00" % size
+    checksum = b"%06o\x00 " % (_FIXED_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw, _ZEROS[:100 - len(raw)], _FIXED, size_field, _MTIME, checksum, b"0", _ZEROS[:100],
+                     _MAGIC, _ZEROS[:247]))
+
+
+class _TarWriter:
+    """Appends runs of members to an open file, hashing every byte and counting the offset."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha256, self.offset = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
+        self.offset += len(data)
+
+    def close(self) -> None:
+        end = self.offset + 1024  # two zero blocks, then padding to a whole record, as tar does
+        self.write(_ZEROS[:1024 + (-end) % tarfile.RECORDSIZE])
 
 
 def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
@@ -178,19 +220,19 @@ def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
 
 
 class _Encoder:
-    """Yields encoded samples for index ranges, in order, in this process or from a worker pool."""
+    """Yields encoded runs of samples for index ranges, in order, in this process or from a worker pool."""
 
-    def __init__(self, source: RecordSource, workers: int):
-        self.source = source
+    def __init__(self, source: RecordSource, encoded: Sequence[bytes], workers: int):
+        self.job = (source, encoded)
         self.pool = (
-            multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(source,))
+            multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=self.job)
             if workers > 1
             else None
         )
 
-    def __call__(self, ranges: list[tuple[int, int]]) -> Iterator[list[tuple[str, bytes, str]]]:
+    def __call__(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[bytes, np.ndarray]]:
         if self.pool is None:
-            return (_encode_range(r, self.source) for r in ranges)
+            return (_encode_range(r, self.job) for r in ranges)
         return self.pool.imap(_encode_range, ranges)
 
     def close(self) -> None:
@@ -198,24 +240,26 @@ class _Encoder:
             self.pool.terminate()
 
 
-def _write_shard(path: Path, batches: Iterator[list[tuple[str, bytes, str]]], metas: Sequence[dict[str, Any]],
-                 first: int, bar: tqdm) -> dict[str, Any]:
-    i = first
+def _write_shard(path: Path, runs: Iterator[tuple[bytes, np.ndarray]], first: int, bar: tqdm
+                 ) -> tuple[dict[str, Any], np.ndarray]:
+    offsets: list[np.ndarray] = []
     try:
         with atomic_open(path, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for batch in batches:
-                    for key, data, ext in batch:
-                        _tar_member(tar, f"{key}.{ext}", data)
-                        _tar_member(tar, f"{key}.json", encode_json(metas[i]))
-                        i += 1
-                    bar.update(len(batch))
+            tar = _TarWriter(f)
+            for blob, rows in runs:
+                rows[:, [0, 2]] += tar.offset
+                offsets.append(rows)
+                tar.write(blob)
+                bar.update(len(rows))
+            tar.close()
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise ShardError(f"disk full while writing {path}; no partial shard was left") from None
         raise ShardError(f"cannot write {path}: {e.strerror or e}") from None
-    return {"name": path.name, "num_samples": i - first, "first_index": first, "size": path.stat().st_size,
-            "sha256": sha256_file(path)}
+    rows = np.concatenate(offsets)
+    entry = {"name": path.name, "num_samples": len(rows), "first_index": first, "size": tar.offset,
+             "sha256": tar.sha256.hexdigest()}
+    return entry, rows
 
 
 def _vouched(split_dir: Path, facts: dict[str, Any], samples_per_shard: int) -> dict[str, dict[str, Any]]:
@@ -237,24 +281,32 @@ def _vouched(split_dir: Path, facts: dict[str, Any], samples_per_shard: int) -> 
     return good
 
 
-def _build_index(split_dir: Path, shards: list[dict[str, Any]], metas: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Scan the finished shards' headers (no data is read) for each member's byte offset."""
+def _scan_shard(path: Path, num_samples: int) -> np.ndarray:
+    """Member offsets of a shard written by an earlier run, from its headers (no data is read)."""
+    rows = np.zeros((num_samples, 5), dtype=np.int64)
+    i = 0
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            ext = member.name.rpartition(".")[2]
+            if i >= num_samples:
+                break
+            if ext == "json":
+                rows[i, 2:4] = member.offset_data, member.size
+                i += 1
+            else:
+                rows[i, 0:2] = member.offset_data, member.size
+                rows[i, 4] = IMAGE_EXTS.index(ext)
+    if i != num_samples:
+        raise ShardError(f"{path}: holds {i} samples, the manifest says {num_samples}")
+    return rows
+
+
+def _build_index(shards: list[dict[str, Any]], offsets: list[np.ndarray], metas: Sequence[dict[str, Any]]) -> np.ndarray:
     index = np.zeros(len(metas), dtype=INDEX_DTYPE)
-    for k, entry in enumerate(shards):
-        i = entry["first_index"]
-        with tarfile.open(split_dir / entry["name"], "r:") as tar:
-            for member in tar:
-                stem, _, ext = member.name.rpartition(".")
-                if ext == "json":
-                    index[i]["json_offset"], index[i]["json_size"] = member.offset_data, member.size
-                    i += 1
-                else:
-                    row = index[i]
-                    row["shard"], row["ext"] = k, IMAGE_EXTS.index(ext)
-                    row["image_offset"], row["image_size"] = member.offset_data, member.size
-        if i != entry["first_index"] + entry["num_samples"]:
-            raise ShardError(f"{split_dir / entry['name']}: holds {i - entry['first_index']} samples, "
-                             f"manifest says {entry['num_samples']}")
+    rows = np.concatenate(offsets)
+    index["shard"] = np.repeat(np.arange(len(shards)), [s["num_samples"] for s in shards])
+    for column, name in enumerate(("image_offset", "image_size", "json_offset", "json_size", "ext")):
+        index[name] = rows[:, column]
     index["pid"] = [_label(m["pid"]) for m in metas]
     index["camid"] = [_label(m["camid"]) for m in metas]
     index["viewid"] = [_label(m["viewid"]) for m in metas]
@@ -277,12 +329,13 @@ def write_split(source: RecordSource, split_dir: str | Path, split: str, *, rela
         raise ShardError(f"output directory is not writable: {split_dir}")
     for leftover in split_dir.glob(".*.tmp"):  # temporaries of a build that was killed outright
         leftover.unlink()
-    metas, facts = _plan(source, split, relabel)
+    metas, encoded, facts = _plan(source, split, relabel)
     n, size = len(metas), options.samples_per_shard
     done = _vouched(split_dir, facts, size)
     manifest = {"schema_version": SCHEMA_VERSION, "status": "partial", "samples_per_shard": size, **facts}
     shards: list[dict[str, Any]] = []
-    encoder = _Encoder(source, options.workers)
+    offsets: list[np.ndarray] = []
+    encoder = _Encoder(source, encoded, options.workers)
     bar = tqdm(total=n, desc=f"{source.dataset}/{split}", unit="img", disable=not options.progress, leave=False)
     try:
         for k, first in enumerate(range(0, n, size)):
@@ -290,10 +343,12 @@ def write_split(source: RecordSource, split_dir: str | Path, split: str, *, rela
             last = min(first + size, n)
             if name in done:
                 shards.append(done[name])
+                offsets.append(_scan_shard(split_dir / name, last - first))
                 bar.update(last - first)
                 continue
-            shards.append(_write_shard(split_dir / name, encoder(_chunks(first, last, options.chunk)), metas,
-                                       first, bar))
+            entry, rows = _write_shard(split_dir / name, encoder(_chunks(first, last, options.chunk)), first, bar)
+            shards.append(entry)
+            offsets.append(rows)
             # Vouch for what is finished so far: a crash after this line never loses this shard.
             atomic_write_json(split_dir / MANIFEST, {**manifest, "shards": shards})
     finally:
@@ -302,7 +357,7 @@ def write_split(source: RecordSource, split_dir: str | Path, split: str, *, rela
     for stale in split_dir.glob(f"{split}-*.tar"):
         if stale.name not in {s["name"] for s in shards}:
             stale.unlink()
-    index = _build_index(split_dir, shards, metas)
+    index = _build_index(shards, offsets, metas)
     with atomic_open(split_dir / INDEX, "wb") as f:
         np.save(f, index, allow_pickle=False)
     atomic_write_json(split_dir / WIDS_INDEX, {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -139,6 +140,7 @@ class FileSource:
 
     def __init__(self, dataset: str, records: Sequence[FileRecord], root: Path):
         self.dataset, self.records, self.root = dataset, list(records), Path(root)
+        self._prefix = f"{self.root}{os.sep}"  # string slicing: Path.relative_to costs more than reading a file
 
     def __len__(self) -> int:
         return len(self.records)
@@ -148,15 +150,14 @@ class FileSource:
 
     def meta(self, i: int) -> dict[str, Any]:
         r = self.records[i]
-        try:
-            source = str(r.path.relative_to(self.root))
-        except ValueError:
-            source = str(r.path)
+        source = str(r.path)
+        if source.startswith(self._prefix):
+            source = source[len(self._prefix):]
         return {"pid": r.pid, "camid": r.camid, "viewid": r.viewid, "source": source, **r.attributes}
 
     def image(self, i: int) -> tuple[bytes, str]:
         path = self.records[i].path
-        data = path.read_bytes()
+        data = read_file(path)
         suffix = path.suffix.lower()
         if suffix in JPEG_SUFFIXES:
             return data, "jpg"
@@ -165,3 +166,19 @@ class FileSource:
         buf = io.BytesIO()
         Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=95)
         return buf.getvalue(), "jpg"
+
+
+def read_file(path: Path) -> bytes:
+    """A whole file's bytes: one ``os.read`` of the size ``fstat`` gives (half the cost of ``read_bytes``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size)
+        while len(data) < size:  # a short read (rare on local files)
+            chunk = os.read(fd, size - len(data))
+            if not chunk:
+                raise OSError(f"{path}: file shrank while being read")
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
