@@ -7,6 +7,10 @@
   ``warmup_factor`` x lr to lr over ``warmup_epochs``, then either ×``gamma`` at each epoch in
   ``milestones`` (BoT: ×0.1 at 40 and 70) or a cosine decay to ``min_lr_factor`` x lr at the end.
 - Biases get no weight decay when ``bias_decay`` is off (BoT keeps it; the default follows BoT).
+- Backbone freezing for the first N iterations (MBR freezes its trunk for 10 epochs) sets the learning
+  rate of the backbone's parameter groups to 0 until then, instead of toggling ``requires_grad``: that
+  works unchanged under DistributedDataParallel, and with lr 0 no optimiser moves a weight (weight decay
+  included). The backbone is every parameter whose name starts with ``backbone``.
 """
 
 from __future__ import annotations
@@ -38,20 +42,21 @@ class OptimConfig:
     clip_grad_norm: float = 0.0  # 0 disables clipping
 
 
-def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool) -> list[dict]:
-    """Trainable parameters, with biases and norm weights (1-D tensors) split out when they skip decay."""
-    decay, no_decay = [], []
-    for p in module.parameters():
+def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool, freeze_iters: int = 0) -> list[dict]:
+    """Trainable parameters grouped by (weight decay, frozen at the start); each group keeps ``frozen_until``."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 and not bias_decay else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            decays = bias_decay or p.ndim > 1
+            frozen = freeze_iters > 0 and name.startswith("backbone")
+            groups.setdefault((decays, frozen), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "frozen_until": freeze_iters if frozen else 0}
+            for (decays, frozen), params in sorted(groups.items())]
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(module, cfg.weight_decay, cfg.bias_decay)
+def build_optimizer(module: nn.Module, cfg: OptimConfig, freeze_iters: int = 0) -> torch.optim.Optimizer:
+    groups = param_groups(module, cfg.weight_decay, cfg.bias_decay, freeze_iters)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.name == "adamw":
@@ -79,6 +84,11 @@ def lr_factor(iteration: int, iters_per_epoch: int, total_epochs: int, cfg: Opti
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, iters_per_epoch: int,
                     total_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration scheduler: call ``step()`` after every optimizer step."""
+    """A per-iteration scheduler (call ``step()`` after every optimizer step); groups with
+    ``frozen_until`` > 0 stay at lr 0 until that iteration."""
+
+    def factor(frozen_until: int):  # one closure per group, so each sees its own freeze length
+        return lambda it: 0.0 if it < frozen_until else lr_factor(it, iters_per_epoch, total_epochs, cfg)
+
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters_per_epoch, total_epochs, cfg))
+        optimizer, [factor(g.get("frozen_until", 0)) for g in optimizer.param_groups])

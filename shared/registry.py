@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from shared.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -33,5 +35,5 @@ class Registry(Generic[T]):
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> T:
         if name not in self._builders:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
         return self._builders[name](*args, **kwargs)

@@ -12,13 +12,15 @@ reported, never loaded.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.")
@@ -49,12 +51,11 @@ class LoadReport:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and (for safetensors) the metadata header of a local weights file."""
     path = Path(path)
+    if path.suffix == ".safetensors":
+        metadata = _header(path)
+        return load_file(str(path)), metadata
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code in it, or not a torch file at all
@@ -102,3 +103,32 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "", verbose: 
     if verbose:
         print(report.summary())
     return report
+
+
+METADATA_KEY = "reidforge"
+
+
+def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> None:
+    """Write ``model``'s state as safetensors with ``metadata`` (JSON) in the header, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata an export carries (architecture, input size, mean/std, feature dim, provenance)."""
+    if Path(path).suffix != ".safetensors":
+        raise WeightsError(f"{path}: exports are .safetensors files")
+    header = _header(path)
+    if METADATA_KEY not in header:
+        raise WeightsError(f"{path}: not a reidforge export (no '{METADATA_KEY}' metadata)")
+    return json.loads(header[METADATA_KEY])
+
+
+def _header(path: str | Path) -> dict[str, str]:
+    if not Path(path).is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}

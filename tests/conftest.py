@@ -7,9 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.shards import WriteOptions, write_split
+
+# The tests run many small tensor ops: one intra-op thread is faster there than two, and immune to a
+# busy machine's oversubscription.
+torch.set_num_threads(1)
 
 
 class ToySource:

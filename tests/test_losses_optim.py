@@ -90,3 +90,20 @@ def test_every_optimizer_descends_with_the_scheduler(name: str) -> None:
         sched.step()
     assert F.mse_loss(model(x), y).item() < 0.8 * start
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr)
+
+
+def test_backbone_frozen_for_the_first_iterations() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 1)})
+    cfg = OptimConfig(name="adam", lr=0.01, warmup_epochs=0)
+    opt = build_optimizer(model, cfg, freeze_iters=3)
+    sched = build_scheduler(opt, cfg, iters_per_epoch=10, total_epochs=1)
+    x = torch.randn(8, 4)
+    start = model["backbone"].weight.detach().clone()
+    for it in range(5):
+        opt.zero_grad()
+        model["head"](model["backbone"](x)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        moved = not torch.equal(model["backbone"].weight, start)
+        assert moved == (it >= 3), it  # frozen during iterations 0..2, training from iteration 3

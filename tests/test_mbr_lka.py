@@ -1,0 +1,192 @@
+"""MBR-4B and LKA-ReID: parameter and MAC counts against models.md §5-§6 and LKA-ReID's Table II, the
+swapped modules, LAI, and the train/eval contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from finetune.losses import Criterion
+from finetune.models import build_model
+from finetune.models.lka_reid import HCA, LKA, VANAttention, eca_kernel_size
+from finetune.models.mbr import MHSA
+from shared.complexity import count_macs, count_params
+
+VERI_IDS = 575
+
+
+def _meta(name: str, num_classes: int = VERI_IDS, **options) -> nn.Module:
+    with torch.device("meta"):  # shapes only: counting needs neither memory nor compute
+        return build_model(name, num_classes, **options)
+
+
+def test_mbr_4b_parameter_count_matches_models_md() -> None:
+    model = _meta("mbr_4b")
+    assert count_params(model) == 61_440_064  # models.md §5 and LKA-ReID Table II's baseline (61.44M)
+    assert count_params(model, trainable_only=False) == 61_448_256  # + the 4 frozen BNNeck biases
+    assert count_params(model.branches[0]) == 14_964_736 and count_params(model.branches[2]) == 10_301_952
+    assert count_params(_meta("mbr_4b", n_cams=20, n_views=8)) - 61_440_064 == 1_310_720  # LAI on VeRi
+    assert count_params(_meta("mbr_4b", n_cams=20)) - 61_440_064 == 4 * 20 * 2048
+    assert count_params(_meta("mbr_4b", num_classes=0)) == 61_440_064 - 2 * 2048 * VERI_IDS
+
+
+@pytest.mark.parametrize(("options", "expected", "table_ii"), [
+    ({"lka": False, "hca": False}, 61_440_064, 61.44e6),
+    ({"hca": False}, 61_575_232, 61.57e6),  # +6 x 22,528: VAN units in place of MHSA
+    ({"lka": False}, 47_284_348, 47.29e6),  # -6 x 3x3 512x512 conv weights, +6 x 10 HCA weights
+    ({}, 47_419_516, 47.42e6),
+])
+def test_lka_reid_reproduces_table_ii_parameters(options: dict, expected: int, table_ii: float) -> None:
+    params = count_params(_meta("lka_reid", **options))
+    assert params == expected
+    assert abs(params - table_ii) / table_ii < 0.01
+
+
+def test_lka_reid_mac_deltas_against_table_ii() -> None:
+    macs = {key: count_macs(_meta("lka_reid", **options), (256, 256)) / 1e9 for key, options in
+            {"base": {"lka": False, "hca": False}, "lka": {"hca": False}, "hca": {"lka": False}, "both": {}}.items()}
+    assert macs["base"] == pytest.approx(12.236, abs=1e-3)  # models.md §5 (Table II prints 14.44)
+    assert macs["lka"] - macs["base"] == pytest.approx(-0.546, abs=1e-3)  # Table II: 13.89 - 14.44 = -0.55
+    # Six 3x3 convs at 8x8 (or at 16x16 with stride 2): -0.906G; Table II prints -0.19G (see lka_reid.py).
+    assert macs["hca"] - macs["base"] == pytest.approx(-0.906, abs=1e-3)
+    assert macs["both"] - macs["base"] == pytest.approx(-0.546 - 0.906, abs=2e-3)
+
+
+def test_lka_and_hca_replace_the_modules_the_counts_point_to() -> None:
+    model = _meta("lka_reid")
+    for branch in model.branches[2:]:  # L branches = MBR's BoT branches
+        assert [type(block.attention) for block in branch] == [VANAttention] * 3
+    for branch in model.branches[:2]:  # H branches = MBR's R50 branches
+        assert not [m for m in branch.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert isinstance(branch[0].conv2[0], HCA) and isinstance(branch[0].conv2[1], nn.AvgPool2d)
+        assert [type(block.conv2) for block in branch[1:]] == [HCA, HCA]
+    assert not [m for m in model.modules() if isinstance(m, MHSA)]
+    assert [type(block.attention) for block in _meta("mbr_4b").branches[2]] == [MHSA] * 3
+
+
+def test_lka_is_a_23x23_kernel_of_5x5_and_dilated_7x7_depthwise_convs() -> None:
+    lka = LKA(4)
+    assert count_params(lka) == 4 * 26 + 4 * 50 + 4 * 5
+    for conv in (lka.conv0, lka.conv_spatial, lka.conv1):
+        nn.init.ones_(conv.weight)
+        nn.init.zeros_(conv.bias)
+    impulse = torch.zeros(1, 4, 31, 31)
+    impulse[0, :, 15, 15] = 1
+    with torch.no_grad():
+        support = lka.conv1(lka.conv_spatial(lka.conv0(impulse)))[0, 0] != 0
+    rows, cols = support.nonzero().unbind(1)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 26, 4, 26)  # 23 x 23 around the centre
+
+
+def test_van_attention_follows_eqs_1_to_3() -> None:
+    torch.manual_seed(0)
+    van = VANAttention(8).eval()
+    x = torch.randn(2, 8, 6, 6)
+    f = van.proj_1(nn.functional.gelu(x))  # Eq. 1: GELU before the 1x1 conv
+    attention = van.spatial_gating_unit.conv1(van.spatial_gating_unit.conv_spatial(van.spatial_gating_unit.conv0(f)))
+    assert torch.allclose(van(x), van.proj_2(attention * f) + x, atol=1e-6)  # Eqs. 2-3
+
+
+def test_eca_kernel_sizes_follow_eq_4() -> None:
+    assert [eca_kernel_size(c) for c in (64, 256, 512, 1024, 2048)] == [5, 5, 5, 7, 7]
+
+
+def test_hca_mixes_local_and_global_channel_attention_per_image() -> None:
+    torch.manual_seed(0)
+    hca = HCA(512)
+    assert count_params(hca) == 2 * 5
+    for conv in (hca.conv_local, hca.conv_global):  # identity 1-D kernels: attention = sigmoid(pooled)
+        nn.init.zeros_(conv.weight)
+        conv.weight.data[..., 2] = 1
+    x = torch.randn(3, 512, 10, 10)
+    with torch.no_grad():
+        out = hca(x)
+        local = torch.sigmoid(nn.functional.adaptive_avg_pool2d(x, 5))
+        glob = torch.sigmoid(x.mean(dim=(2, 3), keepdim=True))
+        expected = x * nn.functional.adaptive_avg_pool2d(0.5 * local + 0.5 * glob, (10, 10))
+        assert torch.allclose(out, expected, atol=1e-6)
+        assert torch.allclose(hca(x[1:2]), out[1:2], atol=1e-6)  # no mixing across the batch (MLCA's bug)
+        # The local conv runs over one sequence laid out cell by cell, C values per cell (MLCA's layout):
+        # a kernel that reads the next value takes channel 0 of the next cell at each cell's last channel.
+        hca.conv_local.weight.data = torch.tensor([[[0.0, 0, 0, 1, 0]]])
+        sequence = nn.functional.adaptive_avg_pool2d(x, 5).flatten(2).transpose(1, 2).reshape(3, -1)
+        shifted = torch.cat([sequence[:, 1:], torch.zeros(3, 1)], dim=1)
+        local = torch.sigmoid(shifted).view(3, 25, 512).transpose(1, 2).reshape(3, 512, 5, 5)
+        expected = x * nn.functional.adaptive_avg_pool2d(0.5 * local + 0.5 * glob, (10, 10))
+        assert torch.allclose(hca(x), expected, atol=1e-6)
+
+
+def test_mhsa_is_botnet_attention_without_scaling() -> None:
+    torch.manual_seed(0)
+    mhsa = MHSA(8, (2, 3), heads=2)
+    x = torch.randn(2, 8, 2, 3)
+    q, k, v = (p(x).view(2, 2, 4, 6) for p in (mhsa.query, mhsa.key, mhsa.value))
+    pos = (mhsa.rel_h + mhsa.rel_w).view(1, 2, 4, 6)
+    energy = torch.einsum("nhdi,nhdj->nhij", q, k) + torch.einsum("hdi,nhdj->nhij", pos[0], q)
+    expected = torch.einsum("nhdj,nhij->nhdi", v, energy.softmax(-1)).reshape(2, 8, 2, 3)
+    assert torch.allclose(mhsa(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"position logits are \(2, 3\)"):
+        mhsa(torch.randn(1, 8, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["mbr_4b", "lka_reid"])
+def test_train_outputs_feed_every_loss_and_reach_every_branch(name: str) -> None:
+    torch.manual_seed(0)
+    # 64 x 64 keeps the test fast; MBR's position tensors follow the layer3 map (4 x 4 here, 16 x 16 at 256).
+    model = build_model(name, 5, input_size=(64, 64), n_cams=3, n_views=2)
+    pids = torch.tensor([0, 0, 1, 1])
+    camids, viewids = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 0, 1, 0])
+    outputs = model(torch.randn(4, 3, 64, 64), camids=camids, viewids=viewids)
+    for term in model.loss_terms:
+        assert outputs[term.input].shape == ((4, 5) if term.loss == "ce" else (4, 2048))
+    assert [(t.loss, t.weight) for t in model.loss_terms] == [
+        ("ce", 0.6), ("triplet", 1.0), ("ce", 0.4), ("triplet", 0.4)]
+    dims = {k: v.shape[1] for k, v in outputs.items()}
+    loss, _ = Criterion(model.loss_terms, 5, dims)(outputs, pids)
+    loss.backward()
+    for part in (model.backbone, *model.branches, model.necks[0], model.necks[2]):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    unreached = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert unreached == {"necks.1.bn.weight", "necks.3.bn.weight"}  # triplet branches: BN for inference only
+    assert model.lai.grad[:, camids * 2 + viewids].abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        feature = model(torch.randn(2, 3, 64, 64), camids=camids[:2], viewids=viewids[:2])
+    assert feature.shape == (2, model.feature_dim) == (2, 8192)
+    norms = feature.view(2, 4, 2048).norm(dim=2)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)  # each branch L2-normalised
+
+
+def test_lai_embeds_camera_and_view_and_rejects_bad_ids() -> None:
+    torch.manual_seed(0)
+    model = build_model("mbr_4b", 0, input_size=(64, 64), n_cams=2, n_views=3).eval()
+    assert model.loss_terms and all(t.loss == "triplet" for t in model.loss_terms)
+    with torch.no_grad():
+        model.lai.normal_()
+        x = torch.randn(1, 3, 64, 64).expand(2, -1, -1, -1)
+        same_image = model(x, camids=torch.tensor([0, 1]), viewids=torch.tensor([2, 2]))
+    assert not torch.allclose(same_image[0], same_image[1])
+    with pytest.raises(ValueError, match="forward needs camids"):
+        model(x)
+    with pytest.raises(ValueError, match=r"viewids must lie in \[0, 3\)"):
+        model(x, camids=torch.tensor([0, 1]), viewids=torch.tensor([-1, 2]))
+
+
+def test_input_size_must_suit_the_strides() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_model("mbr_4b", 0, input_size=(256, 200))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mbr_4b", "lka_reid"])
+def test_full_size_forward_and_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 10)
+    outputs = model(torch.randn(2, 3, *model.input_size))
+    assert model.input_size == (256, 256) and {v.shape[1] for k, v in outputs.items() if k.endswith("/feat")} == {2048}
+    sum(v.pow(2).mean() for v in outputs.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 256, 256)).shape == (1, 8192)
