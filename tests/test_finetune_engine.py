@@ -1,0 +1,82 @@
+"""The fine-tuning engine end to end on a tiny synthetic split: train, evaluate, export, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import finetune.engine as engine
+from data.shards import WriteOptions, write_split
+from data.synthetic import SyntheticConfig, build_sources
+from finetune.engine import TrainConfig
+from finetune.train import main as train_main
+from shared.config import load_config
+from shared.weights import read_export_metadata
+
+
+@pytest.fixture(scope="module")
+def tiny_person(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    cfg = SyntheticConfig(train_ids=16, images_per_train_id=6, test_ids=8, images_per_test_id=6, distractors=6)
+    for split, source in build_sources(cfg)["synthetic_person"].items():
+        write_split(source, root / split, split, relabel=split == "train", options=WriteOptions(progress=False))
+    return root
+
+
+def _config(shards: Path, out: Path, name: str, *extra: str) -> TrainConfig:
+    return load_config(TrainConfig, None, [
+        f"run_name={name}", f"output_dir={out}", "model.name=osnet", "model.options={variant: osnet_x0_25}",
+        f"data.train=[{shards / 'train'}]", f"data.query={shards / 'query'}", f"data.gallery={shards / 'gallery'}",
+        "data.p=4", "data.k=4", "data.workers=0", "data.transform.height=64", "data.transform.width=32",
+        "epochs=2", "eval_every=1", "optim.warmup_epochs=1", "optim.lr=0.003", "log_every=1", *extra])
+
+
+def test_train_evaluate_export(tiny_person: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = engine.train(_config(tiny_person, tmp_path, "run"))
+    run = tmp_path / "run"
+    assert [row["epoch"] for row in state["history"]] == [1, 2] and 0 < state["best_map"] <= 1
+    out = capsys.readouterr().out
+    assert "| epoch |" in out and "mAP" in out and f"run directory: {run}" in out
+    meta = read_export_metadata(run / "model_final.safetensors")
+    assert meta["architecture"] == "osnet" and meta["feature_dim"] == 512 and meta["input_size"] == [64, 32]
+    assert meta["num_classes"] == 16 and (run / "model_best.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file()
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_person: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.train(_config(tiny_person, tmp_path, "whole"))
+    real = engine.Trainer._train_epoch
+
+    def dies_in_epoch_two(self, epoch, tally):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return real(self, epoch, tally)
+
+    monkeypatch.setattr(engine.Trainer, "_train_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(_config(tiny_person, tmp_path, "killed"))
+    monkeypatch.setattr(engine.Trainer, "_train_epoch", real)
+    state = engine.train(_config(tiny_person, tmp_path, "killed"), resume=True)
+    assert state["epoch"] == 2
+    whole = load_file(str(tmp_path / "whole" / "model_final.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "model_final.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert (whole[key].float() - resumed[key].float()).abs().max() <= 1e-5, key
+
+
+def test_bad_input_fails_in_one_line(tiny_person: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["optim.lrate=0.1"]) == 2
+    assert "unknown config key 'optim.lrate'" in capsys.readouterr().err
+    args = [f"data.train=[{tiny_person / 'train'}]", f"data.query={tiny_person / 'query'}",
+            f"data.gallery={tiny_person / 'gallery'}", f"output_dir={tmp_path}"]
+    assert train_main([*args, f"model.weights={tmp_path / 'none.pth'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: weights file not found: {tmp_path / 'none.pth'}"
+    assert train_main([*args, "model.name=resnet9000"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown model 'resnet9000'; valid: bot_resnet50")
+    assert train_main([*args, "--resume"]) == 2
+    assert "no checkpoint under" in capsys.readouterr().err
