@@ -33,7 +33,7 @@ def test_last_stride_one_and_outputs() -> None:
     with torch.no_grad():
         assert model.backbone.eval()(x).shape == (2, 2048, 4, 2)  # stride 16: 16x8 at 256x128
         outputs = model.train()(x)
-        assert set(outputs) == {"global/feat", "global/logits"}
+        assert set(outputs) == {"global/feat", "global/bn_feat", "global/logits"}
         assert outputs["global/feat"].shape == (2, 2048) and outputs["global/logits"].shape == (2, 5)
         model.eval()
         feat = model.pool(model.backbone(x))
@@ -45,4 +45,4 @@ def test_center_loss_and_no_classifier() -> None:
     assert model.neck.classifier is None and count_params(model) == 23_508_032 + 2048
     assert model.loss_terms == (LossTerm("triplet", "global/feat"),
                                 LossTerm("center", "global/feat", CENTER_LOSS_WEIGHT))
-    assert set(model(torch.randn(2, 3, 64, 32))) == {"global/feat"}
+    assert set(model(torch.randn(2, 3, 64, 32))) == {"global/feat", "global/bn_feat"}

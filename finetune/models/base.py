@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shared.heads import BNNeck, build_pooling
+
 
 @dataclass(frozen=True)
 class LossTerm:
@@ -36,3 +38,29 @@ class ReIDModel(nn.Module, ABC):
     @abstractmethod
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
                 viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor: ...
+
+
+class BNNeckModel(ReIDModel):
+    """backbone -> pooling -> BNNeck (BoT §3.5), the single-branch head most models share.
+
+    Train mode returns ``global/feat`` (pooled, pre-BN), ``global/bn_feat`` and, when the neck has a
+    classifier, ``global/logits``; eval mode returns the post-BN feature.
+    """
+
+    def __init__(self, backbone: nn.Module, pooling: str, neck_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = build_pooling(pooling)
+        self.neck = BNNeck(backbone.out_channels, neck_classes)
+        self.feature_dim = backbone.out_channels
+
+    def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
+                viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
+        feat = self.pool(self.backbone(images))
+        bn_feat, logits = self.neck(feat)
+        if not self.training:
+            return bn_feat
+        outputs = {"global/feat": feat, "global/bn_feat": bn_feat}
+        if logits is not None:
+            outputs["global/logits"] = logits
+        return outputs

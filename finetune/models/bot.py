@@ -7,7 +7,7 @@ Re-identification", CVPRW 2019); models.md §3.
 - Losses (§3.3, §3.6): label-smoothed CE (ε = 0.1) on the logits, batch-hard triplet (margin 0.3) on
   ``f_t``, and, with ``center_loss=True``, center loss on ``f_t`` with weight 5e-4. The ε, the margin and
   the centres (with their own SGD, lr 0.5) belong to ``finetune.losses``; the model only routes outputs.
-- Train mode returns ``{"global/feat": f_t, "global/logits": logits}``; eval mode returns ``f_i``
+- Train mode returns ``{"global/feat": f_t, "global/bn_feat": f_i, "global/logits": logits}``; eval mode returns ``f_i``
   (the paper's "after" feature, compared by cosine distance).
 
 Registered: ``bot_resnet50`` (the paper's), ``bot_resnet50_ibn_a`` (IBN-Net-a trunk, Pan et al., ECCV
@@ -27,42 +27,26 @@ from typing import Any
 import torch
 
 from finetune.models import MODELS
-from finetune.models.base import LossTerm, ReIDModel
+from finetune.models.base import BNNeckModel, LossTerm
 from shared.backbones import build_backbone
-from shared.heads import BNNeck, build_pooling
 
 CENTER_LOSS_WEIGHT = 5e-4  # BoT §3.6: beta in L = L_ID + L_Triplet + beta * L_C
 
 
-class BoT(ReIDModel):
+class BoT(BNNeckModel):
     """Backbone -> pooling -> BNNeck, trained with CE + triplet (+ center)."""
 
     input_size = (256, 128)
 
     def __init__(self, backbone: str, num_classes: int, last_stride: int = 1, center_loss: bool = False,
                  pooling: str = "avg"):
-        super().__init__()
-        self.backbone = build_backbone(backbone, last_stride=last_stride)
-        self.feature_dim = self.backbone.out_channels
-        self.pool = build_pooling(pooling)
-        self.neck = BNNeck(self.feature_dim, num_classes)
+        super().__init__(build_backbone(backbone, last_stride=last_stride), pooling, num_classes)
         terms = [LossTerm("triplet", "global/feat")]
         if num_classes > 0:
             terms.insert(0, LossTerm("ce", "global/logits"))
         if center_loss:
             terms.append(LossTerm("center", "global/feat", CENTER_LOSS_WEIGHT))
         self.loss_terms = tuple(terms)
-
-    def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
-                viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
-        feat = self.pool(self.backbone(images))
-        bn_feat, logits = self.neck(feat)
-        if not self.training:
-            return bn_feat
-        outputs = {"global/feat": feat}
-        if logits is not None:
-            outputs["global/logits"] = logits
-        return outputs
 
 
 @MODELS.register()

@@ -31,45 +31,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from finetune.models import MODELS
-from finetune.models.base import LossTerm, ReIDModel
+from finetune.models.base import BNNeckModel, LossTerm
 from shared.backbones import build_backbone
-from shared.heads import BNNeck, build_pooling
 
 
-class DMOSNet(ReIDModel):
-    feature_dim = 512
-
+class DMOSNet(BNNeckModel):
     def __init__(self, num_classes: int, mhsa_stages: Sequence[int] = (1, 0, 0), window: int = 8,
                  ds_ratios: Sequence[int] = (8, 8, 8), ibn: bool = True, pooling: str = "avg",
                  classifier: str = "linear", neck_feat: str = "before"):
-        super().__init__()
         if classifier not in ("linear", "circle"):
             raise ValueError(f"classifier must be 'linear' or 'circle', got {classifier!r}")
         if neck_feat not in ("before", "after"):
             raise ValueError(f"neck_feat must be 'before' or 'after', got {neck_feat!r}")
-        self.backbone = build_backbone("dm_osnet", mhsa_stages=mhsa_stages, window=window, ds_ratios=ds_ratios,
-                                       ibn=ibn)
-        self.pool = build_pooling(pooling)
-        self.neck = BNNeck(self.backbone.out_channels, num_classes if classifier == "linear" else 0)
+        backbone = build_backbone("dm_osnet", mhsa_stages=mhsa_stages, window=window, ds_ratios=ds_ratios, ibn=ibn)
+        super().__init__(backbone, pooling, num_classes if classifier == "linear" else 0)
         self.input_size = (256, 128)
         identity = (LossTerm("ce", "global/logits") if classifier == "linear"
                     else LossTerm("circle", "global/bn_feat"))
         triplet = LossTerm("triplet", "global/feat" if neck_feat == "before" else "global/bn_feat")
         self.loss_terms = (identity, triplet) if num_classes > 0 else (triplet,)
-
-    def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
-                viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
-        feat = self.pool(self.backbone(images))
-        bn_feat, logits = self.neck(feat)
-        if not self.training:
-            return bn_feat
-        outputs = {"global/feat": feat, "global/bn_feat": bn_feat}
-        if logits is not None:
-            outputs["global/logits"] = logits
-        return outputs
 
 
 @MODELS.register("dm_osnet")
