@@ -170,7 +170,8 @@ class Trainer:
         self.criterion.to(acc.device)
         self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
-        self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "best_map": -1.0, "history": []}
+        self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "best_map": -1.0, "history": [],
+                                      "world_size": acc.num_processes}
         if resume:
             self._resume()
         if acc.is_main_process:
@@ -273,7 +274,8 @@ class Trainer:
             start = time.perf_counter()
             metrics = evaluate(qf, gf, query.pids[qi], gallery.pids[gi], query.camids[qi], gallery.camids[gi],
                                self.cfg.distance, self.cfg.rerank)
-            row = {"epoch": epoch, "mAP": metrics["mAP"], "mINP": metrics["mINP"],
+            row = {"epoch": epoch, "mAP": metrics["mAP"], "mINP": metrics["mINP"], "queries": len(qi),
+                   "gallery": len(gi),
                    **{f"R{r}": float(metrics["cmc"][r - 1]) for r in (1, 5, 10) if r <= len(metrics["cmc"])},
                    "eval_seconds": time.perf_counter() - start}
             self.state["history"].append(row)
@@ -282,7 +284,8 @@ class Trainer:
                 self.state["best_map"] = row["mAP"]
                 self._export("model_best.safetensors")
             atomic_write_json(self.run_dir / "metrics.json", {"history": self.state["history"],
-                                                              "best_map": self.state["best_map"]})
+                                                              "best_map": self.state["best_map"],
+                                                              "world_size": acc.num_processes})
             acc.print(f"epoch {epoch}: mAP {row['mAP']:.4f}  R1 {row.get('R1', float('nan')):.4f}")
         acc.wait_for_everyone()
 

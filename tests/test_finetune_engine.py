@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 import finetune.engine as engine
-from data.shards import WriteOptions, write_split
+from data.shards import WriteOptions, load_manifest, write_split
 from data.synthetic import SyntheticConfig, build_sources
 from finetune.engine import TrainConfig
 from finetune.train import main as train_main
@@ -80,3 +84,24 @@ def test_bad_input_fails_in_one_line(tiny_person: Path, tmp_path: Path, capsys: 
     assert capsys.readouterr().err.strip().startswith("error: unknown model 'resnet9000'; valid: bot_resnet50")
     assert train_main([*args, "--resume"]) == 2
     assert "no checkpoint under" in capsys.readouterr().err
+
+
+def test_two_processes_through_accelerate(tiny_person: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with the shipped 2-process CPU config really runs two ranks."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = ["accelerate", "launch", "--config_file", str(repo / "launch" / "accelerate" / "cpu_2proc.yaml"),
+           str(repo / "finetune" / "train.py"), "run_name=ddp", f"output_dir={tmp_path}", "model.name=osnet",
+           "model.options={variant: osnet_x0_25}", f"data.train=[{tiny_person / 'train'}]",
+           f"data.query={tiny_person / 'query'}", f"data.gallery={tiny_person / 'gallery'}", "data.p=4", "data.k=4",
+           "data.workers=0", "data.transform.height=64", "data.transform.width=32", "epochs=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    row = metrics["history"][0]
+    # every query and gallery image was embedded once, whichever rank embedded it
+    assert (row["queries"], row["gallery"]) == (load_manifest(tiny_person / "query")["num_samples"],
+                                                load_manifest(tiny_person / "gallery")["num_samples"])
+    assert (tmp_path / "ddp" / "model_final.safetensors").is_file()
