@@ -14,6 +14,7 @@ Run directory ``<output_dir>/<run_name>/``: ``config.yaml``, TensorBoard events,
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -79,7 +80,11 @@ class TrainConfig:
     amp: str = choice("no", "bf16", "fp16")
     flip_test: bool = False
     rerank: bool = False
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
     distance: str = choice("cosine", "euclidean")
+    max_iters_per_epoch: int = 0  # 0 = every P×K batch of the epoch; > 0 caps it (tiny and smoke runs)
     log_every: int = 20
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +170,8 @@ class Trainer:
         holder = torch.nn.ModuleDict({"model": model, "criterion": self.criterion})
         optimizer = build_optimizer(holder, cfg.optim, cfg.freeze_backbone_iters)
         self.iters_per_epoch = len(self.sampler)
+        if cfg.max_iters_per_epoch > 0:
+            self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.iters_per_epoch, cfg.epochs)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.criterion.to(acc.device)
@@ -228,7 +235,8 @@ class Trainer:
     def _train_epoch(self, epoch: int, tally: SampleTally) -> None:
         acc, model = self.accelerator, self.model
         model.train()
-        bar = tqdm(tally.wrap(self.loader), total=len(self.sampler), desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+        batches = itertools.islice(tally.wrap(self.loader), self.iters_per_epoch)
+        bar = tqdm(batches, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    disable=not acc.is_local_main_process, leave=False)
         for batch in bar:
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
@@ -272,8 +280,10 @@ class Trainer:
         gf, gi, gallery = self._embed(self.cfg.data.gallery)
         if acc.is_main_process:
             start = time.perf_counter()
+            cfg = self.cfg
+            rerank = (cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda) if cfg.rerank else None
             metrics = evaluate(qf, gf, query.pids[qi], gallery.pids[gi], query.camids[qi], gallery.camids[gi],
-                               self.cfg.distance, self.cfg.rerank)
+                               cfg.distance, rerank)
             row = {"epoch": epoch, "mAP": metrics["mAP"], "mINP": metrics["mINP"], "queries": len(qi),
                    "gallery": len(gi),
                    **{f"R{r}": float(metrics["cmc"][r - 1]) for r in (1, 5, 10) if r <= len(metrics["cmc"])},

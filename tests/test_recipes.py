@@ -1,0 +1,35 @@
+"""Every recipe in launch/configs/ is a valid TrainConfig naming a registered model, and each paper
+recipe has a tiny CPU variant with the same model and optimiser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune.engine import TrainConfig
+from finetune.models import MODELS
+from shared.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
+PAPER = ["bot_market", "dm_osnet_market", "fnc_cityflow", "lka_reid_veri", "seresnext50_veri"]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_recipe_and_its_tiny_variant(name: str) -> None:
+    full = load_config(TrainConfig, CONFIGS / f"{name}.yaml")
+    tiny = load_config(TrainConfig, CONFIGS / f"{name.rsplit('_', 1)[0]}_tiny.yaml")
+    assert full.model.name in MODELS and tiny.model.name == full.model.name
+    assert tiny.optim.name == full.optim.name
+    assert all(path.startswith("runs/demo/shards/synthetic_") for path in [*tiny.data.train, tiny.data.query])
+    assert tiny.max_iters_per_epoch > 0 and tiny.epochs <= 3
+
+
+def test_recipe_specifics_from_the_papers() -> None:
+    fnc = load_config(TrainConfig, CONFIGS / "fnc_cityflow.yaml")
+    assert (fnc.rerank, fnc.rerank_k1, fnc.rerank_k2, fnc.rerank_lambda) == (True, 75, 10, 0.1)
+    assert (fnc.data.transform.height, fnc.data.transform.width, fnc.optim.name) == (384, 288, "ranger")
+    lka = load_config(TrainConfig, CONFIGS / "lka_reid_veri.yaml")
+    assert (lka.data.p, lka.data.k, lka.model.options["n_cams"], lka.model.options["n_views"]) == (6, 8, 20, 8)
+    bot = load_config(TrainConfig, CONFIGS / "bot_market.yaml")
+    assert (bot.optim.milestones, bot.optim.lr, bot.data.p * bot.data.k) == ([40, 70], 3.5e-4, 64)
