@@ -257,16 +257,11 @@ class Trainer:
                 acc.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
                          **{f"train/{k}": v for k, v in values.items()}}, step=it)
 
-    @torch.no_grad()
     def _embed(self, split_dir: str) -> tuple[torch.Tensor, np.ndarray, IndexedShards]:
-        """Features of a split in ``index`` order; each rank embeds indices i with i % world == rank."""
+        """Features of a split in ``index`` order; each rank embeds its share, then all are gathered."""
         acc, d = self.accelerator, self.cfg.data
-        dataset = IndexedShards(split_dir, build_transforms(d.transform, train=False))
-        mine = Subset(dataset, range(acc.process_index, len(dataset), acc.num_processes))
-        loader = DataLoader(mine, batch_size=d.test_batch_size, num_workers=d.workers, collate_fn=collate)
-        tally = SampleTally(len(mine), d.max_bad_fraction, f"embedding {split_dir}")
-        feats, index = extract_features(acc.unwrap_model(self.model), tally.wrap(loader), acc.device,
-                                        self.normalize, flip=self.cfg.flip_test)
+        feats, index, dataset = embed_split(acc.unwrap_model(self.model), split_dir, d, self.normalize, acc.device,
+                                            self.cfg.flip_test, acc.process_index, acc.num_processes)
         feats = acc.gather(acc.pad_across_processes(feats.to(acc.device), dim=0)).cpu()
         index = acc.gather(acc.pad_across_processes(index.to(acc.device), dim=0, pad_index=-1)).cpu().numpy()
         keep = index >= 0
@@ -318,6 +313,19 @@ class Trainer:
         rows = [[r["epoch"], round(r["mAP"], 4), round(r.get("R1", 0.0), 4), round(r.get("R5", 0.0), 4),
                  round(r.get("R10", 0.0), 4), round(r["mINP"], 4)] for r in self.state["history"]]
         return format_table(["epoch", "mAP", "R1", "R5", "R10", "mINP"], rows)
+
+
+@torch.no_grad()
+def embed_split(model: ReIDModel, split_dir: str | Path, data: DataConfig, normalize: Normalize,
+                device: torch.device | str, flip: bool = False, rank: int = 0, world_size: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor, IndexedShards]:
+    """Features and indices of the samples ``rank, rank + world_size, ...`` of a split (test transforms)."""
+    dataset = IndexedShards(split_dir, build_transforms(data.transform, train=False))
+    mine = Subset(dataset, range(rank, len(dataset), world_size))
+    loader = DataLoader(mine, batch_size=data.test_batch_size, num_workers=data.workers, collate_fn=collate)
+    tally = SampleTally(len(mine), data.max_bad_fraction, f"embedding {split_dir}")
+    feats, index = extract_features(model, tally.wrap(loader), device, normalize, flip=flip)
+    return feats, index, dataset
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
