@@ -67,14 +67,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return obj, {}
 
 
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
+def _candidates(key: str) -> list[str]:
+    """``key`` as it is, then with each leading wrapper prefix removed in turn."""
+    names = [key]
+    while any(names[-1].startswith(p) for p in WRAPPER_PREFIXES):
+        names.append(next(names[-1][len(p):] for p in WRAPPER_PREFIXES if names[-1].startswith(p)))
+    return names
 
 
 def load_weights(model: nn.Module, path: str | Path, prefix: str = "", verbose: bool = True) -> LoadReport:
@@ -88,7 +86,8 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "", verbose: 
     report = LoadReport(str(path))
     matched: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        name = prefix + _strip(key)
+        # The file's key as it is wins; wrapper prefixes are stripped only when that finds no match.
+        name = next((prefix + k for k in _candidates(key) if prefix + k in target), prefix + _candidates(key)[-1])
         if name not in target:
             report.unexpected.append(key)
         elif target[name].shape != value.shape:

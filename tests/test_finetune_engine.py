@@ -15,6 +15,7 @@ import finetune.engine as engine
 from data.shards import WriteOptions, load_manifest, write_split
 from data.synthetic import SyntheticConfig, build_sources
 from finetune.engine import TrainConfig
+from finetune.evaluate import main as evaluate_main
 from finetune.train import main as train_main
 from shared.config import load_config
 from shared.weights import read_export_metadata
@@ -48,6 +49,15 @@ def test_train_evaluate_export(tiny_person: Path, tmp_path: Path, capsys: pytest
     assert meta["num_classes"] == 16 and (run / "model_best.safetensors").is_file()
     assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file()
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+    # the standalone evaluator reproduces the engine's last evaluation from the export, with pictures
+    out = tmp_path / "eval"
+    assert evaluate_main(["--weights", str(run / "model_final.safetensors"), "--query", str(tiny_person / "query"),
+                          "--gallery", str(tiny_person / "gallery"), "--workers", "0", "--out", str(out),
+                          "--pictures", "ranked,cmc,gradcam"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["mAP"] == pytest.approx(state["history"][-1]["mAP"], abs=1e-6)
+    assert all((out / f"{name}.png").stat().st_size > 10_000 for name in ("ranked", "cmc", "gradcam"))
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_person: Path, tmp_path: Path,
