@@ -86,7 +86,8 @@ class DLMHSA(nn.Module):
         # Layer 2: full-resolution queries against ds-pooled keys and values.
         q = self.q(attention_1).reshape(n, k, d, h * w).transpose(-2, -1)
         kv = self.kv(self.ds_norm(self.avg_pool(attention_1))).reshape(n, 2, k, d, -1).transpose(-2, -1)
-        glob = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1])
+        # Contiguous inputs let the CPU pick the fused kernel instead of materialising HW x HW/ds^2 scores.
+        glob = F.scaled_dot_product_attention(q.contiguous(), kv[:, 0].contiguous(), kv[:, 1].contiguous())
         return self.proj(glob.transpose(-2, -1).reshape(n, c, h, w) + attention_1)
 
 
