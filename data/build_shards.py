@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, adapter in ADAPTERS.items():
         p = sub.add_parser(name, help=adapter.summary, description=adapter.summary)
         p.add_argument("--out", required=True, type=Path, help="output root; splits go to OUT/<dataset>/<split>/")
-        adapter.add_arguments(p)
+        adapter.dataset_arguments(p)
         p.add_argument("--splits", help="comma-separated split names to build (default: all)")
         p.add_argument("--samples-per-shard", type=int, default=WriteOptions.samples_per_shard)
         p.add_argument("--workers", type=int, default=1, help="processes that encode samples (default 1)")

@@ -55,8 +55,9 @@ Sources = Mapping[str, Mapping[str, RecordSource]]  # dataset -> split -> source
 class DatasetAdapter(ABC):
     """One dataset on disk (or generated): its arguments and its splits.
 
-    Subclasses set ``name`` (the subcommand) and ``summary`` (its ``--help`` line), may add arguments
-    in :meth:`add_arguments`, and build their sources in :meth:`sources`. A subclass that sets
+    Subclasses set ``name`` (the subcommand) and ``summary`` (its ``--help`` line); one that reads a
+    dataset from disk sets ``root_help`` (the expected layout), which adds a required ``--root``. They
+    may add further arguments in :meth:`add_arguments`, and build their sources in :meth:`sources`. A subclass that sets
     ``config_schema`` (a dataclass) gets ``--config YAML`` and ``key=value`` overrides, loaded into
     ``self.config``. Every check of the input (missing files, wrong layout) happens in
     :meth:`sources`, before any shard is written, and raises a one-line ``DatasetError``.
@@ -64,6 +65,7 @@ class DatasetAdapter(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    root_help: ClassVar[str | None] = None
     config_schema: ClassVar[type | None] = None
 
     def __init__(self, args: argparse.Namespace):
@@ -75,8 +77,16 @@ class DatasetAdapter(ABC):
             self.config = load_config(self.config_schema, args.config, args.overrides)
 
     @classmethod
+    def dataset_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Every argument that locates and shapes this dataset: ``--root`` (when read from disk), then
+        the adapter's own."""
+        if cls.root_help is not None:
+            parser.add_argument("--root", type=Path, required=True, help=cls.root_help)
+        cls.add_arguments(parser)
+
+    @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Arguments beyond the common ones (``--out``, ``--splits``, ``--workers``, ...)."""
+        """Arguments beyond the common ones (``--out``, ``--root``, ``--splits``, ``--workers``, ...)."""
 
     @abstractmethod
     def sources(self) -> Sources: ...

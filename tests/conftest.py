@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from data.shards import WriteOptions, write_split
@@ -52,3 +53,27 @@ def toy_split(tmp_path: Path, toy_source: ToySource) -> Path:
     split_dir = tmp_path / "toy" / "train"
     write_split(toy_source, split_dir, "train", relabel=True, options=WriteOptions(samples_per_shard=16, progress=False))
     return split_dir
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    # Every test starts from the same RNG state (a random init can leave a small SE/CBAM bottleneck
+    # all-dead, without gradient).
+    torch.manual_seed(0)
+
+
+def _proxy_loss(model: torch.nn.Module, outputs: dict[str, torch.Tensor], pids: torch.Tensor) -> torch.Tensor:
+    """A loss through every declared term: CE where declared, a squared norm standing in for the others."""
+    return sum(F.cross_entropy(outputs[t.input], pids) if t.loss == "ce" else outputs[t.input].pow(2).mean()
+               for t in model.loss_terms)
+
+
+def assert_gradients_reach_every_parameter(model: torch.nn.Module, num_classes: int,
+                                           size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """One backward pass of a batch of 2 in train mode; returns the train outputs."""
+    model.train()
+    outputs = model(torch.randn(2, 3, *size))
+    _proxy_loss(model, outputs, torch.tensor([0, num_classes - 1])).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert missing == []
+    return outputs

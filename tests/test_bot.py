@@ -9,8 +9,7 @@ from finetune.models import build_model
 from finetune.models.base import LossTerm
 from finetune.models.bot import CENTER_LOSS_WEIGHT
 from shared.complexity import count_params
-# tests/ is on sys.path; ``_seeded`` is an autouse fixture, active here once imported.
-from test_senet_coursework import _seeded, assert_gradients_reach_every_parameter  # noqa: F401
+from conftest import assert_gradients_reach_every_parameter
 
 TRUNKS = {"bot_resnet50": 23_508_032, "bot_resnet50_ibn_a": 23_508_032, "bot_seresnext50": 25_510_896}
 

@@ -24,7 +24,7 @@ Triples = set[tuple[str, int, int]]
 def adapter(name: str, *argv: str) -> DatasetAdapter:
     """The registered adapter ``name`` with its command-line arguments ``argv``."""
     parser = argparse.ArgumentParser()
-    ADAPTERS[name].add_arguments(parser)
+    ADAPTERS[name].dataset_arguments(parser)
     return ADAPTERS[name](parser.parse_args(list(argv)))
 
 

@@ -3,6 +3,7 @@ trees with the real layouts, names and traps."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import textwrap
 import xml.etree.ElementTree as ET
@@ -274,13 +275,14 @@ def test_folder_adapter_csv_and_tree(tmp_path: Path) -> None:
 def test_folder_docstring_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The "add your own dataset" example in data/datasets/folder.py works as printed."""
     doc = folder_module.__doc__
-    code = textwrap.dedent(doc[doc.index("    from pathlib"):doc.index("Then ``python")])
+    code = textwrap.dedent(doc[doc.index("    from data.source"):doc.index("Then ``python")])
     monkeypatch.setattr(data.source, "ADAPTERS", {})  # keep the example out of the real registry
     namespace: dict = {}
     exec(compile(code, "folder-docstring-example", "exec"), namespace)
     for name in ("train/0003_1_0.jpg", "query/0005_2_0.jpg", "gallery/0005_1_0.jpg"):
         write_jpeg(tmp_path / name)
-    args = type("Args", (), {"root": tmp_path})()
-    splits = data.source.ADAPTERS["mycars"](args).sources()["mycars"]
+    parser = argparse.ArgumentParser()
+    data.source.ADAPTERS["mycars"].dataset_arguments(parser)  # root_help gives it --root
+    splits = data.source.ADAPTERS["mycars"](parser.parse_args(["--root", str(tmp_path)])).sources()["mycars"]
     assert {s: labels(src) for s, src in splits.items()} == {
         "train": [("0003_1_0", 3, 0)], "query": [("0005_2_0", 5, 1)], "gallery": [("0005_1_0", 5, 0)]}

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v3_small
 
 from finetune.models import build_model
-from finetune.models.base import LossTerm, ReIDModel
+from finetune.models.base import LossTerm
 from finetune.models.coursework import VARIANTS
 from shared.backbones import build_backbone
 from shared.backbones.coursework_resnet18 import CBAM, SqueezeExcite
 from shared.complexity import count_params
 from shared.weights import load_weights
 
-
-@pytest.fixture(autouse=True)
-def _seeded() -> None:
-    torch.manual_seed(0)  # random init can leave a small SE/CBAM bottleneck all-dead, without gradient
+from conftest import assert_gradients_reach_every_parameter
 
 
 @pytest.mark.parametrize(("legacy", "keys"), [(False, {"conv1.weight", "layer1.0.se.fc1.weight"}),
@@ -76,23 +72,6 @@ def test_stage_fusion_widths_and_parameters(fusion: str, channels: int) -> None:
     chains = sum(ci * co * 9 + co for ci, co in ((64, 128), (128, 256), (256, 512), (128, 256), (256, 512)))
     extra = {"none": 0, "concat": projection, "add": projection, "global_concat": projection + chains}
     assert count_params(net) - count_params(build_backbone("resnet18_se")) == extra[fusion]
-
-
-def _proxy_loss(model: ReIDModel, outputs: dict[str, torch.Tensor], pids: torch.Tensor) -> torch.Tensor:
-    """A loss through every declared term: CE where declared, a squared norm standing in for the others."""
-    return sum(F.cross_entropy(outputs[t.input], pids) if t.loss == "ce" else outputs[t.input].pow(2).mean()
-               for t in model.loss_terms)
-
-
-def assert_gradients_reach_every_parameter(model: ReIDModel, num_classes: int,
-                                           size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """One backward pass of a batch of 2 in train mode; returns the train outputs."""
-    model.train()
-    outputs = model(torch.randn(2, 3, *size))
-    _proxy_loss(model, outputs, torch.tensor([0, num_classes - 1])).backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
-    assert missing == []
-    return outputs
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

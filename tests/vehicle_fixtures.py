@@ -95,22 +95,22 @@ def make_cityflow(root: Path, train: Mapping[int, tuple[int, int] | None], track
                   n_query: int, test_tracks: Sequence[Sequence[int]]) -> Path:
     """``root/AIC20_track2/AIC20_ReID``: ``train`` maps image ids to (vehicle id, camera number), or None for
     an image that train_label.xml omits; the test images are those of ``test_tracks``."""
-    data = root / "AIC20_track2" / "AIC20_ReID"
-    write_images(data / "image_train", [f"{i:06d}.jpg" for i in train])
-    write_images(data / "image_query", [f"{i:06d}.jpg" for i in range(1, n_query + 1)])
-    write_images(data / "image_test", [f"{i:06d}.jpg" for track in test_tracks for i in track])
-    label_xml(data / "train_label.xml", "TrainingImages",
+    folder = root / "AIC20_track2" / "AIC20_ReID"
+    write_images(folder / "image_train", [f"{i:06d}.jpg" for i in train])
+    write_images(folder / "image_query", [f"{i:06d}.jpg" for i in range(1, n_query + 1)])
+    write_images(folder / "image_test", [f"{i:06d}.jpg" for track in test_tracks for i in track])
+    label_xml(folder / "train_label.xml", "TrainingImages",
               [{"imageName": f"{i:06d}.jpg", "vehicleID": f"{v[0]:04d}", "cameraID": f"c{v[1]:03d}"}
                for i, v in train.items() if v])
-    (data / "train_track_id.txt").write_text("".join(" ".join(map(str, t)) + " \n" for t in tracks))
-    (data / "test_track_id.txt").write_text("".join(" ".join(map(str, t)) + " \n" for t in test_tracks))
+    (folder / "train_track_id.txt").write_text("".join(" ".join(map(str, t)) + " \n" for t in tracks))
+    (folder / "test_track_id.txt").write_text("".join(" ".join(map(str, t)) + " \n" for t in test_tracks))
     return root
 
 
 def adapter_sources(name: str, *argv: str) -> Sources:
     """What ``data/build_shards.py <name> *argv`` would write, without writing it."""
     parser = argparse.ArgumentParser()
-    ADAPTERS[name].add_arguments(parser)
+    ADAPTERS[name].dataset_arguments(parser)
     return ADAPTERS[name](parser.parse_args(list(argv))).sources()
 
 

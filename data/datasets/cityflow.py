@@ -87,10 +87,10 @@ class CityFlowAdapter(DatasetAdapter):
     name = "cityflow"
     summary = ("CityFlow-ReID / AI City 2020 track 2 vehicles: train, a seeded validation carve-out as "
                "query/gallery, and the unlabeled challenge_query/challenge_gallery")
+    root_help = f"the AIC20_ReID folder: {LAYOUT}"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True, help=f"the AIC20_ReID folder: {LAYOUT}")
         parser.add_argument("--val-ids", type=int, default=100,
                             help="training vehicles held out as query/gallery (default 100; 0: none)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the carve-out and query picks (default 0)")

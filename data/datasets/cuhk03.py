@@ -113,11 +113,10 @@ class CUHK03Adapter(DatasetAdapter):
     summary = ("CUHK03-NP, the new protocol of Zhong et al. CVPR'17 (767 train / 700 test ids): the "
                "cuhk03_new_protocol_config_*.mat configs with torchreid's images_*/ PNGs, or the Market-format "
                "cuhk03-np/ copy")
+    root_help = "cuhk03/ (torchreid's layout) or the folder that contains cuhk03/ or cuhk03-np/"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True,
-                            help="cuhk03/ (torchreid's layout) or the folder that contains cuhk03/ or cuhk03-np/")
         parser.add_argument("--variant", choices=VARIANTS, default="labeled",
                             help="labeled (hand-drawn) or detected (DPM) boxes; default labeled, FastReID's "
                                  "default (torchreid defaults to detected); built as dataset cuhk03_VARIANT")

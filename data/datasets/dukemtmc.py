@@ -20,9 +20,6 @@ in sorted order and names or cameras out of pattern fail in one line.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from data.datasets.market1501 import find_data_dir, market_style_splits
 from data.source import DatasetAdapter, Sources, register
 
@@ -37,10 +34,7 @@ class DukeMTMCAdapter(DatasetAdapter):
     name = "dukemtmc"
     summary = ("DukeMTMC-reID, WITHDRAWN by its owners (Duke University, 2019): kept only to reproduce published "
                "results from an existing copy; Market-style folders, cameras 1-8")
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True, help=f"{DATA_FOLDER}/ or the folder that contains it")
+    root_help = f"{DATA_FOLDER}/ or the folder that contains it"
 
     def sources(self) -> Sources:
         data_dir = find_data_dir(self.args.root, DATA_FOLDER)

@@ -21,8 +21,6 @@ new file under ``data/datasets/`` (it is registered when the package is imported
 file names hold the labels, e.g. ``<root>/{train,query,gallery}/<vid>_<cam>_<n>.jpg`` with 1-based
 cameras::
 
-    from pathlib import Path
-
     from data.source import DatasetAdapter, FileRecord, FileSource, register, require
 
     LAYOUT = "<root>/{train,query,gallery}/<vid>_<cam>_<n>.jpg"
@@ -32,10 +30,7 @@ cameras::
     class MyCars(DatasetAdapter):
         name = "mycars"
         summary = f"my vehicle dataset: {LAYOUT}"
-
-        @classmethod
-        def add_arguments(cls, parser):
-            parser.add_argument("--root", type=Path, required=True, help=LAYOUT)
+        root_help = LAYOUT  # adds a required --root; add_arguments() adds any other option
 
         def sources(self):
             root = self.args.root
@@ -165,10 +160,10 @@ def _read_tree(root: Path, name: str) -> dict[str, list[FileRecord]]:
 class FolderAdapter(DatasetAdapter):
     name = "folder"
     summary = f"your own dataset: {CSV_LAYOUT}, or a folder {TREE_LAYOUT}"
+    root_help = "the CSV file, or the root of the folder tree"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True, help="the CSV file, or the root of the folder tree")
         parser.add_argument("--name", help="dataset name, the output folder under --out (default: the folder's name)")
 
     def sources(self) -> Sources:

@@ -271,10 +271,10 @@ class LUPersonAdapter(DatasetAdapter):
     name = DATASET
     summary = ("LUPerson, unlabelled (LMDB + keys.pkl, a flat folder or country/city/video folders), "
                "optionally CFS-filtered")
+    root_help = f"the LUPerson folder: {LAYOUT}"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True, help=f"the LUPerson folder: {LAYOUT}")
         parser.add_argument("--cfs", type=Path, metavar="FILE",
                             help="CFS ranking, best first: CFS_list.pkl or a text file with one key per line")
         parser.add_argument("--keep", type=float, metavar="F",

@@ -103,11 +103,10 @@ class Market1501Adapter(DatasetAdapter):
     name = "market1501"
     summary = ("Market-1501 (Zheng et al. ICCV'15): bounding_box_train, query, bounding_box_test, with or without "
                f"the {VERSION_FOLDER}/ folder; junk (pid -1) dropped, distractors (pid 0) kept in the gallery")
+    root_help = f"{VERSION_FOLDER}/ or the folder that contains it"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True,
-                            help=f"{VERSION_FOLDER}/ or the folder that contains it")
         parser.add_argument("--with-distractors", action="store_true",
                             help=f"add {DISTRACTOR_FOLDER}/ (the 500k distractor set, torchreid's market1501_500k) "
                                  "to the gallery, every image as pid 0")

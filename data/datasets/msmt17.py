@@ -91,11 +91,10 @@ class MSMT17Adapter(DatasetAdapter):
     name = "msmt17"
     summary = ("MSMT17 (Wei et al. CVPR'18), V1 or V2 (blurred faces): list_train (+ list_val with --with-val) for "
                "train, list_query / list_gallery with test pids offset past the train pids")
+    root_help = "MSMT17_V1/, MSMT17_V2/ or the folder that contains one of them"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True,
-                            help="MSMT17_V1/, MSMT17_V2/ or the folder that contains one of them")
         parser.add_argument("--version", choices=sorted(VERSIONS),
                             help="which release to read when ROOT holds both (default: the one found)")
         parser.add_argument("--with-val", action="store_true",

@@ -79,10 +79,10 @@ def gallery_draw(pids: Sequence[int], seed: int, draw: int) -> np.ndarray:
 class VehicleIDAdapter(DatasetAdapter):
     name = "vehicleid"
     summary = "PKU VehicleID (no cameras): train and N seeded query/gallery draws of one test list"
+    root_help = f"the VehicleID folder: {LAYOUT}"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True, help=f"the VehicleID folder: {LAYOUT}")
         parser.add_argument("--test-size", type=int, choices=TEST_SIZES, default=800,
                             help="which test list (default 800)")
         parser.add_argument("--draws", type=int, default=10,

@@ -152,10 +152,10 @@ def _attribute(item: dict[str, str], field: str, names: dict[str, str], list_fil
 class VeRi776Adapter(DatasetAdapter):
     name = "veri776"
     summary = "VeRi-776 vehicles (576 train / 200 test ids, 20 cameras): train, query, gallery (= image_test)"
+    root_help = f"the VeRi folder: {LAYOUT}"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", type=Path, required=True, help=f"the VeRi folder: {LAYOUT}")
         parser.add_argument("--orientation", type=Path, nargs="+", default=[], metavar="FILE",
                             help="keypoint_orient_*.txt files whose orientation labels give viewid")
 

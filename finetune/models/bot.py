@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from finetune.models import MODELS
 from finetune.models.base import BNNeckModel, LossTerm
 from shared.backbones import build_backbone

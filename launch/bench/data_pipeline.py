@@ -17,7 +17,6 @@ figure) unless ``--workers N`` asks for DataLoader workers. The ratio column is 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
