@@ -15,8 +15,6 @@ Run directory ``<output_dir>/<run_name>/``: ``config.yaml``, TensorBoard events,
 from __future__ import annotations
 
 import itertools
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -38,6 +35,7 @@ from finetune.losses import Criterion, LossConfig
 from finetune.models import build_model
 from finetune.models.base import ReIDModel
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
+from shared.checkpoints import Checkpoints
 from shared.config import choice, save_config
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
@@ -103,40 +101,6 @@ def _output_dims(model: ReIDModel, input_size: tuple[int, int]) -> dict[str, int
     return {k: int(v.shape[1]) for k, v in outputs.items()}
 
 
-class Checkpoints:
-    """Versioned, atomically renamed checkpoint directories with a ``latest`` pointer."""
-
-    def __init__(self, root: Path, keep: int):
-        self.root, self.keep = root, keep
-
-    def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
-
-    def save(self, accelerator: Accelerator, epoch: int, extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-        name = f"epoch-{epoch:04d}"
-        tmp, final = self.root / f".{name}.tmp", self.root / name
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            atomic_write_json(tmp / "trainer_state.json", extra)
-            if tensors:
-                save_file(tensors, str(tmp / "criterion.safetensors"))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            (self.root / ".latest.tmp").write_text(name)
-            (self.root / ".latest.tmp").rename(self.root / "latest")
-            for old in sorted(self.root.glob("epoch-*"))[:-self.keep]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return final
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
@@ -196,15 +160,10 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
 
     def _resume(self) -> None:
-        path = self.checkpoints.latest()
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoints.root}")
-        self.accelerator.load_state(str(path))
-        self.state = json.loads((path / "trainer_state.json").read_text())
+        path, self.state = self.checkpoints.restore(self.accelerator)
         self.sampler.load_state_dict(self.state["sampler"])
         self.scheduler.load_state_dict(self.state["scheduler"])
-        if (path / "criterion.safetensors").is_file():
-            self.criterion.load_state_dict(load_file(str(path / "criterion.safetensors")), strict=False)
+        self.criterion.load_state_dict(Checkpoints.tensors(path, "criterion"), strict=False)
         self.accelerator.print(f"resumed from {path} at epoch {self.state['epoch']}")
 
     # ------------------------------------------------------------------------------------------
@@ -222,8 +181,7 @@ class Trainer:
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
                 self.state["sampler"] = self.sampler.state_dict()
                 self.state["scheduler"] = self.scheduler.state_dict()
-                self.checkpoints.save(acc, epoch + 1, self.state, {k: v.detach().cpu() for k, v in
-                                                                   self.criterion.state_dict().items()})
+                self.checkpoints.save(acc, epoch + 1, self.state, {"criterion": self.criterion.state_dict()})
         if acc.is_main_process:
             self._export("model_final.safetensors")
             acc.print(tally.summary())
