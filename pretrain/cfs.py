@@ -1,0 +1,484 @@
+"""CFS, the Catastrophic Forgetting Score (Luo et al., "Self-Supervised Pre-training for Transformer-Based
+Person Re-Identification", arXiv:2111.12084, 2021): rank the images of a pre-training pool by how close
+they are to the downstream re-ID data, and keep the best fraction.
+
+Two models share one backbone architecture: A, a generic pre-trained backbone, and B, the same backbone
+after supervised re-ID fine-tuning. Each image ``x`` of a shard split is embedded by both (the pooled
+backbone feature, i.e. the global feature before any BNNeck) and scored
+
+    CFS(x) = <f_A(x), f_B(x)> / (||f_A(x)|| * ||f_B(x)||)
+
+the cosine similarity of the two L2-normalised features, in [-1, 1]. The fine-tuning kept its features
+of images near the re-ID domain and "forgot" the others, so the ranking is by descending CFS: best
+(least forgotten) first, and selection keeps the first ``ceil(keep * n)``.
+
+Source of the formula: the CFS paper itself is not in shared/papers, so this is the reading of
+specs/pretrain.md §3 (marked [inferred] there: the authors' script in TransReID-SSL#3 is cut off before
+its last lines). The direction is the one DM-OSNet §3.3 (shared/papers, citing the CFS paper as [8])
+describes: LUPerson "sorted by the CFS in descending order", the top 50 % kept as the images with high
+scores.
+
+Outputs, written atomically beside the shards (or in ``--out``):
+
+- ``cfs_ranking.txt``: one sample key per line, best first, the format that the LUPerson adapter's
+  ``--cfs`` option reads (``data/datasets/luperson.py``) and :func:`cfs_keep_indices` reads;
+- ``cfs_scores.npy``: float32 scores aligned with the split's sample ``index`` (NaN for an image the
+  pass could not read), saved without pickle;
+- ``cfs_summary.json``: both models, the formula, the transform, counts and score quantiles.
+
+Selection at training time: :func:`cfs_keep_indices` turns our ranking or a released ``CFS_list.pkl``
+(image names such as ``34_01_0341_00001865.jpg``, read with the LUPerson adapter's refusing unpickler)
+into the sorted sample indices of a split to keep, with the adapter's rule: the first
+``ceil(keep * n)`` of the ``n`` ranked images that the split holds.
+
+    python pretrain/cfs.py score SPLIT_DIR --arch osnet_x1_0 --pretrained A.pth --finetuned model_best.safetensors
+    python pretrain/cfs.py select SPLIT_DIR [--ranking CFS_list.pkl] [--keep 0.5] [--out kept.npy]
+
+Deviations from the paper's setting:
+
+- the formula is the spec's reading, not checked against the paper's own equation (not available here);
+- any registered backbone (``shared.backbones``) with global average (or GeM) pooling stands in for the
+  ViT-S/16 global token; the paper's A is a 20-epoch DINO pre-training on LUPerson, its B that model
+  fine-tuned on Market-1501 + MSMT17; which checkpoints to use is the caller's choice;
+- images are read from a shard split (not an ``ImageFolder`` over ``LUP/images``), resized to the input
+  size of B's export metadata (else A's, else 256x128, or ``--size``) with no augmentation, as the
+  paper's Resize(256, 128); each model is normalised with the mean/std of its own export metadata
+  (else ImageNet's, or ``--mean/--std`` for both);
+- an image that cannot be read is counted, scored NaN and left out of the ranking (so the adapter drops
+  it); a non-finite score ranks last; ties keep split order; an all-zero feature scores 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.datasets.luperson import read_ranking
+from data.readers import SampleTally, StreamingShards, collate
+from data.shards import ShardError, check_writable_dir, load_index, load_manifest
+from data.source import DatasetError
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
+from shared.backbones import build_backbone
+from shared.config import ConfigError
+from shared.heads import build_pooling
+from shared.io import atomic_open, atomic_write_json
+from shared.weights import LoadReport, WeightsError, load_weights, read_export_metadata, read_state_dict
+
+RANKING = "cfs_ranking.txt"
+SCORES = "cfs_scores.npy"
+SUMMARY = "cfs_summary.json"
+FORMULA = "CFS(x) = <f_A(x), f_B(x)> / (|f_A(x)| |f_B(x)|), ranked descending (best first)"
+DEFAULT_SIZE = (256, 128)
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+
+
+class CFSError(ValueError):
+    """A CFS input that cannot be used, described in one line."""
+
+
+def catastrophic_forgetting_score(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine similarity of two (N, D) feature batches: the CFS of each image, in [-1, 1]."""
+    if feat_a.shape != feat_b.shape or feat_a.dim() != 2:
+        raise CFSError(f"CFS needs two (N, D) feature batches of one shape, got {tuple(feat_a.shape)} and "
+                       f"{tuple(feat_b.shape)}")
+    a, b = F.normalize(feat_a.float(), dim=1), F.normalize(feat_b.float(), dim=1)
+    # Rounding can push the product of unit vectors just past 1.
+    return (a * b).sum(dim=1).clamp(-1.0, 1.0)
+
+
+class Embedder(nn.Module):
+    """uint8 NCHW batch -> normalised with its weights' mean/std -> backbone -> pooled (N, C) feature."""
+
+    def __init__(self, backbone: nn.Module, pooling: str = "avg", mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        super().__init__()
+        self.normalize = Normalize(list(mean), list(std))
+        self.backbone = backbone
+        self.pool = build_pooling(pooling)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.backbone(self.normalize(images)))
+
+
+def _file_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for a corrupt header
+            raise WeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return list(read_state_dict(path)[0])
+
+
+def _holds_whole_model(keys: Sequence[str]) -> bool:
+    """True when the file is a re-ID model (backbone under ``backbone.``, e.g. a fine-tune export)."""
+    for key in keys:
+        while key.startswith(("module.", "model.")):
+            key = key.split(".", 1)[1]
+        if key.startswith("backbone."):
+            return True
+    return False
+
+
+def load_embedder(path: str | Path, arch: str, options: dict[str, Any] | None = None, pooling: str = "avg",
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                  ) -> tuple[Embedder, LoadReport]:
+    """``build_backbone(arch, **options)`` + pooling with the weights of ``path`` (a bare backbone state dict
+    or a whole model whose backbone keys start with ``backbone.``). Any backbone tensor left unloaded is
+    an error: a half-loaded model would score noise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CFSError(f"weights file not found: {path}")
+    options = dict(options or {})
+    try:
+        backbone = build_backbone(arch, **options)
+    except TypeError as e:
+        raise CFSError(f"backbone {arch!r} does not take the options {options} ({e})") from None
+    try:
+        model = Embedder(backbone, pooling, mean, std)
+    except ValueError as e:
+        raise CFSError(str(e)) from None
+    # A whole model's keys already carry ``backbone.`` (and ``pool.`` for GeM); a bare backbone's get it here.
+    prefix = "" if _holds_whole_model(_file_keys(path)) else "backbone."
+    report = load_weights(model, path, prefix=prefix, verbose=False)
+    required = [k for k in model.state_dict() if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    unloaded = set(report.missing)
+    missing = [k for k in required if k in unloaded]
+    if missing:
+        hint = f"; shape mismatches such as {report.mismatched[0]}" if report.mismatched else ""
+        raise CFSError(f"{path}: {len(missing)} of the {len(required)} backbone tensors of {arch} (options "
+                       f"{options}) are not in the file (e.g. {', '.join(missing[:3])}){hint}: wrong --arch/--options?")
+    if pooling == "gem" and "pool.p" in report.missing:
+        print(f"note: {path} holds no GeM exponent (pool.p): using p = {model.pool.p.item():g}")
+    if pooling != "gem" and any(k.endswith("pool.p") for k in report.unexpected):
+        print(f"note: the model in {path} pools with GeM (pool.p) but the scoring pools with {pooling!r}")
+    return model, report
+
+
+def _export_metadata(path: Path) -> dict[str, Any]:
+    """The reidforge metadata of an export; {} for a file that carries none (a torchvision .pth)."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        return read_export_metadata(path)
+    except WeightsError:  # a plain safetensors state dict, without our metadata
+        return {}
+    except json.JSONDecodeError as e:
+        raise CFSError(f"{path}: unreadable reidforge metadata ({e})") from None
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise WeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _checked_size(value: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise CFSError(f"{where} = {value!r}: expected [height, width], two positive ints")
+    return int(value[0]), int(value[1])
+
+
+def _checked_stats(value: Any, where: str, positive: bool) -> list[float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            or (positive and min(value) <= 0)):
+        raise CFSError(f"{where} = {value!r}: expected 3 finite numbers (RGB){', all > 0' if positive else ''}")
+    return [float(v) for v in value]
+
+
+def _stats(given: Sequence[float] | None, meta: dict[str, Any], name: str, path: Path,
+           default: Sequence[float]) -> list[float]:
+    """The command line's mean or std, else the export's, else ImageNet's."""
+    if given is not None:
+        return _checked_stats(list(given), f"--{name}", name == "std")
+    if name in meta:
+        return _checked_stats(meta[name], f"{path}: metadata '{name}'", name == "std")
+    return list(default)
+
+
+@dataclass
+class ScoreConfig:
+    """What :func:`score_split` needs; sizes and statistics left None come from the exports' metadata."""
+
+    split_dir: Path
+    pretrained: Path  # A
+    finetuned: Path  # B
+    arch: str
+    options: dict[str, Any] = field(default_factory=dict)  # build_backbone options, shared by A and B
+    pooling: str = "avg"
+    size: tuple[int, int] | None = None
+    mean: list[float] | None = None  # for both models
+    std: list[float] | None = None
+    batch_size: int = 256
+    workers: int = 2
+    device: str | None = None  # None: cuda when present
+    max_bad_fraction: float = 0.01
+    out_dir: Path | None = None  # None: the split directory
+    progress: bool = True
+
+
+@torch.inference_mode()
+def score_pass(model_a: nn.Module, model_b: nn.Module, split_dir: str | Path, size: tuple[int, int], *,
+               batch_size: int = 256, workers: int = 2, device: torch.device | str = "cpu",
+               max_bad_fraction: float = 0.01, progress: bool = True
+               ) -> tuple[np.ndarray, list[str | None], SampleTally]:
+    """One streamed pass of both models over a split (uint8 batches in, features out).
+
+    Returns (scores float32 by sample index, NaN where the pass lost the image; each index's key, None
+    where lost; the tally of lost samples). shared.retrieval.extract_features serves one model and no
+    keys, so the pass is its own loop.
+    """
+    device = torch.device(device)
+    dataset = StreamingShards(split_dir, build_transforms(TransformConfig(height=size[0], width=size[1]), train=False))
+    n = len(dataset)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
+    tally = SampleTally(n, max_bad_fraction, f"CFS scoring of {split_dir}")
+    scores = np.full(n, np.nan, np.float32)
+    keys: list[str | None] = [None] * n
+    model_a.eval().to(device)
+    model_b.eval().to(device)
+    with tqdm(total=n, desc="CFS", unit="img", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            tally.update(batch)
+            bar.update(len(batch.get("index", ())) + sum(p.lost for p in batch["problems"]))
+            if "index" not in batch:  # every sample of the batch was lost (counted above)
+                continue
+            images = batch["image"].to(device, non_blocking=True)
+            index = batch["index"].numpy()
+            scores[index] = catastrophic_forgetting_score(model_a(images), model_b(images)).cpu().numpy()
+            for i, key in zip(index.tolist(), batch["key"]):
+                keys[i] = key
+    return scores, keys, tally
+
+
+def ranking_order(scores: np.ndarray, delivered: np.ndarray) -> np.ndarray:
+    """Indices of the delivered samples, best (highest CFS) first; non-finite scores last, ties in index order."""
+    candidates = np.flatnonzero(delivered)
+    values = scores[candidates].astype(np.float64)
+    return candidates[np.argsort(np.where(np.isfinite(values), -values, np.inf), kind="stable")]
+
+
+def write_results(out_dir: str | Path, scores: np.ndarray, keys: Sequence[str | None],
+                  summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the ranking, the scores and the summary (with counts and quantiles added) atomically."""
+    out_dir = Path(out_dir)
+    delivered = np.array([k is not None for k in keys], bool)
+    order = ranking_order(scores, delivered)
+    finite = scores[np.isfinite(scores)]
+    summary = {**summary, "formula": FORMULA, "num_samples": len(keys), "scored": int(delivered.sum()),
+               "lost": int((~delivered).sum()), "non_finite": int(delivered.sum() - len(finite)),
+               "mean": float(finite.mean()) if len(finite) else None,
+               "quantiles": {f"q{q:g}": float(np.quantile(finite, q)) for q in QUANTILES} if len(finite) else {}}
+    with atomic_open(out_dir / RANKING, "w") as f:
+        f.write("".join(f"{keys[i]}\n" for i in order))
+    with atomic_open(out_dir / SCORES, "wb") as f:
+        np.save(f, scores.astype(np.float32), allow_pickle=False)
+    atomic_write_json(out_dir / SUMMARY, summary)
+    return summary
+
+
+def score_split(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every image of ``cfg.split_dir`` with A and B, write the outputs, return the summary."""
+    split_dir = Path(cfg.split_dir)
+    manifest = load_manifest(split_dir)
+    out_dir = check_writable_dir(cfg.out_dir or split_dir)
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise CFSError(f"batch size must be >= 1 and workers >= 0, got {cfg.batch_size} and {cfg.workers}")
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise CFSError(f"max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    paths = {"A": Path(cfg.pretrained), "B": Path(cfg.finetuned)}
+    for role, path in paths.items():
+        if not path.is_file():
+            raise CFSError(f"weights file of model {role} not found: {path}")
+    meta = {role: _export_metadata(path) for role, path in paths.items()}
+    size = (_checked_size(list(cfg.size), "--size") if cfg.size is not None
+            else next((_checked_size(meta[r]["input_size"], f"{paths[r]}: metadata 'input_size'")
+                       for r in ("B", "A") if "input_size" in meta[r]), DEFAULT_SIZE))
+    if cfg.size is None and all("input_size" in m for m in meta.values()) and meta["A"]["input_size"] != list(size):
+        print(f"note: A was exported at {meta['A']['input_size']}, B at {list(size)}: both score at B's size")
+    stats = {role: {"mean": _stats(cfg.mean, meta[role], "mean", path, IMAGENET_MEAN),
+                    "std": _stats(cfg.std, meta[role], "std", path, IMAGENET_STD)} for role, path in paths.items()}
+    try:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise CFSError(f"--device {cfg.device!r}: {str(e).splitlines()[0]}") from None
+
+    models, described = {}, {}
+    for role, path in paths.items():
+        models[role], report = load_embedder(path, cfg.arch, cfg.options, cfg.pooling, **stats[role])
+        print(f"model {role}: {path}: {report.loaded} tensors loaded, {len(report.unexpected)} unused (heads)")
+        described[role] = {"path": str(path), "loaded": report.loaded, "unused": len(report.unexpected),
+                           **stats[role], "export": meta[role]}
+    scores, keys, tally = score_pass(models["A"], models["B"], split_dir, size, batch_size=cfg.batch_size,
+                                     workers=cfg.workers, device=device, max_bad_fraction=cfg.max_bad_fraction,
+                                     progress=cfg.progress)
+    if tally.lost:
+        print(tally.summary())
+    out_dir.mkdir(exist_ok=True)
+    summary = {"split": str(split_dir), "split_fingerprint": manifest.get("fingerprint"), "arch": cfg.arch,
+               "options": cfg.options, "pooling": cfg.pooling, "input_size": list(size), "models": described}
+    return write_results(out_dir, scores, keys, summary)
+
+
+def split_keys(split_dir: str | Path) -> list[str]:
+    """The key of every sample of a split, in index order, from the json members alone (no image is read)."""
+    split_dir = Path(split_dir)
+    manifest = load_manifest(split_dir)
+    index = load_index(split_dir)
+    if len(index) != manifest["num_samples"]:
+        raise ShardError(f"{split_dir}: index has {len(index)} rows, manifest {manifest['num_samples']}")
+    keys: list[str] = []
+    for shard in manifest["shards"]:
+        path = split_dir / shard["name"]
+        rows = index[shard["first_index"]:shard["first_index"] + shard["num_samples"]]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ShardError(f"{path}: cannot open ({e.strerror or e})") from None
+        try:
+            for offset, size in zip(rows["json_offset"].tolist(), rows["json_size"].tolist()):
+                try:
+                    keys.append(json.loads(os.pread(fd, size, offset))["key"])
+                except (ValueError, KeyError, TypeError):
+                    raise ShardError(f"{path}: sample {len(keys)} has no readable json key; check it with "
+                                     "data/build_shards.py verify") from None
+        finally:
+            os.close(fd)
+    return keys
+
+
+@dataclass(frozen=True)
+class Selection:
+    indices: np.ndarray  # sorted sample indices of the split to keep
+    ranked: int  # samples of the split that the ranking ranks
+    unknown: int  # ranking entries that are not in the split (ignored)
+    total: int  # samples in the split
+
+
+def select_ranked(split_dir: str | Path, ranking: str | Path | None = None, keep: float = 0.5) -> Selection:
+    """The best ``ceil(keep * n)`` of the ``n`` split samples that ``ranking`` ranks, with the counts.
+
+    ``ranking``: our ``cfs_ranking.txt`` (the split's own when None), a text file with one key or image
+    name per line, or a released ``CFS_list.pkl``, all best first, parsed by the LUPerson adapter.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise CFSError(f"keep must be in (0, 1], got {keep!r}")
+    split_dir = Path(split_dir)
+    load_manifest(split_dir)  # a wrong split directory fails before the ranking is parsed
+    path = Path(ranking) if ranking is not None else split_dir / RANKING
+    if not path.is_file():
+        raise CFSError(f"CFS ranking not found: {path}" + ("" if ranking is not None else
+                                                            " (score the split first: pretrain/cfs.py score)"))
+    names = read_ranking(path)
+    if not names:
+        raise CFSError(f"{path}: the ranking is empty")
+    if len(set(names)) != len(names):
+        raise CFSError(f"{path}: ranks some image more than once")
+    keys = split_keys(split_dir)
+    position = {key: i for i, key in enumerate(keys)}
+    ranked = np.array([position[name] for name in names if name in position], np.int64)
+    if len(ranked) == 0:
+        raise CFSError(f"{path}: ranks none of the {len(keys):,} samples of {split_dir} (its keys look like "
+                       f"{keys[0]!r}, the ranking's like {names[0]!r})")
+    # Rounded first, as the LUPerson adapter does: 0.3 * 10 is 3.0000000000000004, whose ceiling is 4.
+    count = math.ceil(round(keep * len(ranked), 6))
+    if count == 0:
+        raise CFSError(f"keep {keep!r} of the {len(ranked):,} samples of {split_dir} that {path} ranks keeps none")
+    kept = ranked[:count]
+    return Selection(np.sort(kept), len(ranked), len(names) - len(ranked), len(keys))
+
+
+def cfs_keep_indices(split_dir: str | Path, ranking: str | Path | None = None, keep: float = 0.5) -> np.ndarray:
+    """Sorted indices of the split's samples to keep (see :func:`select_ranked`); ranking entries that the
+    split does not hold are ignored, with a warning that counts them."""
+    selection = select_ranked(split_dir, ranking, keep)
+    if selection.unknown:
+        warnings.warn(f"CFS: {selection.unknown:,} entries of the ranking {ranking or RANKING} are not in "
+                      f"{split_dir}; ignored", stacklevel=2)
+    return selection.indices
+
+
+def _json_options(text: str) -> dict[str, Any]:
+    try:
+        options = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text}")
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfs.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("score", help="score and rank every image of a split")
+    p.add_argument("split_dir", type=Path, help="the shard split to score (e.g. shards/luperson/pool)")
+    p.add_argument("--arch", required=True, help="backbone name shared by A and B (shared.backbones)")
+    p.add_argument("--options", type=_json_options, default={},
+                   help='backbone options as JSON, e.g. \'{"last_stride": 1}\'')
+    p.add_argument("--pretrained", required=True, type=Path, help="A: the generic pre-trained weights")
+    p.add_argument("--finetuned", required=True, type=Path,
+                   help="B: A after re-ID fine-tuning (e.g. model_best.safetensors)")
+    p.add_argument("--pooling", choices=("avg", "gem"), default="avg")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the exports')")
+    p.add_argument("--mean", type=float, nargs=3, help="RGB mean for both models (default: each export's)")
+    p.add_argument("--std", type=float, nargs=3, help="RGB std for both models (default: each export's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", help="default: cuda when present, else cpu")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01, help="abort when more images are unreadable")
+    p.add_argument("--out", type=Path, help="output directory (default: the split directory)")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("select", help="the sample indices of a split that a ranking keeps")
+    p.add_argument("split_dir", type=Path)
+    p.add_argument("--ranking", type=Path,
+                   help=f"cfs_ranking.txt, a key list or CFS_list.pkl (default: SPLIT_DIR/{RANKING})")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of the ranked samples to keep (default 0.5)")
+    p.add_argument("--out", type=Path, help="write the kept indices here as .npy")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "score":
+            summary = score_split(ScoreConfig(
+                split_dir=args.split_dir, pretrained=args.pretrained, finetuned=args.finetuned, arch=args.arch,
+                options=args.options, pooling=args.pooling, size=args.size, mean=args.mean, std=args.std,
+                batch_size=args.batch_size, workers=args.workers, device=args.device,
+                max_bad_fraction=args.max_bad_fraction, out_dir=args.out, progress=not args.no_progress))
+            quantiles = summary["quantiles"]
+            print(f"{summary['scored']:,} images scored ({summary['lost']:,} lost); CFS median "
+                  f"{quantiles.get('q0.5', float('nan')):.4f}, range [{quantiles.get('q0', float('nan')):.4f}, "
+                  f"{quantiles.get('q1', float('nan')):.4f}]; ranking in {(args.out or args.split_dir) / RANKING}")
+        else:
+            selection = select_ranked(args.split_dir, args.ranking, args.keep)
+            if args.out is not None:
+                with atomic_open(args.out, "wb") as f:
+                    np.save(f, selection.indices, allow_pickle=False)
+            print(f"keep {len(selection.indices):,} of the {selection.ranked:,} ranked samples "
+                  f"({selection.total:,} in the split, {selection.unknown:,} ranking entries not in it)")
+    except (CFSError, ShardError, WeightsError, DatasetError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

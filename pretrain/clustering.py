@@ -1,0 +1,605 @@
+"""SpCL's per-epoch clustering step, sparse: k-reciprocal Jaccard distances, DBSCAN, self-paced criteria.
+
+Ge, Zhu, Chen, Zhao and Li, "Self-paced Contrastive Learning with Hybrid Memory for Domain Adaptive
+Object Re-ID", NeurIPS 2020: §3.2 (self-paced learning with the reliability criteria R_indep, R_comp,
+Eqs. 6-7) as implemented in examples/spcl_train_usl.py; the Jaccard distance of Zhong, Zheng, Cao and
+Li, "Re-ranking Person Re-identification with k-reciprocal Encoding", CVPR 2017 (§3.3-3.5), as
+implemented in SpCL's ``compute_jaccard_distance``. Both are restated in /work/shared/specs/pretrain.md
+§1.3 and §1.6; §8 there is the plan for doing them without N x N arrays, which this module follows.
+
+The Jaccard distance (``jaccard_distance``), over N L2-normalised features:
+
+1. kNN table, k1 columns per row, self included (the reference slices ``[:k1+1]`` of a k1-column faiss
+   result, so it sees k1 columns). Neighbours are ranked by float64 cosine similarity, ties by index.
+2. R(i, p) = the members j of row i's first p columns that have i among their own first p columns, for
+   p = k1 and p = round(k1/2) + 1 (NumPy rounding; capped at k1, the table's width).
+3. Expansion: R(c, round(k1/2)) of each c in R(i, k1) is merged in when |R(c, ·) ∩ R(i, k1)| >
+   2/3 |R(c, ·)|, the comparison written as the reference writes it.
+4. V[i, j] = softmax(-d) over the expanded set, d = 2 - 2 cos.
+5. When k2 != 1, row i of V becomes the mean of V's rows over i's first min(k2, k1) columns.
+6. m_ij = sum_l min(V[i, l], V[j, l]); d_ij = max(0, 1 - m_ij / (2 - m_ij)).
+
+Nothing is N x N. The kNN table comes from faiss (``knn_search``); R and the expansion are products of
+N x N 0/1 CSR patterns with about k1 entries per row; V and its query expansion are CSR matrices (a few
+times k1 entries per row); the min-sum is computed only for the pairs that share support, by walking
+V's column index, in chunks of rows with a bounded number of (i, l, j) terms, and only for j >= i (the
+sum over the shared support in ascending l is the same for (i, j) and (j, i)); the result is mirrored.
+Pairs sharing no support are not stored and are implicitly at distance 1; entries above
+``max_distance`` are not stored either, so the three DBSCAN runs of one epoch share one graph stored up
+to eps + gap. Memory grows with N * k1 * (support size), time with N * (support size)^2.
+
+The returned CSR matrix is what sklearn's DBSCAN(metric="precomputed") needs to give the labels of the
+dense matrix. In sklearn's sparse precomputed mode only stored entries are neighbours (``<= eps``, as in
+the dense mode) and explicit zeros count. Its ``fit`` (1.9.1, installed here) copies the matrix and
+sets the diagonal to ``X.diagonal()``, which would make a missing diagonal an explicit zero, so self
+counts as with a dense matrix whose diagonal is ~0: the diagonal is stored explicitly here anyway, 0
+(exactly, where the dense value is 1 - m/(2 - m) with m = sum_l V[i, l] = 1 up to rounding), or 1
+where row i of the expanded V is empty (possible only with k2 = 1 and more than k1 exact duplicates; the
+dense value is then 1 too, and the point is not its own neighbour in either form). Rows are stored
+sorted by distance, ties by column, so that sklearn's ``sort_graph_by_row_values`` (a Python loop over
+rows otherwise) finds nothing to do. DBSCAN's labels depend only on each point's neighbour set, not on
+the order of the neighbours, so identical neighbour sets give identical labels.
+
+Exactness. Neighbour sets and the ``<= eps`` decisions are discrete, so float rounding can flip them.
+(a) Ranking: faiss computes float32 inner products; each row's k1 + 8 candidates are re-ranked by
+float64 similarities (a per-pair sum of float64 products, the same for (i, j) and (j, i)) with the
+index tie-break. A row is certified exact when its k1-th float64 similarity exceeds the smallest float32
+candidate similarity by more than the float32 error bound gamma_D = D u / (1 - D u), u = 2^-24 (valid
+for any summation order, hence for BLAS); otherwise it is searched again with k1 + 120 candidates, then
+computed whole in float64. Remaining differences to a dense float64 reference are float64 summation
+order (~1e-16), which flips a neighbour only for similarities within ~1e-15 of each other that are not
+exactly equal; exact ties (duplicates, dyadic features) are exact in both and resolved by index.
+(b) The Jaccard values agree with a dense float64 evaluation to ~1e-15 (summation order again), so a
+pair within that distance of eps could be a neighbour in one and not the other.
+The approximate indices (``ivf``, ``hnsw``) make no such promise: their recall against exact search on
+a sample of queries is reported in ``ClusterResult.stats``.
+
+The self-paced step (``SelfPacedClustering``, spec §1.3 steps 2-7): DBSCAN at eps, eps - gap, eps + gap
+on the same graph; noise becomes singleton ids (clusters first, then noise in index order, as SpCL's
+``generate_pseudo_labels``); per sample R_comp = 1 - |C∩T|/|C∪T| and R_indep = 1 - |C∩L|/|C∪L| from the
+label contingencies in O(N) (|C∩T| = n_ct from np.unique over label pairs, |C∪T| = n_c + n_t - n_ct);
+per cluster the minimum of each; the independence threshold at the first call is the element
+min(n - 1, round(q n)) of the sorted cluster R_indep over the n non-singleton clusters, q = 0.9, and is
+frozen afterwards (``state_dict``); sample i keeps its cluster iff the cluster's R_indep <= threshold
+and R_comp(i) equals the cluster's minimum (the members of its most compact tight sub-cluster).
+
+Deviations from the reference code, all deliberate:
+
+- Neighbours are ranked by exact (certified float64) similarity with ties by index; the reference
+  ranks by faiss float32 L2 distances with arbitrary tie order.
+- V, its query expansion and the Jaccard sums are float64 (the reference: float32, or float16), and the
+  softmax is exp(-d) / sum exp(-d) without the max shift (d lies in [0, 4], nothing overflows). The graph
+  holds float64 distances so that ``<= eps`` is decided on the float64 value.
+- R_comp / R_indep are float64 from exact integer counts (the reference: float32 from N x N float
+  label-equality matrices, which could merge IoUs closer than ~2^-24; irrelevant below ~4,000 images
+  per cluster). Distinct count ratios never collide in float64 below ~10^7 images.
+- If the first call has no non-singleton cluster the threshold is not set (the reference indexes an
+  empty array) and nothing is filtered; it is set at the first call that has one.
+- Final labels are renumbered: clusters that keep >= 2 members get 0..K-1 by their first member's index,
+  then every other image its own id K, K+1, ... in index order (the reference leaves gaps and keeps
+  1-member clusters under their old id; the partition is the same). ``drop_outliers`` gives them -1
+  instead (cluster-contrast's choice, spec §2) and is off by default.
+- ``knn="ivf"`` / ``"hnsw"`` are approximate (not in the reference); the exact search runs on GPU faiss
+  when ``faiss.get_num_gpus() > 0`` (the reference always does), assuming its default full-fp32 GEMM.
+- DBSCAN runs single-threaded (the reference: n_jobs=-1; labels do not depend on it).
+- ``method="hdbscan"`` is a method change (no reference uses it, spec §8). The hdbscan package's
+  precomputed mode needs a dense matrix or a connected sparse graph with >= min_samples stored entries
+  per row; sklearn's HDBSCAN has the same requirements. So the dense-equivalent minimum spanning tree is
+  built here from the full Jaccard graph (every pair sharing support, ``max_distance=None``): core
+  distance = the min_samples-th smallest distance besides the point itself, 1 when fewer are stored
+  (the implicit value, as the hdbscan package computes it on a dense matrix); mutual reachability
+  max(core_i, core_j, d_ij) on stored pairs; scipy's MST per connected component (weights shifted by +1,
+  which leaves the tree unchanged, so that zero distances stay edges); the components joined by edges of
+  weight 1, which is what every missing pair weighs in the dense mutual-reachability graph. The tree goes
+  through the hdbscan package's own ``label`` and ``_tree_to_labels`` (internal functions of the pinned
+  0.8.x). The self-paced criteria are not applied: they are defined by DBSCAN's eps (tight/loose runs at
+  eps -/+ gap), which HDBSCAN does not have; its own selection (excess of mass) already keeps only
+  persistent clusters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse import csgraph
+from sklearn.cluster import DBSCAN
+
+from shared.config import choice
+
+_MARGIN = 8  # candidates per row beyond k, so that the float32 boundary is settled among them
+_WIDE_MARGIN = 120  # second search for the rows the first could not certify
+_QUERY_CHUNK = 1 << 14  # queries searched and re-ranked at once
+_PAIR_CHUNK = 1 << 13  # pairs whose float64 similarities are computed at once
+_TRIPLE_CHUNK = 1 << 22  # (i, l, j) terms of the min-sums handled at once
+_FULL_ROW_CHUNK = 1 << 22  # float64 similarities of whole rows computed at once (fallback)
+_IVF_NPROBE = 8  # inverted lists visited per query; sqrt(nprobe N) lists balance assignment and scan
+_IVF_TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
+_IVF_NITER = 10  # k-means iterations
+_HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF_SEARCH = 32, 80, 128
+_RECALL_QUERIES = 500  # queries for the approximate indices' recall against brute-force search
+_NORM_TOL = 1e-3  # accepted |norm - 1| of a feature row
+_UNIT = 2.0**-24  # float32 unit roundoff
+
+
+@dataclass
+class ClusterConfig:
+    """Clustering hyper-parameters; the defaults are SpCL's (spec §1.3, §1.6)."""
+
+    method: str = choice("dbscan", "hdbscan")
+    eps: float = 0.6
+    eps_gap: float = 0.02  # tight = eps - gap, loose = eps + gap
+    min_samples: int = 4
+    k1: int = 30
+    k2: int = 6
+    knn: str = choice("exact", "ivf", "hnsw")  # faiss index; GPU faiss for exact search when available
+    independence_quantile: float = 0.9  # SpCL: threshold fixed at the first clustering
+    self_paced: bool = True  # False = plain DBSCAN labels (no reliability criteria)
+    drop_outliers: bool = False  # cluster-contrast style: un-clustered -> label -1 instead of singleton ids
+    hdbscan_min_cluster_size: int = 4
+    hdbscan_cluster_selection: str = choice("eom", "leaf")
+
+
+@dataclass
+class ClusterResult:
+    labels: np.ndarray  # (N,) int64: clusters 0..K-1, then each un-clustered image its own id (or -1)
+    num_clusters: int  # K: clusters with >= 2 members after the criteria
+    num_outliers: int  # un-clustered images
+    stats: dict[str, float]
+
+
+def _check_features(features: np.ndarray) -> np.ndarray:
+    """The features as C-contiguous float32, after the checks every entry point needs."""
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
+        raise ValueError(f"features must be a 2-D (N, D) array with N >= 2, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"features must be floating point, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # NaN/inf anywhere in a row shows in its norm
+    bad = np.flatnonzero(~np.isfinite(sq))
+    if bad.size:
+        raise ValueError(f"features must be finite: row {bad[0]} contains NaN or inf")
+    off = np.abs(np.sqrt(sq) - 1)
+    worst = int(np.argmax(off))
+    if off[worst] > _NORM_TOL:
+        raise ValueError(f"features must be L2-normalised rows: row {worst} has norm {math.sqrt(sq[worst]):.6g}")
+    return x
+
+
+def _check_k(k: int, n: int, name: str = "k1") -> None:
+    if not 1 <= k < n:
+        raise ValueError(f"{name} must be in [1, N) with N = {n} features, got {name}={k}")
+
+
+def _pair_sims(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Float64 inner products of the pairs (rows[t], cols[t]), in chunks; symmetric in the pair."""
+    out = np.empty(len(rows))
+    for s in range(0, len(rows), _PAIR_CHUNK):
+        a, b = x[rows[s:s + _PAIR_CHUNK]], x[cols[s:s + _PAIR_CHUNK]]
+        out[s:s + _PAIR_CHUNK] = np.einsum("ij,ij->i", a, b, dtype=np.float64)
+    return out
+
+
+def _flat_index(x: np.ndarray) -> faiss.Index:
+    """Exact inner-product search over ``x``; on all GPUs when faiss has any."""
+    index = faiss.IndexFlatIP(x.shape[1])
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(x)
+    return index
+
+
+def _hnsw_index(x: np.ndarray) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(x.shape[1], _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+    index.hnsw.efSearch = _HNSW_EF_SEARCH
+    index.add(x)
+    return index
+
+
+def _ivf_candidates(x: np.ndarray, take: int, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """IVF-Flat search of every row among all rows: float32 similarities and ids (N x take, -1 = none).
+
+    The result of faiss's IndexIVFFlat with nprobe = _IVF_NPROBE (each point probes the lists of its
+    nprobe most similar k-means centroids and scans them exhaustively), computed list by list: the
+    queries probing a list against its members are one GEMM, and each query's running top ``take`` is
+    merged. faiss scans per query (no data reuse), about 10x slower on CPU at N = 200k, 512-d.
+    """
+    n, dim = x.shape
+    nlist = max(1, min(int(round(math.sqrt(_IVF_NPROBE * n))), n // _IVF_TRAIN_PER_LIST))
+    nprobe = min(_IVF_NPROBE, nlist)
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, nlist * _IVF_TRAIN_PER_LIST), replace=False))
+    kmeans = faiss.Kmeans(dim, nlist, niter=_IVF_NITER, spherical=True, seed=1)
+    kmeans.train(x[sample])
+    _, probes = _flat_index(kmeans.centroids).search(x, nprobe)  # probes[:, 0] is the point's own list
+    members = np.argsort(probes[:, 0], kind="stable")
+    member_at = np.concatenate([[0], np.cumsum(np.bincount(probes[:, 0], minlength=nlist))])
+    queries = np.argsort(probes.ravel(), kind="stable") // nprobe
+    query_at = np.concatenate([[0], np.cumsum(np.bincount(probes.ravel(), minlength=nlist))])
+    del probes
+    best_s = np.full((n, take), -np.inf, np.float32)
+    best_i = np.full((n, take), -1, np.int64)
+    xt = torch.from_numpy(x)
+    for lst in range(nlist):
+        m = members[member_at[lst]:member_at[lst + 1]]
+        q = queries[query_at[lst]:query_at[lst + 1]]
+        if not len(m) or not len(q):
+            continue
+        top_s, top_j = torch.topk(xt[q] @ xt[m].T, min(take, len(m)), dim=1)
+        cat_s = np.concatenate([best_s[q], top_s.numpy()], 1)
+        cat_i = np.concatenate([best_i[q], m[top_j.numpy()]], 1)
+        keep = np.argpartition(-cat_s, take - 1, axis=1)[:, :take]
+        best_s[q], best_i[q] = np.take_along_axis(cat_s, keep, 1), np.take_along_axis(cat_i, keep, 1)
+    stats.update(ivf_nlist=float(nlist), ivf_nprobe=float(nprobe))
+    return best_s, best_i
+
+
+def _rank(x: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (len(rows) x c; -1 = none) sorted by float64 similarity to their row, ties by index;
+    missing candidates get -inf and go last."""
+    valid = cand >= 0
+    sims = np.full(cand.shape, -np.inf)
+    r = np.broadcast_to(rows[:, None], cand.shape)
+    sims[valid] = _pair_sims(x, r[valid], cand[valid])
+    order = np.lexsort((cand, -sims), axis=-1)
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(cand, order, 1)
+
+
+def _full_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of whole rows: float64 similarities to all points, the best k + _MARGIN re-ranked."""
+    n = len(x)
+    take = min(n, k + _MARGIN)
+    sims, ids = np.empty((len(rows), k)), np.empty((len(rows), k), np.int64)
+    step = max(1, _FULL_ROW_CHUNK // n)
+    for s in range(0, len(rows), step):
+        part = rows[s:s + step]
+        left = x[part].astype(np.float64)
+        full = np.empty((len(part), n))
+        for c0 in range(0, n, _PAIR_CHUNK):
+            full[:, c0:c0 + _PAIR_CHUNK] = left @ x[c0:c0 + _PAIR_CHUNK].T.astype(np.float64)
+        cand = np.argpartition(-full, take - 1, axis=1)[:, :take]
+        s64, cand = _rank(x, part, cand)
+        sims[s:s + step], ids[s:s + step] = s64[:, :k], cand[:, :k]
+    return sims, ids
+
+
+def _brute_candidates(x: np.ndarray, rows: np.ndarray, take: int) -> np.ndarray:
+    """The ``take`` most similar points to each of ``rows`` by float32 brute force, in database chunks."""
+    xt = torch.from_numpy(x)
+    best_s = torch.full((len(rows), 0), -torch.inf)
+    best_i = torch.zeros((len(rows), 0), dtype=torch.int64)
+    for c0 in range(0, len(x), _QUERY_CHUNK):
+        block = xt[rows] @ xt[c0:c0 + _QUERY_CHUNK].T
+        cat_s = torch.cat([best_s, block], 1)
+        cat_i = torch.cat([best_i, torch.arange(c0, c0 + block.shape[1]).expand(len(rows), -1)], 1)
+        best_s, at = torch.topk(cat_s, min(take, cat_s.shape[1]), dim=1)
+        best_i = torch.gather(cat_i, 1, at)
+    return best_i.numpy()
+
+
+def _knn(x: np.ndarray, k: int, kind: str, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    n, dim = x.shape
+    # |float32 <x, y> - <x, y>| <= gamma_D |x| |y| for any summation order, plus the float64 re-ranking's own
+    err = dim * _UNIT / (1 - dim * _UNIT) * (1 + _NORM_TOL) ** 2 + 1e-12
+    start = time.perf_counter()
+    take = min(n, k + _MARGIN)
+    if kind == "ivf":
+        cand_s, cand_i = _ivf_candidates(x, take, stats)
+
+        def search(rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+            return cand_s[rows], cand_i[rows]
+    else:
+        index = _flat_index(x) if kind == "exact" else _hnsw_index(x)
+
+        def search(rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+            return index.search(x[rows], width)
+    stats["knn_index_s"] = time.perf_counter() - start
+    sims, ids = np.empty((n, k)), np.empty((n, k), np.int64)
+    retry = []
+    for q0 in range(0, n, _QUERY_CHUNK):
+        rows = np.arange(q0, min(n, q0 + _QUERY_CHUNK))
+        s32, cand = search(rows, take)
+        s64, cand = _rank(x, rows, cand)
+        sims[rows], ids[rows] = s64[:, :k], cand[:, :k]
+        if kind == "exact":
+            certain = (cand.shape[1] == n) | (s64[:, k - 1] > s32.min(axis=1) + err)
+        else:  # approximate: only rows the index could not fill are redone
+            certain = np.isfinite(s64[:, k - 1])
+        retry.append(rows[~certain])
+    retry = np.concatenate(retry)
+    stats["knn_rows_widened"] = float(len(retry))
+    if retry.size and kind == "exact" and take < n:
+        s32, cand = search(retry, min(n, k + _WIDE_MARGIN))
+        s64, cand = _rank(x, retry, cand)
+        certain = (cand.shape[1] == n) | (s64[:, k - 1] > s32.min(axis=1) + err)
+        sims[retry[certain]], ids[retry[certain]] = s64[certain, :k], cand[certain, :k]
+        retry = retry[~certain]
+    stats["knn_rows_full"] = float(len(retry))
+    if retry.size:
+        sims[retry], ids[retry] = _full_rows(x, retry, k)
+    if kind != "exact":
+        sample = np.random.default_rng(1).choice(n, min(n, _RECALL_QUERIES), replace=False)
+        truth = _rank(x, sample, _brute_candidates(x, sample, take))[1][:, :k]
+        stats["knn_recall"] = float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids[sample], truth)]) / k)
+    stats["knn_s"] = time.perf_counter() - start
+    return sims, ids
+
+
+def knn_search(features: np.ndarray, k: int, index: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest neighbours of every row among all rows, self included: (N, k) float64 cosine
+    similarities, descending, and (N, k) int64 ids, ties by index. ``index="exact"`` is certified exact
+    (module docstring); ``"ivf"`` (IVF-Flat: sqrt(8 N) k-means lists, nprobe 8) and ``"hnsw"`` (M 32,
+    efSearch 128) are approximate; their k + 8 candidates are re-ranked the same way."""
+    x = _check_features(features)
+    _check_k(k, len(x), "k")
+    if index not in ("exact", "ivf", "hnsw"):
+        raise ValueError(f"index must be one of exact, ivf, hnsw, got {index!r}")
+    return _knn(x, k, index, {})
+
+
+def _pattern(cols: np.ndarray, n: int, dtype: type = np.int32) -> sp.csr_matrix:
+    """N x N 0/1 matrix with row i set at ``cols[i]`` (no duplicates within a row)."""
+    per_row = cols.shape[1]
+    return sp.csr_matrix((np.ones(cols.size, dtype), cols.ravel(), np.arange(0, cols.size + 1, per_row)),
+                         shape=(n, n))
+
+
+def _reciprocal(ids: np.ndarray, p: int) -> sp.csr_matrix:
+    """R(i, ·) as a 0/1 matrix: the first p columns of row i that have i among their own first p."""
+    forward = _pattern(ids[:, :p], len(ids))
+    return forward.multiply(forward.T).tocsr()
+
+
+def _expanded_weights(x: np.ndarray, sims: np.ndarray, ids: np.ndarray, k1: int) -> sp.csr_matrix:
+    """V before query expansion (steps 2-4): softmax(-d) over each expanded k-reciprocal set."""
+    n = len(x)
+    recip = _reciprocal(ids, k1)
+    recip_half = _reciprocal(ids, min(k1, int(np.around(k1 / 2)) + 1))
+    # (i, c) for c in R(i, k1), valued |R(c, k1/2) ∩ R(i, k1)|
+    overlap = recip.multiply(recip @ recip_half.T).tocsr()
+    rows = np.repeat(np.arange(n), np.diff(overlap.indptr))
+    accept = overlap.data > 2 / 3 * np.diff(recip_half.indptr)[overlap.indices]
+    merged = sp.csr_matrix((np.ones(np.count_nonzero(accept), np.int32), (rows[accept], overlap.indices[accept])),
+                           shape=(n, n))
+    expanded = (recip + merged @ recip_half).tocsr()
+    expanded.sum_duplicates()  # one entry per member, columns sorted
+    del recip, recip_half, overlap, merged
+    rows = np.repeat(np.arange(n), np.diff(expanded.indptr))
+    cols = expanded.indices.astype(np.int64)
+    # members in the row's kNN table have their similarity already; the rest are computed
+    by_id = np.argsort(ids, axis=1)
+    known = (np.arange(n)[:, None] * n + np.take_along_axis(ids, by_id, 1)).ravel()  # globally sorted
+    wanted = rows * n + cols
+    at = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
+    found = known[at] == wanted
+    s = np.empty(len(rows))
+    s[found] = np.take_along_axis(sims, by_id, 1).ravel()[at[found]]
+    s[~found] = _pair_sims(x, rows[~found], cols[~found])
+    weight = np.exp(-(2 - 2 * s))
+    weight /= np.bincount(rows, weights=weight, minlength=n)[rows]
+    return sp.csr_matrix((weight, expanded.indices, expanded.indptr), shape=(n, n))
+
+
+def _min_sums(v: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, m_ij) for every pair j >= i whose rows of ``v`` (sorted indices) share support,
+    m_ij = sum_l min(v_il, v_jl)."""
+    n = v.shape[0]
+    v_cols = v.tocsc()
+    v_cols.sort_indices()
+    col_keys = np.repeat(np.arange(n, dtype=np.int64), np.diff(v_cols.indptr)) * n + v_cols.indices  # sorted
+    entry_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(v.indptr))
+    # per entry (i, l) of v, the rows j >= i of column l: first[e] .. end of the column
+    first = np.searchsorted(col_keys, v.indices.astype(np.int64) * n + entry_rows)
+    lens = v_cols.indptr[v.indices + 1] - first
+    row_terms = np.cumsum(np.bincount(entry_rows, weights=lens, minlength=n))
+    out_i, out_j, out_m = [], [], []
+    r0 = 0
+    while r0 < n:  # chunks of whole rows holding about _TRIPLE_CHUNK terms
+        budget = (row_terms[r0 - 1] if r0 else 0) + _TRIPLE_CHUNK
+        r1 = max(r0 + 1, int(np.searchsorted(row_terms, budget, side="right")))
+        e0, e1 = v.indptr[r0], v.indptr[r1]
+        cnt = lens[e0:e1]
+        at = np.repeat(first[e0:e1] - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
+        vals = np.minimum(np.repeat(v.data[e0:e1], cnt), v_cols.data[at])
+        block = sp.csr_matrix((vals, (np.repeat(entry_rows[e0:e1] - r0, cnt), v_cols.indices[at])),
+                              shape=(r1 - r0, n))
+        block.sum_duplicates()
+        out_i.append(r0 + np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(block.indptr)))
+        out_j.append(block.indices.astype(np.int64))
+        out_m.append(block.data)
+        r0 = r1
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_m)
+
+
+def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | None,
+             stats: dict[str, float]) -> sp.csr_matrix:
+    n = len(x)
+    sims, ids = _knn(x, k1, index, stats)
+    start = time.perf_counter()
+    v = _expanded_weights(x, sims, ids, k1)
+    if k2 != 1:
+        expansion = ids[:, :min(k2, k1)]
+        v = (_pattern(expansion, n, np.float64) @ v).tocsr()
+        v.data /= expansion.shape[1]
+        v.sort_indices()
+    del sims, ids
+    stats["v_nnz_per_row"] = v.nnz / n
+    rows, cols, m = _min_sums(v)
+    d = np.maximum(1 - m / (2 - m), 0)
+    off = rows != cols
+    keep = off & (d <= max_distance) if max_distance is not None else off
+    rows, cols, d = rows[keep], cols[keep], d[keep]
+    # the diagonal: 0, or 1 where the row of v is empty (then nothing is shared with itself either)
+    diag = np.where(np.diff(v.indptr) > 0, 0.0, 1.0)
+    every = np.arange(n, dtype=np.int64)
+    rows, cols, d = np.concatenate([rows, cols, every]), np.concatenate([cols, rows, every]), np.concatenate([d, d, diag])
+    order = np.lexsort((cols, d, rows))  # rows sorted by distance, ties by column
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    graph = sp.csr_matrix((d[order], cols[order], indptr), shape=(n, n))
+    stats["jaccard_s"] = time.perf_counter() - start
+    stats["graph_nnz_per_row"] = graph.nnz / n
+    return graph
+
+
+def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, index: str = "exact",
+                     max_distance: float | None = None) -> sp.csr_matrix:
+    """SpCL's k-reciprocal Jaccard distance of L2-normalised features (N x D) as an N x N CSR matrix:
+    every pair sharing support (entries <= ``max_distance`` only, when given) plus the diagonal; pairs
+    not stored are at distance 1. Rows are sorted by distance, ties by column. See the module docstring."""
+    x = _check_features(features)
+    _check_k(k1, len(x))
+    if k2 < 1:
+        raise ValueError(f"k2 must be >= 1, got k2={k2}")
+    if index not in ("exact", "ivf", "hnsw"):
+        raise ValueError(f"index must be one of exact, ivf, hnsw, got {index!r}")
+    return _jaccard(x, k1, k2, index, max_distance, {})
+
+
+def _with_singletons(labels: np.ndarray) -> np.ndarray:
+    """DBSCAN labels with each noise point (-1) given its own id after the clusters, in index order."""
+    out = labels.astype(np.int64)
+    noise = out < 0
+    out[noise] = (out.max() + 1 if (~noise).any() else 0) + np.arange(np.count_nonzero(noise))
+    return out
+
+
+def _r_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per sample, 1 - |A∩B| / |A∪B| of its clusters A (in ``a``) and B (in ``b``), from contingencies."""
+    _, pair, inter = np.unique(a * (b.max() + 1) + b, return_inverse=True, return_counts=True)
+    inter = inter[pair]
+    return 1 - inter / (np.bincount(a)[a] + np.bincount(b)[b] - inter)
+
+
+def _renumber(groups: np.ndarray, drop_outliers: bool) -> tuple[np.ndarray, int, int]:
+    """Groups of >= 2 members -> 0..K-1 by first member; the rest -> K, K+1, ... in index order (or -1)."""
+    _, first, inverse, counts = np.unique(groups, return_index=True, return_inverse=True, return_counts=True)
+    multi = np.flatnonzero(counts >= 2)
+    rank = np.full(len(counts), -1, np.int64)
+    rank[multi[np.argsort(first[multi])]] = np.arange(len(multi))
+    labels = rank[inverse]
+    single = labels < 0
+    if not drop_outliers:
+        labels[single] = len(multi) + np.arange(np.count_nonzero(single))
+    return labels, len(multi), int(np.count_nonzero(single))
+
+
+def _hdbscan_labels(graph: sp.csr_matrix, min_samples: int, min_cluster_size: int, selection: str) -> np.ndarray:
+    """HDBSCAN labels (noise -1) of the full Jaccard graph, through the dense-equivalent MST (module docstring)."""
+    from hdbscan._hdbscan_linkage import label
+    from hdbscan.hdbscan_ import _tree_to_labels
+
+    n = graph.shape[0]
+    lens = np.diff(graph.indptr)
+    m = min(min_samples, n - 1)
+    # rows are sorted by distance with the diagonal first: entry m is the m-th other point
+    core = np.where(lens > m, graph.data[np.minimum(graph.indptr[:-1] + m, graph.nnz - 1)], 1.0)
+    rows = np.repeat(np.arange(n), lens)
+    upper = graph.indices > rows
+    r, c = rows[upper], graph.indices[upper]
+    reach = np.maximum(np.maximum(core[r], core[c]), graph.data[upper])
+    forest = csgraph.minimum_spanning_tree(sp.csr_matrix((reach + 1, (r, c)), shape=(n, n))).tocoo()
+    num, comp = csgraph.connected_components(forest, directed=False)
+    heads = np.unique(comp, return_index=True)[1]  # one point per component, joined in a chain at weight 1
+    edges = np.concatenate([np.column_stack([forest.row, forest.col, forest.data - 1]),
+                            np.column_stack([heads[:-1], heads[1:], np.ones(num - 1)])]).astype(np.float64)
+    edges = edges[np.argsort(edges[:, 2], kind="stable")]
+    return _tree_to_labels(None, label(edges), min_cluster_size, selection)[0].astype(np.int64)
+
+
+class SelfPacedClustering:
+    """SpCL's clustering step (module docstring); call once per epoch on the memory features."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        checks = [
+            (cfg.method in ("dbscan", "hdbscan"), f"method must be dbscan or hdbscan, got {cfg.method!r}"),
+            (cfg.knn in ("exact", "ivf", "hnsw"), f"knn must be exact, ivf or hnsw, got {cfg.knn!r}"),
+            (cfg.eps_gap >= 0, f"eps_gap must be >= 0, got {cfg.eps_gap}"),
+            (cfg.eps - cfg.eps_gap > 0, f"eps - eps_gap must be > 0, got eps={cfg.eps}, eps_gap={cfg.eps_gap}"),
+            # pairs without shared support are at distance 1 and never stored
+            (cfg.eps + cfg.eps_gap < 1, f"eps + eps_gap must be < 1, got eps={cfg.eps}, eps_gap={cfg.eps_gap}"),
+            (cfg.min_samples >= 1, f"min_samples must be >= 1, got {cfg.min_samples}"),
+            (cfg.k1 >= 1 and cfg.k2 >= 1, f"k1 and k2 must be >= 1, got k1={cfg.k1}, k2={cfg.k2}"),
+            (0 < cfg.independence_quantile <= 1,
+             f"independence_quantile must be in (0, 1], got {cfg.independence_quantile}"),
+            (cfg.hdbscan_min_cluster_size >= 2,
+             f"hdbscan_min_cluster_size must be >= 2, got {cfg.hdbscan_min_cluster_size}"),
+            (cfg.hdbscan_cluster_selection in ("eom", "leaf"),
+             f"hdbscan_cluster_selection must be eom or leaf, got {cfg.hdbscan_cluster_selection!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.cfg = dataclasses.replace(cfg)
+        self.indep_threshold: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"indep_threshold": self.indep_threshold}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"indep_threshold"}:
+            raise ValueError(f"state must have exactly the key 'indep_threshold', got {sorted(state)}")
+        value = state["indep_threshold"]
+        self.indep_threshold = None if value is None else float(value)
+
+    def _self_paced(self, graph: sp.csr_matrix, stats: dict[str, float]) -> np.ndarray:
+        cfg = self.cfg
+        runs = [_with_singletons(DBSCAN(eps=eps, min_samples=cfg.min_samples, metric="precomputed").fit(graph).labels_)
+                for eps in (cfg.eps, cfg.eps - cfg.eps_gap, cfg.eps + cfg.eps_gap)]
+        labels, tight, loose = runs
+        start = time.perf_counter()
+        r_comp, r_indep = _r_iou(labels, tight), _r_iou(labels, loose)
+        num = labels.max() + 1
+        cluster_comp, cluster_indep = np.full(num, np.inf), np.full(num, np.inf)
+        np.minimum.at(cluster_comp, labels, r_comp)
+        np.minimum.at(cluster_indep, labels, r_indep)
+        sizes = np.bincount(labels)
+        indep = np.sort(cluster_indep[sizes > 1])  # non-singleton clusters only
+        stats["dbscan_clusters"] = float(len(indep))
+        if self.indep_threshold is None and len(indep):
+            at = min(len(indep) - 1, int(np.round(len(indep) * cfg.independence_quantile)))
+            self.indep_threshold = float(indep[at])
+        if self.indep_threshold is None:
+            keep = np.ones(len(labels), bool)
+        else:
+            stats["indep_threshold"] = self.indep_threshold
+            keep = (cluster_indep[labels] <= self.indep_threshold) & (r_comp <= cluster_comp[labels])
+        stats["rejected_by_criteria"] = float(np.count_nonzero(~keep & (sizes[labels] > 1)))
+        stats["criteria_s"] = time.perf_counter() - start
+        return np.where(keep, labels, num + np.arange(len(labels)))
+
+    def __call__(self, features: np.ndarray) -> ClusterResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        x = _check_features(features)
+        _check_k(cfg.k1, len(x))
+        stats: dict[str, float] = {"n": float(len(x))}
+        if cfg.method == "hdbscan":
+            max_distance = None
+        else:
+            max_distance = cfg.eps + cfg.eps_gap if cfg.self_paced else cfg.eps
+        graph = _jaccard(x, cfg.k1, cfg.k2, cfg.knn, max_distance, stats)
+        cluster_start = time.perf_counter()
+        if cfg.method == "hdbscan":
+            groups = _with_singletons(_hdbscan_labels(graph, cfg.min_samples, cfg.hdbscan_min_cluster_size,
+                                                      cfg.hdbscan_cluster_selection))
+        elif cfg.self_paced:
+            groups = self._self_paced(graph, stats)
+        else:
+            groups = _with_singletons(DBSCAN(eps=cfg.eps, min_samples=cfg.min_samples,
+                                             metric="precomputed").fit(graph).labels_)
+        del graph
+        labels, num_clusters, num_outliers = _renumber(groups, cfg.drop_outliers)
+        sizes = np.bincount(labels[labels >= 0])[:num_clusters] if num_clusters else np.zeros(1)
+        stats.update(cluster_s=time.perf_counter() - cluster_start, total_s=time.perf_counter() - start,
+                     num_clusters=float(num_clusters), num_outliers=float(num_outliers),
+                     fraction_clustered=1 - num_outliers / len(x), mean_cluster_size=float(sizes.mean()),
+                     max_cluster_size=float(sizes.max()))
+        return ClusterResult(labels=labels, num_clusters=num_clusters, num_outliers=num_outliers, stats=stats)

@@ -1,0 +1,508 @@
+"""SpCL pretraining on unlabelled shards: self-paced contrastive learning with a hybrid memory.
+
+Ge et al., "Self-paced Contrastive Learning with Hybrid Memory for Domain Adaptive Object Re-ID",
+NeurIPS 2020, in its unsupervised (USL) form: §3.1 the hybrid memory and the unified contrastive loss
+(``pretrain/memory.py``), §3.2 self-paced clustering with the independence and compactness criteria
+(``pretrain/clustering.py``), §4.1 the training schedule. This file is the loop::
+
+    accelerate launch pretrain/spcl.py --config launch/configs/<recipe>.yaml [--resume] [key=value ...]
+    python pretrain/spcl.py --config launch/configs/spcl_tiny.yaml
+
+1. The memory gets one slot per kept pool image (slot = position in the sorted list of kept sample
+   indices; CFS-filtered when a ranking is given, ``pretrain/cfs.py``), filled by one sequential
+   extraction pass in evaluation mode (each rank reads a contiguous share, features are gathered).
+2. Every epoch: cluster (rank 0; labels broadcast) the memory's features, or freshly re-extracted
+   ones (``cluster_features: reextract``, which also refreshes the memory: at millions of images an
+   epoch of ``iters_per_epoch`` batches touches a small fraction of the slots, so memory features go
+   stale); un-clustered images stay as one-image classes.
+3. ``iters_per_epoch`` global batches of P pseudo-identities x K images per process, read by index;
+   loss = the memory's unified contrastive loss; the memory is updated in backward, in global batch
+   order, identically on every rank.
+4. Each epoch's clustering is logged (clusters, outliers, cluster sizes, and, when the pool carries a
+   true identity, as the synthetic pool and labelled splits do, ARI/NMI against it); optional retrieval checks on a
+   labelled query/gallery pair; atomic checkpoints (model, optimiser, RNG, memory, labels, frozen
+   independence threshold, history) so ``--resume`` continues a killed run; the backbone is exported
+   as safetensors that ``finetune/train.py`` loads (``model.weights=<run>/backbone_final.safetensors``).
+
+Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
+
+* P x K batches come from ``PKSampler`` over the pseudo labels, so a one-image class fills its K
+  slots with the same image under different augmentations; SpCL's sampler gives it one slot.
+* ``data.p`` x ``data.k`` is the batch of one process; the global batch of an iteration is the
+  concatenation of the ranks' batches (rank r takes slice r of one global P·world x K batch), so a
+  run gives the same updates on any number of processes. ``samples_per_bn`` splits a process's batch
+  into BatchNorm groups, so one GPU reproduces the BN statistics of a multi-GPU run (SpCL: 16 images
+  per GPU, pitfall 7 of the spec).
+* Clustering runs on rank 0 only and its labels are broadcast (OpenUnReID does the same); the process
+  group gets a long timeout (``dist_timeout_minutes``) because clustering millions of images takes
+  minutes while the other ranks wait.
+* Images whose bytes cannot be decoded are left out of the memory's classes and never sampled,
+  instead of ending the run.
+* Re-extraction before clustering is an option (SpCL never re-extracts), as is the learning-rate
+  schedule (``milestones``; SpCL: step 20, the DM-OSNet recipe: every 10 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, Subset
+from tqdm import tqdm
+
+from data.readers import ConcatShards, IndexedShards, SampleTally, collate
+from data.samplers import PKSampler
+from data.shards import ShardError, load_manifest
+from data.transforms import Normalize, TransformConfig, build_transforms
+from pretrain.cfs import cfs_keep_indices
+from pretrain.clustering import ClusterConfig, SelfPacedClustering
+from pretrain.memory import HybridMemory
+from shared.backbones import build_backbone
+from shared.checkpoints import Checkpoints
+from shared.config import ConfigError, choice, load_config, save_config
+from shared.heads import build_pooling
+from shared.io import atomic_write_json
+from shared.retrieval import evaluate, extract_features
+from shared.table import format_table
+from shared.weights import WeightsError, export_model, load_weights
+
+
+@dataclass
+class EncoderConfig:
+    backbone: str = "resnet50"
+    options: dict[str, Any] = field(default_factory=dict)
+    pooling: str = choice("avg", "gem")  # SpCL: average; OpenUnReID's SpCL+: GeM
+    weights: str = ""  # a local torchvision/timm state dict or an export to start from; "" = random init
+    weights_prefix: str = ""
+
+
+@dataclass
+class PoolConfig:
+    splits: list[str] = field(default_factory=lambda: ["runs/demo/shards/synthetic_lup/pool"])
+    cfs_ranking: str = ""  # ranking file (pretrain/cfs.py output or the released CFS_list.pkl); "" keeps all
+    cfs_keep: float = 0.5  # fraction of each split's ranked images kept when a ranking is given
+    p: int = 16  # pseudo-identities per process and iteration
+    k: int = 4  # images per pseudo-identity
+    workers: int = 2
+    test_batch_size: int = 128
+    max_bad_fraction: float = 0.01
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    query: str = ""  # optional labelled query/gallery splits for retrieval checks during pretraining
+    gallery: str = ""
+
+
+@dataclass
+class MemoryConfig:
+    temperature: float = 0.05
+    momentum: float = 0.2
+    dtype: str = choice("float32", "float16")  # float16 halves the memory of a LUPerson-size bank
+
+
+@dataclass
+class SpCLConfig:
+    run_name: str = "spcl"
+    output_dir: str = "runs"
+    seed: int = 1
+    epochs: int = 50
+    iters_per_epoch: int = 400
+    cluster_features: str = choice("memory", "reextract")
+    samples_per_bn: int = 0  # split each process's batch into BatchNorm groups of this size; 0 = whole batch
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [20])
+    gamma: float = 0.1
+    amp: str = choice("no", "bf16", "fp16")
+    eval_every: int = 10
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    dist_timeout_minutes: int = 120
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: PoolConfig = field(default_factory=PoolConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+class Encoder(nn.Module):
+    """backbone -> pooling -> BatchNorm1d with a frozen zero bias -> L2 normalisation (SpCL's head, no FC)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.backbone = build_backbone(cfg.backbone, **cfg.options)
+        self.pool = build_pooling(cfg.pooling)
+        self.feature_dim = self.backbone.out_channels
+        self.bn = nn.BatchNorm1d(self.feature_dim)
+        self.bn.bias.requires_grad_(False)
+        nn.init.constant_(self.bn.weight, 1.0)
+        nn.init.constant_(self.bn.bias, 0.0)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.bn(self.pool(self.backbone(images))), dim=1)
+
+    def forward(self, images: torch.Tensor, samples_per_bn: int = 0, camids: torch.Tensor | None = None,
+                viewids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and 0 < samples_per_bn < len(images):
+            return torch.cat([self._embed(group) for group in images.split(samples_per_bn)])
+        return self._embed(images)
+
+
+class PseudoIdentityBatches(Sampler[list[int]]):
+    """``iters`` batches of P x K memory slots for this rank, cycling through P·world x K global batches.
+
+    Global batch b is the same on every rank (``PKSampler`` seeded by (seed, epoch, round)); rank r
+    takes its r-th slice of P x K, so the concatenation over ranks is the global batch.
+    """
+
+    def __init__(self, labels: np.ndarray, p: int, k: int, iters: int, seed: int, epoch: int, rank: int,
+                 world_size: int):
+        super().__init__()
+        self.sampler = PKSampler(labels, p=p * world_size, k=k, seed=seed)
+        self.iters, self.epoch, self.rank, self.size = iters, epoch, rank, p * k
+
+    def __len__(self) -> int:
+        return self.iters
+
+    def __iter__(self):
+        done, rounds = 0, 0
+        while done < self.iters:
+            for batch in self.sampler.global_batches((self.epoch << 16) + rounds):
+                yield batch[self.rank * self.size:(self.rank + 1) * self.size].tolist()
+                done += 1
+                if done == self.iters:
+                    return
+            rounds += 1
+
+
+def kept_samples(data: PoolConfig) -> list[np.ndarray]:
+    """Per pool split, the sorted sample indices that get a memory slot (all, or the CFS top fraction)."""
+    kept = []
+    for split in data.splits:
+        if data.cfs_ranking:
+            kept.append(np.asarray(cfs_keep_indices(split, data.cfs_ranking, data.cfs_keep), dtype=np.int64))
+        else:
+            kept.append(np.arange(int(load_manifest(split)["num_samples"]), dtype=np.int64))
+    return kept
+
+
+def true_identities(pool: ConcatShards, samples: np.ndarray) -> np.ndarray | None:
+    """Ground-truth identities of ``samples`` for judging the clustering, or None when the pool has none.
+
+    A labelled split used as a pool (SpCL's unsupervised Market-1501 setting) has them in its index;
+    the synthetic pool keeps them in each sample's ``hidden_pid``.
+    """
+    pids = pool.pids[samples]
+    if (pids >= 0).all():
+        return pids
+
+    def meta(i: int) -> dict[str, Any]:
+        k = int(np.searchsorted(pool.offsets, i, side="right")) - 1
+        return json.loads(pool.parts[k].read_bytes(i - int(pool.offsets[k]))[1])
+
+    if "hidden_pid" not in meta(int(samples[0])):
+        return None
+    return np.array([meta(int(i)).get("hidden_pid", -1) for i in samples], dtype=np.int64)
+
+
+class SpCLTrainer:
+    def __init__(self, cfg: SpCLConfig, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir) / cfg.run_name
+        self._check_inputs(resume)
+        cuda = torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            cpu=not cuda, mixed_precision=cfg.amp if cuda else "no", log_with="tensorboard",
+            project_dir=str(self.run_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
+        acc = self.accelerator
+        set_seed(cfg.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        d = cfg.data
+        parts = [IndexedShards(s) for s in d.splits]
+        offsets = ConcatShards(parts).offsets
+        self.slots = np.concatenate([k + off for k, off in zip(kept_samples(d), offsets)])
+        self.train_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=True)) for s in d.splits])
+        self.test_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=False)) for s in d.splits])
+        n = len(self.slots)
+        if n < d.p * acc.num_processes:
+            raise ConfigError(f"data: {n} pool images kept, fewer than p x processes = {d.p * acc.num_processes}")
+
+        encoder = Encoder(cfg.encoder)
+        if cfg.encoder.weights:
+            load_weights(encoder.backbone, cfg.encoder.weights, prefix=cfg.encoder.weights_prefix,
+                         verbose=acc.is_main_process)
+        dtype = torch.float16 if cfg.memory.dtype == "float16" else torch.float32
+        self.memory = HybridMemory(n, encoder.feature_dim, cfg.memory.temperature, cfg.memory.momentum,
+                                   dtype=dtype).to(acc.device)
+        self.valid = torch.zeros(n, dtype=torch.bool)  # slots whose image delivered a feature
+        self.clustering = SelfPacedClustering(cfg.cluster)
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
+        self.model, self.optimizer = acc.prepare(encoder, optimizer)
+        self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
+        self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "history": [], "best_map": -1.0,
+                                      "world_size": acc.num_processes}
+        self.truth = true_identities(ConcatShards(parts), self.slots) if acc.is_main_process else None
+        if resume:
+            self._resume()
+        else:
+            self._initialise_memory()
+        if acc.is_main_process:
+            save_config(cfg, self.run_dir / "config.yaml")
+        acc.init_trackers("tensorboard")
+
+    def _check_inputs(self, resume: bool) -> None:
+        """One-line errors for every input before any model is built or image read."""
+        d = self.cfg.data
+        if not d.splits:
+            raise ConfigError("data.splits: give at least one pool split")
+        for split in [*d.splits, *[s for s in (d.query, d.gallery) if s]]:
+            load_manifest(split)
+        if bool(d.query) != bool(d.gallery):
+            raise ConfigError("data.query and data.gallery go together: give both or neither")
+        if d.cfs_ranking and not Path(d.cfs_ranking).is_file():
+            raise FileNotFoundError(f"data.cfs_ranking: no such file {d.cfs_ranking}")
+        if self.cfg.encoder.weights and not Path(self.cfg.encoder.weights).is_file():
+            raise WeightsError(f"weights file not found: {self.cfg.encoder.weights}")
+        if resume and Checkpoints(self.run_dir / "checkpoints", 1).latest() is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
+
+    # -- features --------------------------------------------------------------------------------
+    def _extract(self, dataset: Any, samples: np.ndarray, name: str) -> tuple[torch.Tensor, np.ndarray]:
+        """Eval-mode features of ``dataset[samples]`` in ``samples`` order (rows of lost images are absent).
+
+        Each rank embeds a contiguous share; the shares are gathered on every rank. Returns the features
+        and the positions (into ``samples``) they belong to.
+        """
+        acc, d = self.accelerator, self.cfg.data
+        bounds = np.linspace(0, len(samples), acc.num_processes + 1).astype(int)
+        lo, hi = bounds[acc.process_index], bounds[acc.process_index + 1]
+        loader = DataLoader(Subset(dataset, samples[lo:hi].tolist()), batch_size=d.test_batch_size,
+                            num_workers=d.workers, collate_fn=collate)
+        tally = SampleTally(hi - lo, d.max_bad_fraction, name)
+        bar = tqdm(tally.wrap(loader), total=len(loader), desc=name, leave=False,
+                   disable=not acc.is_local_main_process)
+        feats, index = extract_features(acc.unwrap_model(self.model), bar, acc.device, self.normalize)
+        position = torch.from_numpy(np.searchsorted(samples, index.numpy()))
+        feats = acc.gather(acc.pad_across_processes(feats.to(acc.device), dim=0)).cpu()
+        position = acc.gather(acc.pad_across_processes(position.to(acc.device), dim=0, pad_index=-1)).cpu()
+        keep = position >= 0
+        return feats[keep], position[keep].numpy()
+
+    @torch.no_grad()
+    def _initialise_memory(self) -> None:
+        feats, slots = self._extract(self.test_pool, self.slots, "memory features")
+        self.memory.initialize(feats.to(self.accelerator.device), torch.from_numpy(slots).to(self.accelerator.device))
+        self.valid[:] = False
+        self.valid[torch.from_numpy(slots)] = True
+
+    # -- clustering --------------------------------------------------------------------------------
+    def _cluster(self, epoch: int) -> dict[str, Any]:
+        """Pseudo labels for every slot (rank 0 clusters, every rank receives the same labels)."""
+        acc = self.accelerator
+        if self.cfg.cluster_features == "reextract" and epoch > 0:
+            self._initialise_memory()
+        labels = torch.full((len(self.slots),), -1, dtype=torch.long, device=acc.device)
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        if acc.is_main_process:
+            start = time.perf_counter()
+            valid = self.valid.numpy()
+            feats = F.normalize(self.memory.features[self.valid.to(acc.device)].float(), dim=1).cpu().numpy()
+            result = self.clustering(feats)
+            full = np.full(len(valid), -1, dtype=np.int64)
+            full[valid] = result.labels
+            labels.copy_(torch.from_numpy(full))
+            clustered = result.labels[(result.labels >= 0) & (result.labels < result.num_clusters)]
+            sizes = np.bincount(clustered) if len(clustered) else np.zeros(0, dtype=np.int64)
+            row.update(clusters=result.num_clusters, outliers=result.num_outliers,
+                       clustered=float(len(clustered) / max(len(feats), 1)),
+                       mean_size=float(sizes.mean()) if len(sizes) else 0.0,
+                       max_size=int(sizes.max()) if len(sizes) else 0,
+                       cluster_seconds=time.perf_counter() - start)
+            if self.truth is not None:
+                truth = self.truth[valid]
+                row["ARI"] = float(adjusted_rand_score(truth, result.labels))
+                row["NMI"] = float(normalized_mutual_info_score(truth, result.labels))
+            acc.log({f"cluster/{k}": v for k, v in row.items() if k != "epoch"}, step=self.state["iteration"])
+            if len(sizes):
+                acc.get_tracker("tensorboard", unwrap=True).add_histogram("cluster/sizes", sizes,
+                                                                          self.state["iteration"])
+        labels = broadcast(labels, from_process=0)
+        self.memory.set_labels(labels)
+        return row
+
+    # -- training ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        for epoch in range(self.state["epoch"], cfg.epochs):
+            row = self._cluster(epoch)
+            row["loss"] = self._train_epoch(epoch)
+            self.scheduler.step()
+            self.state["epoch"] = epoch + 1
+            last = epoch + 1 == cfg.epochs
+            if cfg.data.query and ((epoch + 1) % cfg.eval_every == 0 or last):
+                row.update(self._evaluate())
+            if acc.is_main_process:
+                self.state["history"].append(row)
+                atomic_write_json(self.run_dir / "metrics.json", {"history": self.state["history"],
+                                                                  "world_size": acc.num_processes})
+                acc.print(self._row_line(row))
+            if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+                self._checkpoint()
+        if acc.is_main_process:
+            self._export("backbone_final.safetensors")
+            acc.print(self.results_table())
+            acc.print(f"run directory: {self.run_dir}")
+        acc.end_training()
+        return self.state
+
+    def _train_epoch(self, epoch: int) -> float:
+        cfg, acc = self.cfg, self.accelerator
+        labels = self.memory.labels.cpu().numpy()
+        sampler = PseudoIdentityBatches(labels, cfg.data.p, cfg.data.k, cfg.iters_per_epoch, cfg.seed, epoch,
+                                        acc.process_index, acc.num_processes)
+        loader = DataLoader(Subset(self.train_pool, self.slots.tolist()), batch_sampler=sampler,
+                            num_workers=cfg.data.workers, collate_fn=collate)
+        tally = SampleTally(len(sampler) * cfg.data.p * cfg.data.k, cfg.data.max_bad_fraction, "training")
+        self.model.train()
+        total, steps = 0.0, 0
+        bar = tqdm(tally.wrap(loader), total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not acc.is_local_main_process)
+        for batch in bar:
+            images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
+            slots = torch.from_numpy(np.searchsorted(self.slots, batch["index"].numpy())).to(acc.device)
+            with acc.autocast():
+                feats = self.model(images, samples_per_bn=cfg.samples_per_bn)
+            loss = self.memory(feats.float(), slots)
+            self.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.state["iteration"] += 1
+            total, steps = total + loss.item(), steps + 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if self.state["iteration"] % cfg.log_every == 0:
+                acc.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0]},
+                        step=self.state["iteration"])
+        return total / max(steps, 1)
+
+    def _evaluate(self) -> dict[str, float]:
+        acc, d = self.accelerator, self.cfg.data
+        tf = build_transforms(d.transform, train=False)
+        embedded = []
+        for split in (d.query, d.gallery):
+            dataset = IndexedShards(split, tf)
+            feats, pos = self._extract(dataset, np.arange(len(dataset)), f"embedding {Path(split).name}")
+            embedded.append((feats, dataset.pids[pos], dataset.camids[pos]))
+        (qf, qp, qc), (gf, gp, gc) = embedded
+        metrics = evaluate(qf, gf, qp, gp, qc, gc) if acc.is_main_process else {"mAP": 0.0, "cmc": [0.0]}
+        result = {"mAP": float(metrics["mAP"]), "R1": float(metrics["cmc"][0])}
+        if acc.is_main_process:
+            acc.log({f"eval/{k}": v for k, v in result.items()}, step=self.state["iteration"])
+            if result["mAP"] > self.state["best_map"]:
+                self.state["best_map"] = result["mAP"]
+                self._export("backbone_best.safetensors")
+        return result
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _replica_digest(self) -> int:
+        """A 63-bit digest of this rank's memory (features and labels)."""
+        h = hashlib.sha256(self.memory.features.cpu().numpy().tobytes())
+        h.update(self.memory.labels.cpu().numpy().tobytes())
+        return int.from_bytes(h.digest()[:8], "little") >> 1
+
+    def _check_replicas(self) -> None:
+        """Every rank's memory must be bit-identical: the ordered update in backward guarantees it."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        digests = acc.gather(torch.tensor([self._replica_digest()], device=acc.device)).tolist()
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"memory replicas differ across ranks after epoch {self.state['epoch']}: {digests}")
+        self.state["replicas_identical"] = True
+
+    def _checkpoint(self) -> None:
+        self._check_replicas()
+        self.state["scheduler"] = self.scheduler.state_dict()
+        self.state["clustering"] = self.clustering.state_dict()
+        self.checkpoints.save(self.accelerator, self.state["epoch"], self.state,
+                              {"memory": {**self.memory.state_dict(), "valid": self.valid}})
+
+    def _resume(self) -> None:
+        path, self.state = self.checkpoints.restore(self.accelerator)
+        tensors = Checkpoints.tensors(path, "memory")
+        self.valid = tensors.pop("valid").bool()
+        if len(self.valid) != len(self.slots):
+            raise ConfigError(f"--resume: the checkpoint has {len(self.valid)} memory slots, the pool "
+                              f"{len(self.slots)} (data.splits or the CFS selection changed)")
+        self.memory.load_state_dict(tensors)
+        self.clustering.load_state_dict(self.state["clustering"])
+        self.scheduler.load_state_dict(self.state["scheduler"])
+        self.accelerator.print(f"resumed from {path} at epoch {self.state['epoch']}")
+
+    def _export(self, name: str) -> None:
+        encoder = self.accelerator.unwrap_model(self.model)
+        t, c = self.cfg.data.transform, self.cfg
+        export_model(encoder.backbone, self.run_dir / name, {
+            "kind": "backbone",
+            "architecture": c.encoder.backbone,
+            "options": c.encoder.options,
+            "feature_dim": encoder.feature_dim,
+            "input_size": [t.height, t.width],
+            "mean": t.mean,
+            "std": t.std,
+            "provenance": {"stage": "spcl", "run": c.run_name, "epoch": self.state["epoch"], "pool": c.data.splits,
+                           "cfs_ranking": c.data.cfs_ranking, "cfs_keep": c.data.cfs_keep if c.data.cfs_ranking else 1.0,
+                           "memory_slots": len(self.slots), "weights": c.encoder.weights},
+        })
+
+    @staticmethod
+    def _row_line(row: dict[str, Any]) -> str:
+        parts = [f"epoch {row['epoch']}", f"clusters {row.get('clusters', '-')}", f"outliers {row.get('outliers', '-')}"]
+        parts += [f"{k} {row[k]:.4f}" for k in ("ARI", "NMI", "loss", "mAP", "R1") if k in row]
+        return "  ".join(parts)
+
+    def results_table(self) -> str:
+        keys = ["epoch", "clusters", "outliers", "clustered", "mean_size", "ARI", "NMI", "loss", "mAP", "R1"]
+        shown = [k for k in keys if any(k in r for r in self.state["history"])]
+        rows = [[round(r[k], 4) if isinstance(r.get(k), float) else r.get(k, "") for k in shown]
+                for r in self.state["history"]]
+        return format_table(shown, rows)
+
+
+def pretrain(cfg: SpCLConfig, resume: bool = False) -> dict[str, Any]:
+    """Run SpCL on ``cfg.data`` and return the run's state (per-epoch history)."""
+    return SpCLTrainer(cfg, resume).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="recipe YAML (launch/configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        pretrain(load_config(SpCLConfig, args.config, args.overrides), resume=args.resume)
+    except (ConfigError, ShardError, WeightsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""SpCL pretraining end to end on a tiny synthetic pool: clustering, logging, export, resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pretrain.spcl as spcl
+from data.shards import WriteOptions, write_split
+from data.synthetic import SyntheticConfig, build_sources
+from finetune.models import build_model
+from pretrain.spcl import SpCLConfig
+from shared.config import load_config
+from shared.weights import load_weights, read_export_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 unlabelled images of 24 hidden identities, plus a labelled query/gallery pair."""
+    root = tmp_path_factory.mktemp("pool")
+    cfg = SyntheticConfig(pool_images=240, pool_images_per_id=10, test_ids=8, images_per_test_id=6, distractors=4)
+    sources = build_sources(cfg)
+    write_split(sources["synthetic_lup"]["pool"], root / "pool", "pool", relabel=False,
+                options=WriteOptions(progress=False))
+    for split in ("query", "gallery"):
+        write_split(sources["synthetic_person"][split], root / split, split, relabel=False,
+                    options=WriteOptions(progress=False))
+    return root
+
+
+def _overrides(pool: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [f"run_name={name}", f"output_dir={out}", "encoder.backbone=osnet_x0_25", f"data.splits=[{pool / 'pool'}]",
+            "data.p=4", "data.k=4", "data.workers=0", "data.test_batch_size=64", "data.transform.height=64",
+            "data.transform.width=32", "epochs=2", "iters_per_epoch=3", "log_every=1", "cluster.k1=10",
+            "cluster.k2=3", *extra]
+
+
+def _config(pool: Path, out: Path, name: str, *extra: str) -> SpCLConfig:
+    return load_config(SpCLConfig, None, _overrides(pool, out, name, *extra))
+
+
+def test_pretrain_clusters_logs_and_exports_a_backbone_finetune_loads(
+        tiny_pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = spcl.pretrain(_config(tiny_pool, tmp_path, "run", f"data.query={tiny_pool / 'query'}",
+                                  f"data.gallery={tiny_pool / 'gallery'}", "eval_every=1"))
+    run = tmp_path / "run"
+    history = state["history"]
+    assert [r["epoch"] for r in history] == [1, 2] and state["iteration"] == 6
+    for row in history:
+        assert row["clusters"] + row["outliers"] <= 240 and 0 <= row["clustered"] <= 1
+        assert -1 <= row["ARI"] <= 1 and 0 <= row["NMI"] <= 1 and 0 <= row["mAP"] <= 1 and np.isfinite(row["loss"])
+    out = capsys.readouterr().out
+    assert "| epoch | clusters |" in out and f"run directory: {run}" in out
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*")) and (run / "metrics.json").is_file()
+
+    meta = read_export_metadata(run / "backbone_final.safetensors")
+    assert meta["kind"] == "backbone" and meta["architecture"] == "osnet_x0_25" and meta["input_size"] == [64, 32]
+    assert meta["provenance"]["memory_slots"] == 240 and (run / "backbone_best.safetensors").is_file()
+    # the fine-tuning stage takes it as its starting point: every backbone tensor lands
+    model = build_model("osnet", 10, variant="osnet_x0_25")
+    report = load_weights(model, run / "backbone_final.safetensors", prefix="backbone.", verbose=False)
+    assert not [k for k in report.missing if k.startswith("backbone.")] and not report.unexpected
+    exported = load_file(str(run / "backbone_final.safetensors"))
+    assert all(torch.equal(model.state_dict()[f"backbone.{k}"], v) for k, v in exported.items())
+
+
+def test_killed_run_resumes_to_the_same_state(tiny_pool: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    spcl.pretrain(_config(tiny_pool, tmp_path, "whole", "epochs=3"))
+    real = spcl.SpCLTrainer._train_epoch
+
+    def dies_in_epoch_three(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, epoch)
+
+    monkeypatch.setattr(spcl.SpCLTrainer, "_train_epoch", dies_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        spcl.pretrain(_config(tiny_pool, tmp_path, "killed", "epochs=3"))
+    monkeypatch.setattr(spcl.SpCLTrainer, "_train_epoch", real)
+    state = spcl.pretrain(_config(tiny_pool, tmp_path, "killed", "epochs=3"), resume=True)
+    assert state["epoch"] == 3
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
+    assert [r["clusters"] for r in state["history"]] == [r["clusters"] for r in whole]
+    a = load_file(str(tmp_path / "whole" / "backbone_final.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "backbone_final.safetensors"))
+    assert all((a[k].float() - b[k].float()).abs().max() <= 1e-5 for k in a)
+    ma = load_file(str(tmp_path / "whole" / "checkpoints" / "epoch-0003" / "memory.safetensors"))
+    mb = load_file(str(tmp_path / "killed" / "checkpoints" / "epoch-0003" / "memory.safetensors"))
+    assert torch.equal(ma["labels"], mb["labels"]) and (ma["features"] - mb["features"]).abs().max() <= 1e-5
+
+
+def test_bad_input_fails_in_one_line(tiny_pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert spcl.main(["memory.temp=0.1"]) == 2
+    assert "unknown config key 'memory.temp'" in capsys.readouterr().err
+    base = _overrides(tiny_pool, tmp_path, "bad")
+    assert spcl.main([*base, f"encoder.weights={tmp_path / 'none.pth'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: weights file not found: {tmp_path / 'none.pth'}"
+    assert spcl.main([*base, f"data.splits=[{tmp_path / 'nowhere'}]"]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+    assert spcl.main([*base, f"data.query={tiny_pool / 'query'}"]) == 2
+    assert "data.query and data.gallery go together" in capsys.readouterr().err
+    assert spcl.main([*base, "--resume"]) == 2
+    assert "no checkpoint under" in capsys.readouterr().err
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+                             str(REPO / "pretrain" / "spcl.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pool: Path, tmp_path: Path) -> None:
+    """2 ranks x (P=4, K=4) against 1 process x (P=8, K=4) with BatchNorm groups of 16: same updates."""
+    deterministic = ["data.transform.flip=0", "data.transform.pad=0", "data.transform.random_erasing=0"]
+    proc = _torchrun(_overrides(tiny_pool, tmp_path, "two", *deterministic), tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    spcl.pretrain(_config(tiny_pool, tmp_path, "one", "data.p=8", "samples_per_bn=16", *deterministic))
+
+    two = json.loads((tmp_path / "two" / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text())
+    assert two["world_size"] == 2 and two["replicas_identical"] is True
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
+    assert [r["clusters"] for r in two["history"]] == [r["clusters"] for r in one]
+    m2 = load_file(str(tmp_path / "two" / "checkpoints" / "epoch-0002" / "memory.safetensors"))
+    m1 = load_file(str(tmp_path / "one" / "checkpoints" / "epoch-0002" / "memory.safetensors"))
+    assert torch.equal(m1["labels"], m2["labels"])
+    assert (m1["features"] - m2["features"]).abs().max() <= 1e-3
+    b2 = load_file(str(tmp_path / "two" / "backbone_final.safetensors"))
+    b1 = load_file(str(tmp_path / "one" / "backbone_final.safetensors"))
+    # BatchNorm running statistics differ by design (DDP broadcasts rank 0's); the weights do not
+    weights = [k for k in b1 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert max((b1[k] - b2[k]).abs().max().item() for k in weights) <= 1e-3
+
+
+def test_a_dying_rank_stops_the_other_instead_of_hanging(tiny_pool: Path, tmp_path: Path) -> None:
+    proc = _torchrun(_overrides(tiny_pool, tmp_path, "dies", "epochs=50", "iters_per_epoch=20"), tmp_path)
+    deadline = time.monotonic() + 300
+    ranks: list[psutil.Process] = []
+    while time.monotonic() < deadline and not (tmp_path / "dies" / "config.yaml").is_file():
+        time.sleep(0.5)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spcl.py" in " ".join(p.cmdline())]
+    assert len(ranks) == 2 and proc.poll() is None
+    os.kill(ranks[1].pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
