@@ -34,9 +34,9 @@ from data.transforms import Normalize, TransformConfig, build_transforms
 from finetune.losses import Criterion, LossConfig
 from finetune.models import build_model
 from finetune.models.base import ReIDModel
-from finetune.optim import OptimConfig, build_optimizer, build_scheduler
+from finetune.optim import OptimConfig, build_center_optimizer, build_optimizer, build_scheduler
 from shared.checkpoints import Checkpoints
-from shared.config import choice, save_config
+from shared.config import ConfigError, choice, save_config
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
 from shared.table import format_table
@@ -132,12 +132,23 @@ class Trainer:
         dims = _output_dims(model, model.input_size) if needs_dims else {}
         self.criterion = Criterion(model.loss_terms, self.num_classes, dims, cfg.loss)
         holder = torch.nn.ModuleDict({"model": model, "criterion": self.criterion})
-        optimizer = build_optimizer(holder, cfg.optim, cfg.freeze_backbone_iters)
+        # BoT's centres get their own SGD (optim.center_lr > 0), outside the main optimiser and its schedule.
+        centers = self.criterion.centers() if cfg.optim.center_lr > 0 else []
+        optimizer = build_optimizer(holder, cfg.optim, cfg.freeze_backbone_iters, exclude=[p for p, _ in centers])
+        center_optimizer = build_center_optimizer(centers, cfg.optim)
+        if center_optimizer is not None and acc.scaler is not None:
+            # accelerate updates the fp16 GradScaler after each optimiser's step, so the second optimiser's
+            # gradients would be unscaled with a scale the first one's step may already have changed.
+            raise ConfigError("optim.center_lr > 0 needs amp=no or amp=bf16, not fp16")
         self.iters_per_epoch = len(self.sampler)
         if cfg.max_iters_per_epoch > 0:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.iters_per_epoch, cfg.epochs)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if center_optimizer is None:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+        else:  # prepared too, so that checkpoints save and restore its state with the main optimiser's
+            self.model, self.optimizer, center_optimizer = acc.prepare(model, optimizer, center_optimizer)
+        self.center_optimizer = center_optimizer
         self.criterion.to(acc.device)
         self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
@@ -203,10 +214,15 @@ class Trainer:
                 outputs = model(images, camids=batch["camid"].to(acc.device), viewids=batch["viewid"].to(acc.device))
                 loss, values = self.criterion(outputs, pids)
             self.optimizer.zero_grad(set_to_none=True)
+            if self.center_optimizer is not None:
+                self.center_optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
+            self._average_criterion_grads()
             if self.cfg.optim.clip_grad_norm > 0:
                 acc.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
             self.optimizer.step()
+            if self.center_optimizer is not None:
+                self.center_optimizer.step()
             self.scheduler.step()
             self.state["iteration"] += 1
             it = self.state["iteration"]
@@ -214,6 +230,14 @@ class Trainer:
             if it % self.cfg.log_every == 0:
                 acc.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
                          **{f"train/{k}": v for k, v in values.items()}}, step=it)
+
+    def _average_criterion_grads(self) -> None:
+        """Centres and proxies live outside DDP: average their gradients so every rank's copy stays equal."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self.criterion.parameters():
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
     def _embed(self, split_dir: str) -> tuple[torch.Tensor, np.ndarray, IndexedShards]:
         """Features of a split in ``index`` order; each rank embeds its share, then all are gathered."""

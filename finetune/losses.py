@@ -5,7 +5,8 @@
   features, with a margin (BoT: 0.3) or the soft margin ``log(1 + exp(d_ap - d_an))`` (margin None).
 - ``center``: center loss (Wen et al., ECCV 2016) as BoT uses it: the squared distance of each feature
   to its class centre, summed over the batch dimension and divided by the batch size. The centres are
-  parameters of the criterion, not the model (BoT trains them with their own SGD, lr 0.5).
+  parameters of the criterion, not the model; ``optim.center_lr`` > 0 trains them with their own SGD as
+  BoT does (lr 0.5, finetune.optim.CenterSGD), else the main optimiser moves them.
 - ``circle``: circle-softmax classification (Sun et al., CVPR 2020, §3.3): cosine logits against class
   proxies with self-paced weights α_p = [1 + m - s_p]_+, α_n = [s_n + m]_+ and margins Δp = 1 - m,
   Δn = m, scaled by γ; proxies belong to the criterion.
@@ -93,6 +94,10 @@ class Criterion(nn.Module):
                 self.owned[key] = CenterLoss(num_classes, dims[t.input])
             elif t.loss == "circle":
                 self.owned[key] = CircleSoftmax(num_classes, dims[t.input], cfg.circle_margin, cfg.circle_scale)
+
+    def centers(self) -> list[tuple[nn.Parameter, float]]:
+        """The centres of every center-loss term, each with the term's weight."""
+        return [(self.owned[self._key(t)].centers, t.weight) for t in self.terms if t.loss == "center"]
 
     @staticmethod
     def _key(term: LossTerm) -> str:

@@ -11,11 +11,18 @@
   rate of the backbone's parameter groups to 0 until then, instead of toggling ``requires_grad``: that
   works unchanged under DistributedDataParallel, and with lr 0 no optimiser moves a weight (weight decay
   included). The backbone is every parameter whose name starts with ``backbone``.
+- Center-loss centres (``center_lr`` > 0): BoT's separate optimiser (§3.6; ``optimizer_center`` of the
+  reid-strong-baseline code), :class:`CenterSGD`: plain SGD at ``center_lr`` (BoT: 0.5), no momentum, no
+  weight decay, no schedule, stepped after the main optimiser on the gradient of the *unweighted* center
+  loss (the total loss carries beta * L_C, so the centres' gradient is divided by beta first, as BoT's
+  ``param.grad.data *= 1. / CENTER_LOSS_WEIGHT``). The main optimiser then leaves the centres out.
+  ``center_lr`` = 0 keeps them in the main optimiser with every other parameter.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,13 +47,17 @@ class OptimConfig:
     gamma: float = 0.1
     min_lr_factor: float = 0.0
     clip_grad_norm: float = 0.0  # 0 disables clipping
+    center_lr: float = 0.0  # > 0: center-loss centres get BoT's own SGD at this lr (BoT: 0.5); 0: main optimiser
 
 
-def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool, freeze_iters: int = 0) -> list[dict]:
-    """Trainable parameters grouped by (weight decay, frozen at the start); each group keeps ``frozen_until``."""
+def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool, freeze_iters: int = 0,
+                 exclude: Collection[nn.Parameter] = ()) -> list[dict]:
+    """Trainable parameters (but ``exclude``) grouped by (weight decay, frozen at the start); each group keeps
+    ``frozen_until``."""
+    excluded = {id(p) for p in exclude}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in module.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in excluded:
             decays = bias_decay or p.ndim > 1
             frozen = freeze_iters > 0 and name.startswith("backbone")
             groups.setdefault((decays, frozen), []).append(p)
@@ -55,8 +66,10 @@ def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool, freez
             for (decays, frozen), params in sorted(groups.items())]
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig, freeze_iters: int = 0) -> torch.optim.Optimizer:
-    groups = param_groups(module, cfg.weight_decay, cfg.bias_decay, freeze_iters)
+def build_optimizer(module: nn.Module, cfg: OptimConfig, freeze_iters: int = 0,
+                    exclude: Collection[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """The optimiser ``cfg.name`` over the trainable parameters of ``module`` except ``exclude``."""
+    groups = param_groups(module, cfg.weight_decay, cfg.bias_decay, freeze_iters, exclude)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.name == "adamw":
@@ -68,6 +81,33 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, freeze_iters: int = 0) 
     if cfg.name == "ranger":
         return Lookahead(torch.optim.RAdam(groups, lr=cfg.lr), alpha=0.5, k=6)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+class CenterSGD(torch.optim.SGD):
+    """BoT's optimiser of the center-loss centres: SGD on the gradient of the unweighted center loss.
+
+    ``centers`` pairs each centre tensor with the weight beta of its loss term; ``step`` divides the
+    tensor's gradient (that of beta * L_C) by beta before the SGD update, in place, as BoT does.
+    """
+
+    def __init__(self, centers: Sequence[tuple[nn.Parameter, float]], lr: float):
+        if any(weight <= 0 for _, weight in centers):
+            raise ValueError(f"center-loss weights must be > 0, got {[w for _, w in centers]}")
+        super().__init__([{"params": [p], "loss_weight": float(weight)} for p, weight in centers], lr=lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(group["loss_weight"])
+        return super().step(closure)
+
+
+def build_center_optimizer(centers: Sequence[tuple[nn.Parameter, float]], cfg: OptimConfig) -> CenterSGD | None:
+    """BoT's separate optimiser for ``centers`` (pairs of centre tensor and loss weight), or None when
+    ``cfg.center_lr`` is 0 or there are no centres (they then belong to the main optimiser)."""
+    return CenterSGD(centers, cfg.center_lr) if cfg.center_lr > 0 and centers else None
 
 
 def lr_factor(iteration: int, iters_per_epoch: int, total_epochs: int, cfg: OptimConfig) -> float:

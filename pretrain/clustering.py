@@ -1,9 +1,9 @@
 """SpCL's per-epoch clustering step, sparse: k-reciprocal Jaccard distances, DBSCAN, self-paced criteria.
 
 Ge, Zhu, Chen, Zhao and Li, "Self-paced Contrastive Learning with Hybrid Memory for Domain Adaptive
-Object Re-ID", NeurIPS 2020: §3.2 (self-paced learning with the reliability criteria R_indep, R_comp,
+Object Re-ID", NeurIPS 2020: §3.2 (self-paced learning with the reliability criteria R_indep and R_comp,
 Eqs. 6-7) as implemented in examples/spcl_train_usl.py; the Jaccard distance of Zhong, Zheng, Cao and
-Li, "Re-ranking Person Re-identification with k-reciprocal Encoding", CVPR 2017 (§3.3-3.5), as
+Li, "Re-ranking Person Re-identification with k-reciprocal Encoding", CVPR 2017 (§3.2-3.5), as
 implemented in SpCL's ``compute_jaccard_distance``. Both are restated in /work/shared/specs/pretrain.md
 §1.3 and §1.6; §8 there is the plan for doing them without N x N arrays, which this module follows.
 
@@ -13,46 +13,54 @@ The Jaccard distance (``jaccard_distance``), over N L2-normalised features:
    result, so it sees k1 columns). Neighbours are ranked by float64 cosine similarity, ties by index.
 2. R(i, p) = the members j of row i's first p columns that have i among their own first p columns, for
    p = k1 and p = round(k1/2) + 1 (NumPy rounding; capped at k1, the table's width).
-3. Expansion: R(c, round(k1/2)) of each c in R(i, k1) is merged in when |R(c, ·) ∩ R(i, k1)| >
-   2/3 |R(c, ·)|, the comparison written as the reference writes it.
+3. Expansion: R(c, round(k1/2)) of each c in R(i, k1) is merged in when |R(c, .) ∩ R(i, k1)| >
+   2/3 |R(c, .)|, the comparison written as the reference writes it.
 4. V[i, j] = softmax(-d) over the expanded set, d = 2 - 2 cos.
 5. When k2 != 1, row i of V becomes the mean of V's rows over i's first min(k2, k1) columns.
 6. m_ij = sum_l min(V[i, l], V[j, l]); d_ij = max(0, 1 - m_ij / (2 - m_ij)).
 
-Nothing is N x N. The kNN table comes from faiss (``knn_search``); R and the expansion are products of
-N x N 0/1 CSR patterns with about k1 entries per row; V and its query expansion are CSR matrices (a few
-times k1 entries per row); the min-sum is computed only for the pairs that share support, by walking
-V's column index, in chunks of rows with a bounded number of (i, l, j) terms, and only for j >= i (the
-sum over the shared support in ascending l is the same for (i, j) and (j, i)); the result is mirrored.
-Pairs sharing no support are not stored and are implicitly at distance 1; entries above
-``max_distance`` are not stored either, so the three DBSCAN runs of one epoch share one graph stored up
-to eps + gap. Memory grows with N * k1 * (support size), time with N * (support size)^2.
+Nothing is N x N. The kNN table comes from faiss (``knn_search``); R is found by looking each (j, i) up in
+the id-sorted table, the expansion test is a product of N x N 0/1 CSR matrices with about k1 entries per
+row, in chunks of rows; V and its query expansion are CSR matrices (a few times k1 entries per row). The
+min-sums are computed only for pairs that share support, by walking V's column index from each entry
+(i, l) to the rows j > i of column l, chunk by chunk: a chunk's pairs get compact ids through a stamp
+array (no sort) and one bincount sums each pair's terms in ascending l, as the reference's running
+``temp_min`` does; only pairs with d <= ``max_distance`` are kept, then mirrored. Pairs sharing no support
+are not stored and are implicitly at distance 1, so the three DBSCAN runs of an epoch share one graph
+stored up to eps + gap. Memory grows with N times the support size (measured ~2-3 kB per image at
+k1 = 30 on synthetic re-ID features, plus the features and the faiss index), time with N times the
+squared support size.
 
 The returned CSR matrix is what sklearn's DBSCAN(metric="precomputed") needs to give the labels of the
 dense matrix. In sklearn's sparse precomputed mode only stored entries are neighbours (``<= eps``, as in
-the dense mode) and explicit zeros count. Its ``fit`` (1.9.1, installed here) copies the matrix and
-sets the diagonal to ``X.diagonal()``, which would make a missing diagonal an explicit zero, so self
-counts as with a dense matrix whose diagonal is ~0: the diagonal is stored explicitly here anyway, 0
-(exactly, where the dense value is 1 - m/(2 - m) with m = sum_l V[i, l] = 1 up to rounding), or 1
-where row i of the expanded V is empty (possible only with k2 = 1 and more than k1 exact duplicates; the
-dense value is then 1 too, and the point is not its own neighbour in either form). Rows are stored
-sorted by distance, ties by column, so that sklearn's ``sort_graph_by_row_values`` (a Python loop over
-rows otherwise) finds nothing to do. DBSCAN's labels depend only on each point's neighbour set, not on
-the order of the neighbours, so identical neighbour sets give identical labels.
+the dense mode) and explicit zeros count. Its ``fit`` (1.9.1, installed here) copies the matrix and sets
+the diagonal to ``X.diagonal()``, which would turn a missing diagonal into an explicit zero; the diagonal
+is stored explicitly anyway: 0 (the dense value is 1 - m/(2 - m) with m = sum_l V[i, l] = 1 up to
+rounding, ~1e-16), or 1 where row i of the expanded V is empty (possible only with k2 = 1 and more than
+k1 exact duplicates; the dense value is then 1 too, and the point is not its own neighbour in either).
+Rows are stored sorted by distance, ties by column, so that sklearn's ``sort_graph_by_row_values`` (a
+Python loop over rows otherwise) has nothing to do. DBSCAN's labels depend only on each point's
+neighbour set (border points go to the first cluster, in order of lowest core index, that reaches them),
+so identical neighbour sets give identical labels.
 
-Exactness. Neighbour sets and the ``<= eps`` decisions are discrete, so float rounding can flip them.
+Exactness. Neighbour sets and the ``<= eps`` decisions are discrete, so rounding can flip them.
 (a) Ranking: faiss computes float32 inner products; each row's k1 + 8 candidates are re-ranked by
-float64 similarities (a per-pair sum of float64 products, the same for (i, j) and (j, i)) with the
-index tie-break. A row is certified exact when its k1-th float64 similarity exceeds the smallest float32
-candidate similarity by more than the float32 error bound gamma_D = D u / (1 - D u), u = 2^-24 (valid
-for any summation order, hence for BLAS); otherwise it is searched again with k1 + 120 candidates, then
-computed whole in float64. Remaining differences to a dense float64 reference are float64 summation
-order (~1e-16), which flips a neighbour only for similarities within ~1e-15 of each other that are not
-exactly equal; exact ties (duplicates, dyadic features) are exact in both and resolved by index.
-(b) The Jaccard values agree with a dense float64 evaluation to ~1e-15 (summation order again), so a
-pair within that distance of eps could be a neighbour in one and not the other.
-The approximate indices (``ivf``, ``hnsw``) make no such promise: their recall against exact search on
-a sample of queries is reported in ``ClusterResult.stats``.
+float64 similarities (sums of float64 products of the float32 features) with the index tie-break. A row
+is certified exact when its k1-th float64 similarity exceeds the smallest float32 candidate similarity
+by more than the float32 error bound gamma_D = D u / (1 - D u), u = 2^-24 (valid for any summation
+order, hence for BLAS); otherwise it is searched again with k1 + 120 candidates, then computed whole in
+float64. What remains against a dense float64 reference is float64 summation order (~1e-16): it flips a
+neighbour only between similarities within ~1e-15 of each other that are not exactly equal; exact ties
+(duplicates, dyadic features) are exact in both and resolved by index.
+(b) The Jaccard values agree with a dense float64 evaluation to ~1e-15 (the weights' sums and the
+similarities are summed in another order). That matters at exact-arithmetic ties, which are structural:
+two images whose query expansions share four of their six rows (and nothing else) have m = 2/3, d = 0.5
+exactly, computed as 0.5 +- 1e-16 depending on the order of the sums, and eps = 0.5 is a common choice.
+So distances are rounded to 12 decimals, in the dense reference of the tests too: a tie at a decimal
+eps then counts as a neighbour (<= eps, as exact arithmetic says) in both. Only distinct values within
+~1e-12 of eps and of each other could still be decided differently.
+The approximate indices (``ivf``, ``hnsw``) make no such promise: their recall against brute-force
+search on 500 queries is reported in ``ClusterResult.stats["knn_recall"]``.
 
 The self-paced step (``SelfPacedClustering``, spec §1.3 steps 2-7): DBSCAN at eps, eps - gap, eps + gap
 on the same graph; noise becomes singleton ids (clusters first, then noise in index order, as SpCL's
@@ -69,7 +77,8 @@ Deviations from the reference code, all deliberate:
   ranks by faiss float32 L2 distances with arbitrary tie order.
 - V, its query expansion and the Jaccard sums are float64 (the reference: float32, or float16), and the
   softmax is exp(-d) / sum exp(-d) without the max shift (d lies in [0, 4], nothing overflows). The graph
-  holds float64 distances so that ``<= eps`` is decided on the float64 value.
+  holds float64 distances rounded to 12 decimals (see (b) above; the reference leaves ties to float32
+  rounding).
 - R_comp / R_indep are float64 from exact integer counts (the reference: float32 from N x N float
   label-equality matrices, which could merge IoUs closer than ~2^-24; irrelevant below ~4,000 images
   per cluster). Distinct count ratios never collide in float64 below ~10^7 images.
@@ -79,22 +88,33 @@ Deviations from the reference code, all deliberate:
   then every other image its own id K, K+1, ... in index order (the reference leaves gaps and keeps
   1-member clusters under their old id; the partition is the same). ``drop_outliers`` gives them -1
   instead (cluster-contrast's choice, spec §2) and is off by default.
-- ``knn="ivf"`` / ``"hnsw"`` are approximate (not in the reference); the exact search runs on GPU faiss
-  when ``faiss.get_num_gpus() > 0`` (the reference always does), assuming its default full-fp32 GEMM.
+- k2 > k1 uses k1 rows for the query expansion: the reference's table has k1 columns.
+- The exact search runs on GPU faiss when ``faiss.get_num_gpus() > 0`` (as the reference always does),
+  assuming its default full-fp32 GEMM. ``knn="ivf"`` and ``"hnsw"`` are approximate (not in the
+  reference). ``ivf`` is IVF-Flat with faiss k-means lists (sqrt(8 N) of them, 40 training points per
+  list, 10 iterations) and nprobe 8, scanned list by list with one GEMM per list instead of faiss's
+  per-query scan (about 5x faster on the 2-core CPU here: faiss scans without reusing data across
+  queries), and symmetrically: a pair is scored when either point probes the other's list, which raises
+  the recall of mutual neighbours, the ones k-reciprocal sets are made of. ``hnsw`` is faiss's
+  IndexHNSWFlat (M 32, efConstruction 80, efSearch 128); its build is slow on CPU (~1 min per 100k at
+  512-d here).
 - DBSCAN runs single-threaded (the reference: n_jobs=-1; labels do not depend on it).
 - ``method="hdbscan"`` is a method change (no reference uses it, spec §8). The hdbscan package's
   precomputed mode needs a dense matrix or a connected sparse graph with >= min_samples stored entries
   per row; sklearn's HDBSCAN has the same requirements. So the dense-equivalent minimum spanning tree is
   built here from the full Jaccard graph (every pair sharing support, ``max_distance=None``): core
   distance = the min_samples-th smallest distance besides the point itself, 1 when fewer are stored
-  (the implicit value, as the hdbscan package computes it on a dense matrix); mutual reachability
+  (the implicit value; the hdbscan package computes it so on a dense matrix); mutual reachability
   max(core_i, core_j, d_ij) on stored pairs; scipy's MST per connected component (weights shifted by +1,
   which leaves the tree unchanged, so that zero distances stay edges); the components joined by edges of
   weight 1, which is what every missing pair weighs in the dense mutual-reachability graph. The tree goes
   through the hdbscan package's own ``label`` and ``_tree_to_labels`` (internal functions of the pinned
-  0.8.x). The self-paced criteria are not applied: they are defined by DBSCAN's eps (tight/loose runs at
-  eps -/+ gap), which HDBSCAN does not have; its own selection (excess of mass) already keeps only
-  persistent clusters.
+  0.8.x). Mutual reachability is full of ties (each edge carries a core distance), so the MST is not
+  unique: the clusters equal the package's on the dense matrix, but a few points hanging on tied edges
+  may be labelled differently (as two valid dense MSTs would). The self-paced criteria are not applied:
+  they are defined through DBSCAN's eps (tight and loose runs at eps -/+ gap), which HDBSCAN does not
+  have; its own excess-of-mass selection already keeps the persistent clusters. The full graph holds
+  every pair sharing support (tens per image, see ``graph_nnz_per_row``), several times the DBSCAN graph.
 """
 
 from __future__ import annotations
@@ -107,7 +127,6 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import scipy.sparse as sp
-import torch
 from scipy.sparse import csgraph
 from sklearn.cluster import DBSCAN
 
@@ -117,7 +136,8 @@ _MARGIN = 8  # candidates per row beyond k, so that the float32 boundary is sett
 _WIDE_MARGIN = 120  # second search for the rows the first could not certify
 _QUERY_CHUNK = 1 << 14  # queries searched and re-ranked at once
 _PAIR_CHUNK = 1 << 13  # pairs whose float64 similarities are computed at once
-_TRIPLE_CHUNK = 1 << 22  # (i, l, j) terms of the min-sums handled at once
+_TRIPLE_CHUNK = 1 << 14  # (i, l, j) terms of the min-sums handled at once (cache-sized)
+_CHUNK_ROWS = 64  # rows per min-sum chunk at most, which bounds its rows x distinct-j accumulator
 _FULL_ROW_CHUNK = 1 << 22  # float64 similarities of whole rows computed at once (fallback)
 _IVF_NPROBE = 8  # inverted lists visited per query; sqrt(nprobe N) lists balance assignment and scan
 _IVF_TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
@@ -125,6 +145,7 @@ _IVF_NITER = 10  # k-means iterations
 _HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF_SEARCH = 32, 80, 128
 _RECALL_QUERIES = 500  # queries for the approximate indices' recall against brute-force search
 _NORM_TOL = 1e-3  # accepted |norm - 1| of a feature row
+_DECIMALS = 12  # Jaccard distances are rounded to this many decimals: exact-arithmetic ties at eps count in
 _UNIT = 2.0**-24  # float32 unit roundoff
 
 
@@ -207,10 +228,10 @@ def _hnsw_index(x: np.ndarray) -> faiss.Index:
 def _ivf_candidates(x: np.ndarray, take: int, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     """IVF-Flat search of every row among all rows: float32 similarities and ids (N x take, -1 = none).
 
-    The result of faiss's IndexIVFFlat with nprobe = _IVF_NPROBE (each point probes the lists of its
-    nprobe most similar k-means centroids and scans them exhaustively), computed list by list: the
-    queries probing a list against its members are one GEMM, and each query's running top ``take`` is
-    merged. faiss scans per query (no data reuse), about 10x slower on CPU at N = 200k, 512-d.
+    Each point probes the lists of its nprobe most similar k-means centroids, as faiss's IndexIVFFlat
+    does, but the scan runs list by list: the queries probing a list against its members are one GEMM,
+    whose rows update the queries' running top ``take`` and whose columns the members' (a pair is
+    scored when either point probes the other's list; a pair scored twice is kept once).
     """
     n, dim = x.shape
     nlist = max(1, min(int(round(math.sqrt(_IVF_NPROBE * n))), n // _IVF_TRAIN_PER_LIST))
@@ -226,17 +247,13 @@ def _ivf_candidates(x: np.ndarray, take: int, stats: dict[str, float]) -> tuple[
     del probes
     best_s = np.full((n, take), -np.inf, np.float32)
     best_i = np.full((n, take), -1, np.int64)
-    xt = torch.from_numpy(x)
     for lst in range(nlist):
         m = members[member_at[lst]:member_at[lst + 1]]
         q = queries[query_at[lst]:query_at[lst + 1]]
-        if not len(m) or not len(q):
-            continue
-        top_s, top_j = torch.topk(xt[q] @ xt[m].T, min(take, len(m)), dim=1)
-        cat_s = np.concatenate([best_s[q], top_s.numpy()], 1)
-        cat_i = np.concatenate([best_i[q], m[top_j.numpy()]], 1)
-        keep = np.argpartition(-cat_s, take - 1, axis=1)[:, :take]
-        best_s[q], best_i[q] = np.take_along_axis(cat_s, keep, 1), np.take_along_axis(cat_i, keep, 1)
+        if len(m) and len(q):
+            sims = x[q] @ x[m].T
+            _merge_top(best_s, best_i, q, sims, m)
+            _merge_top(best_s, best_i, m, sims.T, q)  # the block also serves the members: symmetric probing
     stats.update(ivf_nlist=float(nlist), ivf_nprobe=float(nprobe))
     return best_s, best_i
 
@@ -244,18 +261,21 @@ def _ivf_candidates(x: np.ndarray, take: int, stats: dict[str, float]) -> tuple[
 def _rank(x: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (len(rows) x c; -1 = none) sorted by float64 similarity to their row, ties by index;
     missing candidates get -inf and go last."""
-    valid = cand >= 0
-    sims = np.full(cand.shape, -np.inf)
-    r = np.broadcast_to(rows[:, None], cand.shape)
-    sims[valid] = _pair_sims(x, r[valid], cand[valid])
+    sims = np.empty(cand.shape)
+    step = max(1, _PAIR_CHUNK // cand.shape[1])
+    for s in range(0, len(rows), step):  # each row's query vector gathered once
+        left = x[rows[s:s + step]].astype(np.float64)
+        right = x[np.maximum(cand[s:s + step], 0)].astype(np.float64)
+        sims[s:s + step] = np.einsum("id,ikd->ik", left, right)
+    sims[cand < 0] = -np.inf
     order = np.lexsort((cand, -sims), axis=-1)
     return np.take_along_axis(sims, order, 1), np.take_along_axis(cand, order, 1)
 
 
 def _full_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of whole rows: float64 similarities to all points, the best k + _MARGIN re-ranked."""
+    """Exact top-k of whole rows: float64 similarities to every point; everything tied with the k-th
+    (with a slack for the re-ranking's own rounding) is re-ranked, so ties are broken by index."""
     n = len(x)
-    take = min(n, k + _MARGIN)
     sims, ids = np.empty((len(rows), k)), np.empty((len(rows), k), np.int64)
     step = max(1, _FULL_ROW_CHUNK // n)
     for s in range(0, len(rows), step):
@@ -264,24 +284,43 @@ def _full_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.
         full = np.empty((len(part), n))
         for c0 in range(0, n, _PAIR_CHUNK):
             full[:, c0:c0 + _PAIR_CHUNK] = left @ x[c0:c0 + _PAIR_CHUNK].T.astype(np.float64)
-        cand = np.argpartition(-full, take - 1, axis=1)[:, :take]
-        s64, cand = _rank(x, part, cand)
-        sims[s:s + step], ids[s:s + step] = s64[:, :k], cand[:, :k]
+        kth = -np.partition(-full, k - 1, axis=1)[:, k - 1]
+        for r, row in enumerate(part):
+            cand = np.flatnonzero(full[r] >= kth[r] - 1e-12)
+            s64, cand = _rank(x, np.array([row]), cand[None, :])
+            sims[s + r], ids[s + r] = s64[0, :k], cand[0, :k]
     return sims, ids
 
 
+def _merge_top(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray) -> None:
+    """Merge the block ``sims`` (len(rows) x len(ids)) into the running top candidates of ``rows``
+    (distinct); an id already held is not taken twice."""
+    take = best_s.shape[1]
+    if sims.shape[1] > take:
+        top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+        sims, ids = np.take_along_axis(sims, top, 1), ids[top]
+    else:
+        ids = np.broadcast_to(ids, sims.shape)
+    cat_i = np.concatenate([best_i[rows], ids], 1)
+    by_id = np.argsort(cat_i, axis=1, kind="stable")
+    cat_i = np.take_along_axis(cat_i, by_id, 1)
+    cat_s = np.take_along_axis(np.concatenate([best_s[rows], sims], 1), by_id, 1)
+    again = np.zeros(cat_i.shape, bool)
+    again[:, 1:] = cat_i[:, 1:] == cat_i[:, :-1]  # the same pair seen in two blocks
+    cat_s[again], cat_i[again] = -np.inf, -1
+    keep = np.argpartition(-cat_s, take - 1, axis=1)[:, :take]
+    best_s[rows], best_i[rows] = np.take_along_axis(cat_s, keep, 1), np.take_along_axis(cat_i, keep, 1)
+
+
 def _brute_candidates(x: np.ndarray, rows: np.ndarray, take: int) -> np.ndarray:
-    """The ``take`` most similar points to each of ``rows`` by float32 brute force, in database chunks."""
-    xt = torch.from_numpy(x)
-    best_s = torch.full((len(rows), 0), -torch.inf)
-    best_i = torch.zeros((len(rows), 0), dtype=torch.int64)
+    """The ids of the ``take`` most similar points to each of ``rows``, float32 brute force by database chunks."""
+    best_s = np.full((len(rows), take), -np.inf, np.float32)
+    best_i = np.full((len(rows), take), -1, np.int64)
+    every = np.arange(len(rows))
     for c0 in range(0, len(x), _QUERY_CHUNK):
-        block = xt[rows] @ xt[c0:c0 + _QUERY_CHUNK].T
-        cat_s = torch.cat([best_s, block], 1)
-        cat_i = torch.cat([best_i, torch.arange(c0, c0 + block.shape[1]).expand(len(rows), -1)], 1)
-        best_s, at = torch.topk(cat_s, min(take, cat_s.shape[1]), dim=1)
-        best_i = torch.gather(cat_i, 1, at)
-    return best_i.numpy()
+        block = x[rows] @ x[c0:c0 + _QUERY_CHUNK].T
+        _merge_top(best_s, best_i, every, block, np.arange(c0, c0 + block.shape[1]))
+    return best_i
 
 
 def _knn(x: np.ndarray, k: int, kind: str, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -344,78 +383,135 @@ def knn_search(features: np.ndarray, k: int, index: str = "exact") -> tuple[np.n
     return _knn(x, k, index, {})
 
 
+def _index_type(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
+
+
 def _pattern(cols: np.ndarray, n: int, dtype: type = np.int32) -> sp.csr_matrix:
-    """N x N 0/1 matrix with row i set at ``cols[i]`` (no duplicates within a row)."""
+    """N x N 0/1 matrix with row i set at ``cols[i]`` (no duplicates within a row), in the given order."""
     per_row = cols.shape[1]
-    return sp.csr_matrix((np.ones(cols.size, dtype), cols.ravel(), np.arange(0, cols.size + 1, per_row)),
-                         shape=(n, n))
+    return sp.csr_matrix((np.ones(cols.size, dtype), cols.ravel().astype(_index_type(n)),
+                          np.arange(0, cols.size + 1, per_row)), shape=(n, n))
 
 
 def _reciprocal(ids: np.ndarray, p: int) -> sp.csr_matrix:
-    """R(i, ·) as a 0/1 matrix: the first p columns of row i that have i among their own first p."""
-    forward = _pattern(ids[:, :p], len(ids))
-    return forward.multiply(forward.T).tocsr()
+    """R(i, p) as a 0/1 matrix: the first p columns of row i that have i among their own first p."""
+    n = len(ids)
+    keys = (np.arange(n, dtype=np.int64)[:, None] * n + np.sort(ids[:, :p], axis=1)).ravel()  # sorted
+    mutual = np.empty((n, p), bool)
+    for r0 in range(0, n, _QUERY_CHUNK):
+        block = ids[r0:r0 + _QUERY_CHUNK, :p]
+        wanted = block * n + np.arange(r0, r0 + len(block))[:, None]  # is (j, i) in the table?
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        mutual[r0:r0 + len(block)] = keys[at] == wanted
+    del keys
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(mutual.sum(axis=1), out=indptr[1:])
+    out = sp.csr_matrix((np.ones(int(indptr[-1]), np.int32), ids[:, :p][mutual].astype(_index_type(n)), indptr),
+                        shape=(n, n))
+    out.sort_indices()
+    return out
 
 
 def _expanded_weights(x: np.ndarray, sims: np.ndarray, ids: np.ndarray, k1: int) -> sp.csr_matrix:
-    """V before query expansion (steps 2-4): softmax(-d) over each expanded k-reciprocal set."""
+    """V before query expansion (steps 2-4): softmax(-d) over each expanded k-reciprocal set, in chunks of
+    rows so that the pairwise products of the k-reciprocal sets stay small."""
     n = len(x)
     recip = _reciprocal(ids, k1)
     recip_half = _reciprocal(ids, min(k1, int(np.around(k1 / 2)) + 1))
-    # (i, c) for c in R(i, k1), valued |R(c, k1/2) ∩ R(i, k1)|
-    overlap = recip.multiply(recip @ recip_half.T).tocsr()
-    rows = np.repeat(np.arange(n), np.diff(overlap.indptr))
-    accept = overlap.data > 2 / 3 * np.diff(recip_half.indptr)[overlap.indices]
-    merged = sp.csr_matrix((np.ones(np.count_nonzero(accept), np.int32), (rows[accept], overlap.indices[accept])),
-                           shape=(n, n))
-    expanded = (recip + merged @ recip_half).tocsr()
-    expanded.sum_duplicates()  # one entry per member, columns sorted
-    del recip, recip_half, overlap, merged
-    rows = np.repeat(np.arange(n), np.diff(expanded.indptr))
-    cols = expanded.indices.astype(np.int64)
-    # members in the row's kNN table have their similarity already; the rest are computed
+    half_len = np.diff(recip_half.indptr)
+    half_t = recip_half.T.tocsr()
+    # the kNN table sorted by id: members found there have their similarity already
     by_id = np.argsort(ids, axis=1)
-    known = (np.arange(n)[:, None] * n + np.take_along_axis(ids, by_id, 1)).ravel()  # globally sorted
-    wanted = rows * n + cols
-    at = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
-    found = known[at] == wanted
-    s = np.empty(len(rows))
-    s[found] = np.take_along_axis(sims, by_id, 1).ravel()[at[found]]
-    s[~found] = _pair_sims(x, rows[~found], cols[~found])
-    weight = np.exp(-(2 - 2 * s))
-    weight /= np.bincount(rows, weights=weight, minlength=n)[rows]
-    return sp.csr_matrix((weight, expanded.indices, expanded.indptr), shape=(n, n))
+    ids_by_id, sims_by_id = np.take_along_axis(ids, by_id, 1), np.take_along_axis(sims, by_id, 1)
+    del by_id
+    data, indices, lens = [], [], []
+    for r0 in range(0, n, _QUERY_CHUNK):
+        r1 = min(n, r0 + _QUERY_CHUNK)
+        block = recip[r0:r1]
+        # (i, c) for c in R(i, k1), valued |R(c, k1/2) ∩ R(i, k1)|
+        overlap = block.multiply(block @ half_t).tocsr()
+        local = np.repeat(np.arange(r1 - r0), np.diff(overlap.indptr))
+        accept = overlap.data > 2 / 3 * half_len[overlap.indices]
+        merged = sp.csr_matrix((np.ones(np.count_nonzero(accept), np.int32), (local[accept], overlap.indices[accept])),
+                               shape=(r1 - r0, n))
+        expanded = (block + merged @ recip_half).tocsr()
+        expanded.sum_duplicates()  # one entry per member, columns sorted
+        local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(expanded.indptr))
+        cols = expanded.indices.astype(np.int64)
+        known = (np.arange(r1 - r0, dtype=np.int64)[:, None] * n + ids_by_id[r0:r1]).ravel()  # sorted
+        wanted = local * n + cols
+        at = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
+        found = known[at] == wanted
+        s = np.empty(len(cols))
+        s[found] = sims_by_id[r0:r1].ravel()[at[found]]
+        s[~found] = _pair_sims(x, r0 + local[~found], cols[~found])
+        weight = np.exp(-(2 - 2 * s))
+        weight /= np.bincount(local, weights=weight, minlength=r1 - r0)[local]
+        data.append(weight)
+        indices.append(expanded.indices)
+        lens.append(np.diff(expanded.indptr))
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.concatenate(lens), out=indptr[1:])
+    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=(n, n))
 
 
-def _min_sums(v: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, m_ij) for every pair j >= i whose rows of ``v`` (sorted indices) share support,
-    m_ij = sum_l min(v_il, v_jl)."""
+def _shared_pairs(v: sp.csr_matrix, max_distance: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, d_ij) for the pairs j > i whose rows of ``v`` (sorted indices) share support and whose
+    d_ij = max(0, 1 - m/(2 - m)), m = sum_l min(v_il, v_jl), rounded to _DECIMALS decimals, is
+    <= ``max_distance`` (all when None).
+
+    Walks v's column index from each entry (i, l) to the rows j >= i of column l, a chunk of rows at a
+    time (about _TRIPLE_CHUNK terms, at most _CHUNK_ROWS rows). Each chunk's pairs get compact ids (the
+    distinct j through a stamp array, no sort) and one bincount sums their terms, each pair's in
+    ascending l, as the reference's running ``temp_min`` does.
+    """
     n = v.shape[0]
     v_cols = v.tocsc()
     v_cols.sort_indices()
+    index_type = np.int32 if v.nnz < 2**31 else np.int64
+    # per entry (i, l) of v, the rows j >= i of column l: first[e] .. the end of column l
     col_keys = np.repeat(np.arange(n, dtype=np.int64), np.diff(v_cols.indptr)) * n + v_cols.indices  # sorted
-    entry_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(v.indptr))
-    # per entry (i, l) of v, the rows j >= i of column l: first[e] .. end of the column
-    first = np.searchsorted(col_keys, v.indices.astype(np.int64) * n + entry_rows)
-    lens = v_cols.indptr[v.indices + 1] - first
-    row_terms = np.cumsum(np.bincount(entry_rows, weights=lens, minlength=n))
-    out_i, out_j, out_m = [], [], []
+    first = np.empty(v.nnz, index_type)
+    for r0 in range(0, n, _QUERY_CHUNK):
+        e0, e1 = v.indptr[r0], v.indptr[min(n, r0 + _QUERY_CHUNK)]
+        keys = v.indices[e0:e1].astype(np.int64) * n + np.repeat(np.arange(r0, min(n, r0 + _QUERY_CHUNK)),
+                                                                  np.diff(v.indptr[r0:r0 + _QUERY_CHUNK + 1]))
+        first[e0:e1] = np.searchsorted(col_keys, keys)
+    del col_keys
+    terms_before = np.zeros(v.nnz + 1, np.int64)
+    np.cumsum(v_cols.indptr[v.indices + 1] - first, out=terms_before[1:])
+    row_terms = terms_before[v.indptr[1:]]  # terms of rows 0..i
+    del terms_before
+    stamp, local = np.empty(n, np.int64), np.empty(n, np.int64)
+    out_i, out_j, out_d = [], [], []
     r0 = 0
-    while r0 < n:  # chunks of whole rows holding about _TRIPLE_CHUNK terms
+    while r0 < n:
         budget = (row_terms[r0 - 1] if r0 else 0) + _TRIPLE_CHUNK
-        r1 = max(r0 + 1, int(np.searchsorted(row_terms, budget, side="right")))
+        r1 = min(r0 + _CHUNK_ROWS, max(r0 + 1, int(np.searchsorted(row_terms, budget, side="right"))))
         e0, e1 = v.indptr[r0], v.indptr[r1]
-        cnt = lens[e0:e1]
-        at = np.repeat(first[e0:e1] - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))
-        vals = np.minimum(np.repeat(v.data[e0:e1], cnt), v_cols.data[at])
-        block = sp.csr_matrix((vals, (np.repeat(entry_rows[e0:e1] - r0, cnt), v_cols.indices[at])),
-                              shape=(r1 - r0, n))
-        block.sum_duplicates()
-        out_i.append(r0 + np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(block.indptr)))
-        out_j.append(block.indices.astype(np.int64))
-        out_m.append(block.data)
+        cnt = (v_cols.indptr[v.indices[e0:e1] + 1] - first[e0:e1]).astype(np.int64)
+        total = int(cnt.sum())
+        at = np.repeat(first[e0:e1] - (np.cumsum(cnt) - cnt), cnt) + np.arange(total)
+        j = v_cols.indices[at]
+        terms = np.minimum(np.repeat(v.data[e0:e1], cnt), v_cols.data[at])
+        order = np.arange(total)
+        stamp[j] = order  # the last occurrence of each j wins: one representative per distinct j
+        distinct = j[stamp[j] == order]
+        local[distinct] = np.arange(len(distinct))
+        key = np.repeat(np.repeat(np.arange(r1 - r0), np.diff(v.indptr[r0:r1 + 1])), cnt) * len(distinct) + local[j]
+        m = np.bincount(key, weights=terms, minlength=(r1 - r0) * len(distinct))
+        pair = np.flatnonzero(m)  # every term is > 0, so the pairs that occur
+        d = np.round(np.maximum(1 - m[pair] / (2 - m[pair]), 0), _DECIMALS)
+        pi, pj = r0 + pair // len(distinct), distinct[pair % len(distinct)]
+        keep = pj != pi
+        if max_distance is not None:
+            keep &= d <= max_distance
+        out_i.append(pi[keep])
+        out_j.append(pj[keep])
+        out_d.append(d[keep])
         r0 = r1
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_m)
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
 
 
 def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | None,
@@ -426,20 +522,18 @@ def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | 
     v = _expanded_weights(x, sims, ids, k1)
     if k2 != 1:
         expansion = ids[:, :min(k2, k1)]
-        v = (_pattern(expansion, n, np.float64) @ v).tocsr()
+        v = (_pattern(expansion, n, np.float64) @ v).tocsr()  # sums in rank order, as np.mean over rows
         v.data /= expansion.shape[1]
         v.sort_indices()
     del sims, ids
     stats["v_nnz_per_row"] = v.nnz / n
-    rows, cols, m = _min_sums(v)
-    d = np.maximum(1 - m / (2 - m), 0)
-    off = rows != cols
-    keep = off & (d <= max_distance) if max_distance is not None else off
-    rows, cols, d = rows[keep], cols[keep], d[keep]
+    rows, cols, d = _shared_pairs(v, max_distance)
     # the diagonal: 0, or 1 where the row of v is empty (then nothing is shared with itself either)
     diag = np.where(np.diff(v.indptr) > 0, 0.0, 1.0)
+    del v
     every = np.arange(n, dtype=np.int64)
-    rows, cols, d = np.concatenate([rows, cols, every]), np.concatenate([cols, rows, every]), np.concatenate([d, d, diag])
+    rows, cols = np.concatenate([rows, cols, every]), np.concatenate([cols, rows, every])
+    d = np.concatenate([d, d, diag])
     order = np.lexsort((cols, d, rows))  # rows sorted by distance, ties by column
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])

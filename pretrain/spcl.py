@@ -95,6 +95,7 @@ class PoolConfig:
     splits: list[str] = field(default_factory=lambda: ["runs/demo/shards/synthetic_lup/pool"])
     cfs_ranking: str = ""  # ranking file (pretrain/cfs.py output or the released CFS_list.pkl); "" keeps all
     cfs_keep: float = 0.5  # fraction of each split's ranked images kept when a ranking is given
+    max_images: int = 0  # > 0: only the first this many kept images of the pool (smoke and CPU runs)
     p: int = 16  # pseudo-identities per process and iteration
     k: int = 4  # images per pseudo-identity
     workers: int = 2
@@ -121,6 +122,9 @@ class SpCLConfig:
     iters_per_epoch: int = 400
     cluster_features: str = choice("memory", "reextract")
     samples_per_bn: int = 0  # split each process's batch into BatchNorm groups of this size; 0 = whole batch
+    # Train-mode passes (no gradient) over pool images that set the BatchNorm running statistics before
+    # the first extraction: a random init's (0, 1) statistics make eval-mode features meaningless.
+    bn_calibration_batches: int = 0
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=lambda: [20])
@@ -235,6 +239,8 @@ class SpCLTrainer:
         parts = [IndexedShards(s) for s in d.splits]
         offsets = ConcatShards(parts).offsets
         self.slots = np.concatenate([k + off for k, off in zip(kept_samples(d), offsets)])
+        if d.max_images > 0:
+            self.slots = self.slots[:d.max_images]
         self.train_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=True)) for s in d.splits])
         self.test_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=False)) for s in d.splits])
         n = len(self.slots)
@@ -262,6 +268,8 @@ class SpCLTrainer:
         if resume:
             self._resume()
         else:
+            if cfg.bn_calibration_batches > 0:
+                self._calibrate_batchnorm()
             self._initialise_memory()
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -304,6 +312,27 @@ class SpCLTrainer:
         position = acc.gather(acc.pad_across_processes(position.to(acc.device), dim=0, pad_index=-1)).cpu()
         keep = position >= 0
         return feats[keep], position[keep].numpy()
+
+    @torch.no_grad()
+    def _calibrate_batchnorm(self) -> None:
+        """Running statistics as the cumulative average over the same seeded batches on every rank."""
+        cfg, acc = self.cfg, self.accelerator
+        encoder = acc.unwrap_model(self.model)
+        norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        size = cfg.data.test_batch_size
+        rng = np.random.default_rng(cfg.seed)
+        picks = rng.choice(len(self.slots), min(len(self.slots), size * cfg.bn_calibration_batches), replace=False)
+        loader = DataLoader(Subset(self.test_pool, self.slots[np.sort(picks)].tolist()), batch_size=size,
+                            num_workers=cfg.data.workers, collate_fn=collate)
+        encoder.train()
+        for batch in tqdm(loader, desc="BatchNorm calibration", leave=False, disable=not acc.is_local_main_process):
+            if "image" in batch:
+                encoder(self.normalize(batch["image"].to(acc.device)))
+        for m in norms:
+            m.momentum = 0.1
 
     @torch.no_grad()
     def _initialise_memory(self) -> None:

@@ -6,7 +6,8 @@ of examples/spcl_train_usl.py (spec §1.3) with three dense DBSCANs and the N x 
 The definitions the sparse version fixes are taken over, so that results can be compared exactly:
 neighbours ranked by float64 cosine similarity with ties by index (a stable argsort; the reference uses
 faiss float32 L2 with arbitrary ties), float64 V (``dtype``; the reference keeps float32), softmax as
-exp(-d) / sum, and float64 IoUs. ``canonical`` renumbers SpCL's labels the way the sparse version
+exp(-d) / sum, float64 distances rounded to 12 decimals (so that exact-arithmetic ties at eps count as
+neighbours whatever the order of the sums), and float64 IoUs. ``canonical`` renumbers SpCL's labels the way the sparse version
 reports them. Peak memory is about three N x N arrays of ``dtype`` plus the label matrices
 (``iou_block`` rows of them at a time).
 """
@@ -36,11 +37,14 @@ def k_reciprocal_neigh(initial_rank: np.ndarray, i: int, k1: int) -> np.ndarray:
     return forward_k_neigh_index[fi]
 
 
-def dense_jaccard(features: np.ndarray, k1: int = 30, k2: int = 6, dtype: type = np.float64) -> np.ndarray:
-    """compute_jaccard_distance(features, k1, k2) as an N x N ``dtype`` array."""
+def dense_jaccard(features: np.ndarray, k1: int = 30, k2: int = 6, dtype: type = np.float64,
+                  initial_rank: np.ndarray | None = None) -> np.ndarray:
+    """compute_jaccard_distance(features, k1, k2) as an N x N ``dtype`` array (``initial_rank``:
+    dense_knn(features, k1), when already computed)."""
     x = features.astype(np.float64)
     n = len(x)
-    initial_rank = dense_knn(x, k1)  # k = k1 columns, as the reference's faiss search
+    if initial_rank is None:
+        initial_rank = dense_knn(x, k1)  # k = k1 columns, as the reference's faiss search
     nn_k1 = [k_reciprocal_neigh(initial_rank, i, k1) for i in range(n)]
     nn_k1_half = [k_reciprocal_neigh(initial_rank, i, int(np.around(k1 / 2))) for i in range(n)]
     v = np.zeros((n, n), dtype)
@@ -73,6 +77,8 @@ def dense_jaccard(features: np.ndarray, k1: int = 30, k2: int = 6, dtype: type =
         jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
     del inv_index, v
     jaccard_dist[jaccard_dist < 0] = 0
+    if jaccard_dist.dtype == np.float64:  # the tie rule of the sparse version (float32 is left as SpCL has it)
+        np.round(jaccard_dist, 12, out=jaccard_dist)
     return jaccard_dist
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import finetune.engine as engine
@@ -30,9 +31,12 @@ def tiny_person(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(shards: Path, out: Path, name: str, *extra: str) -> TrainConfig:
+OSNET = ("model.name=osnet", "model.options={variant: osnet_x0_25}")
+
+
+def _config(shards: Path, out: Path, name: str, *extra: str, model: tuple[str, ...] = OSNET) -> TrainConfig:
     return load_config(TrainConfig, None, [
-        f"run_name={name}", f"output_dir={out}", "model.name=osnet", "model.options={variant: osnet_x0_25}",
+        f"run_name={name}", f"output_dir={out}", *model,
         f"data.train=[{shards / 'train'}]", f"data.query={shards / 'query'}", f"data.gallery={shards / 'gallery'}",
         "data.p=4", "data.k=4", "data.workers=0", "data.transform.height=64", "data.transform.width=32",
         "epochs=2", "eval_every=1", "optim.warmup_epochs=1", "optim.lr=0.003", "log_every=1", *extra])
@@ -81,6 +85,46 @@ def test_killed_run_resumes_to_the_same_weights(tiny_person: Path, tmp_path: Pat
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert (whole[key].float() - resumed[key].float()).abs().max() <= 1e-5, key
+
+
+def test_bot_centres_get_their_own_sgd_and_resume(tiny_person: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """BoT with center loss and optim.center_lr: the centres move under their own SGD (the main optimiser
+    leaves them out), and a run killed in epoch 2 resumes to the same weights and centres."""
+    bot = ("model.name=bot_resnet50", "model.options={center_loss: true}")
+    extra = ("optim.center_lr=0.5", "max_iters_per_epoch=2", "data.k=2")
+
+    def trainer(name: str, resume: bool = False) -> engine.Trainer:
+        return engine.Trainer(_config(tiny_person, tmp_path, name, *extra, model=bot), resume)
+
+    def centres_of(t: engine.Trainer) -> torch.Tensor:
+        return t.criterion.owned["center:global/feat"].centers
+
+    whole = trainer("whole")
+    centres = centres_of(whole)
+    start = centres.detach().clone()
+    assert whole.center_optimizer is not None and whole.center_optimizer.param_groups[0]["lr"] == 0.5
+    assert all(p is not centres for g in whole.optimizer.param_groups for p in g["params"])
+    whole.fit()
+    assert (centres.detach() - start).abs().max() > 1e-3  # moved, by their own optimiser alone
+
+    real = engine.Trainer._train_epoch
+
+    def dies_in_epoch_two(self, epoch, tally):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+        return real(self, epoch, tally)
+
+    monkeypatch.setattr(engine.Trainer, "_train_epoch", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        trainer("killed").fit()
+    monkeypatch.setattr(engine.Trainer, "_train_epoch", real)
+    resumed = trainer("killed", resume=True)
+    assert resumed.fit()["epoch"] == 2
+    assert (centres_of(resumed).detach() - centres.detach()).abs().max() <= 1e-5
+    a = load_file(str(tmp_path / "whole" / "model_final.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model_final.safetensors"))
+    assert a.keys() == b.keys() and all((a[k].float() - b[k].float()).abs().max() <= 1e-5 for k in a)
 
 
 def test_bad_input_fails_in_one_line(tiny_person: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from finetune.losses import CenterLoss, CircleSoftmax, Criterion, LossConfig, batch_hard_triplet
 from finetune.models.base import LossTerm
-from finetune.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
+from finetune.optim import OptimConfig, build_center_optimizer, build_optimizer, build_scheduler, lr_factor
 
 PIDS = torch.tensor([0, 0, 1, 1])
 POINTS = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
@@ -107,3 +107,42 @@ def test_backbone_frozen_for_the_first_iterations() -> None:
         sched.step()
         moved = not torch.equal(model["backbone"].weight, start)
         assert moved == (it >= 3), it  # frozen during iterations 0..2, training from iteration 3
+
+
+def test_center_loss_centres_get_bots_own_sgd() -> None:
+    """center_lr > 0 (BoT §3.6): the centres leave the main optimiser and its schedule; their SGD step at
+    center_lr follows the gradient of the unweighted center loss, c_j -= lr * 2 * sum_{y_i=j} (c_j - f_i) / N."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    terms = [LossTerm("triplet", "feat"), LossTerm("center", "feat", 5e-4)]
+    crit = Criterion(terms, num_classes=2, dims={"feat": 1}, cfg=LossConfig(triplet_margin=0.3))
+    holder = torch.nn.ModuleDict({"model": net, "criterion": crit})
+    centres = crit.owned["center:feat"].centers
+    assert crit.centers() == [(centres, 5e-4)]
+
+    shared = build_optimizer(holder, OptimConfig())  # center_lr 0: one optimiser moves everything
+    assert any(p is centres for g in shared.param_groups for p in g["params"])
+    cfg = OptimConfig(name="adam", lr=0.01, warmup_epochs=0, center_lr=0.5)
+    main = build_optimizer(holder, cfg, exclude=[p for p, _ in crit.centers()])
+    own = build_center_optimizer(crit.centers(), cfg)
+    assert all(p is not centres for g in main.param_groups for p in g["params"])
+    assert [g["params"] for g in own.param_groups] == [[centres]] and own.defaults["momentum"] == 0
+    assert build_center_optimizer(crit.centers(), OptimConfig()) is None and build_center_optimizer([], cfg) is None
+    sched = build_scheduler(main, cfg, iters_per_epoch=10, total_epochs=1)  # cosine to 0: never touches centres
+
+    x = torch.randn(4, 2)
+    for _ in range(3):
+        feats = net(x)
+        before = centres.detach().clone()
+        expected = before.clone()
+        for j in range(2):
+            members = feats.detach()[PIDS == j]
+            expected[j] -= 0.5 * 2 * (before[j] - members).sum(0) / len(PIDS)
+        main.zero_grad()
+        own.zero_grad()
+        crit({"feat": feats}, PIDS)[0].backward()
+        main.step()
+        own.step()
+        sched.step()
+        assert torch.allclose(centres.detach(), expected, atol=1e-6)
+    assert own.param_groups[0]["lr"] == 0.5

@@ -6,7 +6,8 @@ Re-identification", CVPRW 2019); models.md §3.
   a frozen zero bias gives ``f_i``, a bias-free linear classifier (init N(0, 0.001)) gives the logits.
 - Losses (§3.3, §3.6): label-smoothed CE (ε = 0.1) on the logits, batch-hard triplet (margin 0.3) on
   ``f_t``, and, with ``center_loss=True``, center loss on ``f_t`` with weight 5e-4. The ε, the margin and
-  the centres (with their own SGD, lr 0.5) belong to ``finetune.losses``; the model only routes outputs.
+  the centres belong to ``finetune.losses``, the centres' own SGD (lr 0.5, ``optim.center_lr``) to
+  ``finetune.optim``; the model only routes outputs.
 - Train mode returns ``{"global/feat": f_t, "global/bn_feat": f_i, "global/logits": logits}``; eval mode returns ``f_i``
   (the paper's "after" feature, compared by cosine distance).
 
@@ -17,7 +18,8 @@ Options: ``last_stride`` (1), ``center_loss`` (False), ``pooling`` ("avg", or "g
 The paper starts from ImageNet weights; here they come from a local file, loaded onto ``backbone.`` by
 ``shared.weights.load_weights(model, path, prefix="backbone.")``.
 Deviation: center loss is off by default (the BNNeck-only setting, 94.1/85.7 on Market in the paper,
-against 94.5/85.9 with it), because its centres need their own optimiser in the engine.
+against 94.5/85.9 with it); ``center_loss=True`` with ``optim.center_lr=0.5`` is the paper's full recipe
+(launch/configs/bot_market.yaml sets the lr, so the option alone switches it on).
 """
 
 from __future__ import annotations

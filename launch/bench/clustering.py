@@ -1,0 +1,238 @@
+"""SpCL clustering speed and memory on synthetic re-ID features: the dense reference against the sparse step.
+
+    python launch/bench/clustering.py [--msmt 32621] [--msmt-dim 2048] [--dense-size N]
+        [--sizes 10000,50000,200000,1000000] [--dim 512] [--approx-above 100000] [--agreement-size 50000]
+        [--out runs/bench/clustering.json]
+
+Features: identities of geometrically distributed sizes (>= 3 images), centres random unit vectors (a
+third of them look-alikes of another identity, cosine ~0.7), images = centre + isotropic Gaussian noise of
+norm 0.6-1.1 (per identity: cosine to the centre ~0.7-0.85, between images of an identity ~0.45-0.75),
+plus un-clustered images in random directions; L2-normalised, float32. So DBSCAN has real work: look-alikes
+merge at the loose eps, noisy identities fragment, and the criteria reject some.
+
+(1) MSMT17-train size (32,621 x 2048, ~31 images per identity, 10 % un-clustered): the dense reference
+    of tests/dense_clustering.py (dense Jaccard with float32 V as SpCL keeps it, three dense DBSCANs,
+    label-matrix IoUs in row blocks of 1,024 instead of SpCL's five whole N x N float matrices) and
+    ``SelfPacedClustering`` (exact kNN), each in a fresh process so that peak RSS is its own; labels
+    compared. The dense reference needs about 3 N x N float32 (13 GB at full size); if that does not fit
+    in 80 % of the available memory, or with ``--dense-size n``, it runs at n and n/2 instead (the sparse
+    step at n as well, for the label comparison) and is extrapolated: time by (N/n)^2, peak RSS as
+    a + b N^2 through the two runs. The table says when figures are extrapolated.
+(2) Scale curve of the sparse step at ``--sizes`` (512-d, ~16 per identity, 20 % un-clustered): exact
+    kNN below ``--approx-above``, IVF above (kNN recall against brute force on 500 queries reported);
+    targets 1M in <= 20 min and <= 8 GB. ``--agreement-size n`` also clusters n images with both
+    indices and reports the adjusted Rand index between the two labelings (0 skips it).
+
+Sizes are flags, so ``--msmt 4000 --sizes 10000,50000 --agreement-size 0`` is a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+from pretrain.clustering import ClusterConfig, SelfPacedClustering
+from shared.io import atomic_write_json
+from shared.table import format_table
+
+ROOT = Path(__file__).resolve().parents[2]
+GB = 2**30
+MSMT_TRAIN = 32_621
+CHUNK = 1 << 15  # rows of features generated at once
+
+
+def _dense_module() -> ModuleType:
+    """tests/dense_clustering.py by path (the reference lives with the tests that check against it)."""
+    spec = importlib.util.spec_from_file_location("reference_dense_clustering", ROOT / "tests" / "dense_clustering.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic(n: int, dim: int, mean_size: float, unclustered: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features as in the module docstring and the identity of each (-1: un-clustered)."""
+    rng = np.random.default_rng(seed)
+    n_clustered = int(round(n * (1 - unclustered)))
+    sizes = 2 + rng.geometric(1 / (mean_size - 2), size=n_clustered // 3 + 1)  # >= 3 each: enough of them
+    sizes = sizes[:int(np.searchsorted(np.cumsum(sizes), n_clustered)) + 1]
+    sizes[-1] -= sizes.sum() - n_clustered  # the last identity keeps >= 1 member
+    num_ids = len(sizes)
+    centres = rng.standard_normal((num_ids, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    alike = rng.random(num_ids) < 1 / 3
+    centres[alike] += centres[rng.integers(0, num_ids, np.count_nonzero(alike))]
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    spread = rng.uniform(0.6, 1.1, num_ids).astype(np.float32)
+    owner = np.r_[np.repeat(np.arange(num_ids), sizes), np.full(n - n_clustered, -1)][rng.permutation(n)]
+    x = np.empty((n, dim), np.float32)
+    for s in range(0, n, CHUNK):
+        own = owner[s:s + CHUNK]
+        member = own >= 0
+        block = rng.standard_normal((len(own), dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+        block[member] = block[member] * spread[own[member], None] + centres[own[member]]
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        x[s:s + CHUNK] = block
+    return x, owner
+
+
+def _isolated(method: str, n: int, dim: int, mean_size: float, unclustered: float, knn: str,
+              labels_path: str | None) -> dict[str, float]:
+    """Runs in a fresh process: generate the features, cluster them once, report time and peak RSS."""
+    x, _ = synthetic(n, dim, mean_size, unclustered)
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result: dict[str, float] = {}
+    start = time.perf_counter()
+    if method == "sparse":
+        out = SelfPacedClustering(ClusterConfig(knn=knn))(x)
+        labels = out.labels
+        result.update(out.stats)
+    else:
+        dense = _dense_module()
+        cfg = ClusterConfig()
+        ranks = dense.dense_knn(x, cfg.k1)
+        result["knn_s"] = time.perf_counter() - start
+        jaccard = dense.dense_jaccard(x, cfg.k1, cfg.k2, dtype=np.float32, initial_rank=ranks)
+        result["jaccard_s"] = time.perf_counter() - start - result["knn_s"]
+        spcl, thres = dense.dense_spcl_labels(jaccard, cfg.eps, cfg.eps_gap, cfg.min_samples, iou_block=1024)
+        labels = dense.canonical(spcl)
+        result["indep_threshold"] = thres
+    result["seconds"] = time.perf_counter() - start
+    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["start_rss"] = start_rss
+    if labels_path:
+        np.save(labels_path, labels)
+    return result
+
+
+def _in_fresh_process(*args) -> dict[str, float]:
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        result = pool.submit(_isolated, *args).result()
+    # progress of a long run, one line per process
+    print(f"{args[0]} {args[1]:,} x {args[2]} ({args[5]}): {result['seconds']:.1f} s, "
+          f"peak RSS {result['peak_rss'] / GB:.2f} GB", file=sys.stderr, flush=True)
+    return result
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":") for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def bench_msmt(args: argparse.Namespace, rows: list, report: dict, tmp: Path) -> None:
+    n, dim = args.msmt, args.msmt_dim
+    shape = (dim, 31.0, 0.1)
+    need = 3.3 * n * n * 4  # dense V, its query expansion (then the Jaccard matrix), float32, plus DBSCAN's share
+    dense_n = args.dense_size or (n if need <= 0.8 * _available_memory() else None)
+    if dense_n is None:
+        fit = np.sqrt(0.8 * _available_memory() / (3.3 * 4))
+        dense_n = int(fit) // 1000 * 1000
+    sizes = [dense_n] if dense_n >= n else [dense_n // 2, dense_n]
+    dense_runs = [_in_fresh_process("dense", m, *shape, "exact", str(tmp / f"dense_{m}.npy")) for m in sizes]
+    check = _in_fresh_process("sparse", dense_n, *shape, "exact", str(tmp / f"sparse_{dense_n}.npy"))
+    ref, ours = np.load(tmp / f"dense_{dense_n}.npy"), np.load(tmp / f"sparse_{dense_n}.npy")
+    differing = int(np.count_nonzero(ref != ours))
+    ari = float(adjusted_rand_score(ref, ours))
+    sparse = check if dense_n == n else _in_fresh_process("sparse", n, *shape, "exact", None)
+    last = dense_runs[-1]
+    if len(dense_runs) == 1:
+        dense_s, dense_peak, how = last["seconds"], last["peak_rss"], "measured"
+        stages = {k: last[k] for k in ("knn_s", "jaccard_s")}
+    else:
+        scale = (n / dense_n) ** 2
+        dense_s = last["seconds"] * scale
+        slope = (last["peak_rss"] - dense_runs[0]["peak_rss"]) / (dense_n**2 - sizes[0] ** 2)
+        dense_peak = last["peak_rss"] + slope * (n**2 - dense_n**2)
+        stages = {k: last[k] * scale for k in ("knn_s", "jaccard_s")}
+        how = f"extrapolated from {sizes[0]:,} and {dense_n:,} (the full size needs ~{need / GB:.0f} GB)"
+    dense_rest = dense_s - stages["knn_s"]
+    sparse_rest = sparse["seconds"] - sparse["knn_s"]
+    report["msmt"] = {"n": n, "dim": dim, "dense_runs": dense_runs, "sparse": sparse, "label_check": check,
+                      "compared_at": dense_n, "differing_labels": differing, "ari": ari, "dense_seconds": dense_s,
+                      "dense_peak_rss": dense_peak, "how": how, "speedup": dense_s / sparse["seconds"],
+                      "speedup_after_knn": dense_rest / sparse_rest, "memory_ratio": sparse["peak_rss"] / dense_peak}
+    task = f"SpCL clustering {n:,} x {dim}"
+    rows.append([task, "sparse (exact kNN)", round(sparse["seconds"], 1), round(sparse["peak_rss"] / GB, 2), "",
+                 f"kNN {sparse['knn_s']:.1f} s, Jaccard {sparse['jaccard_s']:.1f} s, DBSCAN x3 + criteria "
+                 f"{sparse['cluster_s']:.1f} s; {sparse['num_clusters']:,.0f} clusters, "
+                 f"{sparse['fraction_clustered']:.1%} clustered"])
+    rows.append([task, "dense reference", round(dense_s, 1), round(dense_peak / GB, 2),
+                 round(dense_s / sparse["seconds"], 1),
+                 f"{how}; kNN {stages['knn_s']:.1f} s (float64, blocks of 1,024 rows); after the kNN the sparse "
+                 f"step is {dense_rest / sparse_rest:.1f}x faster ({dense_rest:.1f} s vs {sparse_rest:.1f} s); "
+                 f"{dense_peak / sparse['peak_rss']:.1f}x the peak memory (targets: >= 20x faster, >= 10x less memory)"])
+    rows.append([f"labels at {dense_n:,} x {dim}", "sparse vs dense", "", "", "",
+                 f"{'identical' if not differing else f'{differing} differ'} (ARI {ari:.6f})"])
+
+
+def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
+    shape = (args.dim, 16.0, 0.2)
+    report["scale"] = []
+    for n in args.sizes:
+        knn = "exact" if n < args.approx_above else "ivf"
+        run = _in_fresh_process("sparse", n, *shape, knn, None)
+        run.update(n=n, knn=knn)
+        report["scale"].append(run)
+        notes = (f"kNN {run['knn_s']:.1f} s, Jaccard {run['jaccard_s']:.1f} s, DBSCAN x3 + criteria "
+                 f"{run['cluster_s']:.1f} s; features alone {n * args.dim * 4 / GB:.2f} GB; "
+                 f"{run['num_clusters']:,.0f} clusters, {run['fraction_clustered']:.1%} clustered")
+        if n >= 1_000_000:
+            met = run["seconds"] <= 20 * 60 and run["peak_rss"] <= 8 * GB
+            notes += f"; target <= 20 min and <= 8 GB {'met' if met else 'MISSED'}"
+        if knn == "ivf":
+            notes += (f"; IVF {run['ivf_nlist']:.0f} lists, nprobe {run['ivf_nprobe']:.0f}, "
+                      f"recall@30 {run['knn_recall']:.3f}")
+        rows.append([f"scale {n:,} x {args.dim}", f"sparse ({knn} kNN)", round(run["seconds"], 1),
+                     round(run["peak_rss"] / GB, 2), "", notes])
+    if args.agreement_size:
+        with tempfile.TemporaryDirectory() as tmp:
+            n = args.agreement_size
+            runs = {k: _in_fresh_process("sparse", n, *shape, k, f"{tmp}/{k}.npy") for k in ("exact", "ivf")}
+            labels = {k: np.load(f"{tmp}/{k}.npy") for k in runs}
+        ari = float(adjusted_rand_score(labels["exact"], labels["ivf"]))
+        report["ivf_agreement"] = {"n": n, "ari": ari, "runs": runs}
+        rows.append([f"IVF vs exact kNN, {n:,} x {args.dim}", "sparse", round(runs["ivf"]["seconds"], 1),
+                     round(runs["ivf"]["peak_rss"] / GB, 2),
+                     round(runs["exact"]["seconds"] / runs["ivf"]["seconds"], 1),
+                     f"labels ARI {ari:.4f}; recall@30 {runs['ivf']['knn_recall']:.3f}; clusters "
+                     f"{runs['ivf']['num_clusters']:,.0f} vs {runs['exact']['num_clusters']:,.0f}"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--msmt", type=int, default=MSMT_TRAIN, help="size of comparison (1); 0 skips it")
+    parser.add_argument("--msmt-dim", type=int, default=2048)
+    parser.add_argument("--dense-size", type=int, help="run the dense reference at this size and extrapolate")
+    parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",") if v],
+                        default=[10_000, 50_000, 200_000, 1_000_000], help="scale-curve sizes, comma-separated ('' skips)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--approx-above", type=int, default=100_000, help="IVF instead of exact kNN from this size")
+    parser.add_argument("--agreement-size", type=int, default=50_000)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/clustering.json"))
+    args = parser.parse_args()
+
+    rows: list[list] = []
+    report: dict[str, object] = {"argv": vars(args) | {"out": str(args.out)}}
+    if args.msmt:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_msmt(args, rows, report, Path(tmp))
+    if args.sizes or args.agreement_size:
+        bench_scale(args, rows, report)
+    print(format_table(["task", "method", "seconds", "peak RSS GB", "sparse faster by", "notes"], rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

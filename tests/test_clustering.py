@@ -1,0 +1,243 @@
+"""SpCL's clustering step: the sparse implementation against the dense reference in dense_clustering.py."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import hdbscan
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+from pretrain import clustering
+from pretrain.clustering import ClusterConfig, SelfPacedClustering, jaccard_distance, knn_search
+from shared.config import ConfigError, load_config
+from dense_clustering import canonical, dense_jaccard, dense_knn, dense_spcl_labels, generate_pseudo_labels
+
+
+def _blobs(seed: int, n: int, dim: int = 32, num_ids: int = 40, noise: float = 0.35,
+           clustered: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors around ``num_ids`` centres plus uniformly random ones (label -1)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_ids, dim))
+    k = int(n * clustered)
+    truth = np.r_[rng.integers(0, num_ids, k), np.full(n - k, -1)]
+    x = np.concatenate([centres[truth[:k]] + noise * rng.standard_normal((k, dim)), rng.standard_normal((n - k, dim))])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), truth
+
+
+def _dyadic(seed: int, n: int, dim: int = 12) -> np.ndarray:
+    """Unit vectors with four entries +-1/2: every inner product is a multiple of 1/4, exact in float32 and
+    float64, so neighbour lists are full of exact ties (broken by index) and there are exact duplicates."""
+    rng = np.random.default_rng(seed)
+    protos = np.zeros((n // 12, dim))
+    for p in protos:
+        p[rng.choice(dim, 4, replace=False)] = 0.5 * rng.choice([-1, 1], 4)
+    x = protos[rng.integers(0, len(protos), n)]
+    for row in x[: n // 2]:  # move one entry: similarity 3/4 to its prototype
+        src = rng.choice(np.flatnonzero(row))
+        row[rng.choice(np.flatnonzero(row == 0))], row[src] = row[src], 0
+    return x[rng.permutation(n)].astype(np.float32)
+
+
+def _as_dense(graph: sp.csr_matrix) -> np.ndarray:
+    """The stored entries of ``graph`` (explicit zeros included) over a matrix of ones."""
+    coo = graph.tocoo()
+    out = np.ones(graph.shape)
+    out[coo.row, coo.col] = coo.data
+    return out
+
+
+def _check_graph(graph: sp.csr_matrix, dense: np.ndarray, max_distance: float | None) -> None:
+    n = len(dense)
+    diag = graph.diagonal()
+    stored = sp.csr_matrix((np.ones(graph.nnz), graph.indices, graph.indptr), shape=graph.shape)
+    assert stored.diagonal().all() and not diag.any(), "explicit zero diagonal"
+    # rows sorted by distance (what sklearn's sort_graph_by_row_values checks)
+    for r in range(n):
+        assert (np.diff(graph.data[graph.indptr[r]:graph.indptr[r + 1]]) >= 0).all()
+    expected = dense.copy()
+    np.fill_diagonal(expected, 0)
+    if max_distance is not None:
+        expected[expected > max_distance] = 1
+    ours = _as_dense(graph)
+    # the implicit-1 pattern exactly, the values to float64 summation-order precision
+    np.testing.assert_array_equal(ours < 1, expected < 1)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-12)  # one rounding step
+
+
+@pytest.mark.parametrize("seed,n,k1,k2", [(0, 300, 30, 6), (1, 420, 20, 4), (2, 250, 12, 1), (3, 200, 8, 12)])
+def test_jaccard_equals_dense_reference(seed: int, n: int, k1: int, k2: int) -> None:
+    x, _ = _blobs(seed, n)
+    dense = dense_jaccard(x, k1, k2)
+    _check_graph(jaccard_distance(x, k1, k2), dense, None)
+    _check_graph(jaccard_distance(x, k1, k2, max_distance=0.55), dense, 0.55)
+
+
+def test_ties_and_duplicates_are_broken_by_index() -> None:
+    # exact ties straddle every neighbour-list boundary: float32 search cannot certify them, so the rows
+    # are widened or computed whole in float64, and the index decides as in the reference's stable sort
+    x = _dyadic(0, 360)
+    sims, ids = knn_search(x, 10)
+    np.testing.assert_array_equal(ids, dense_knn(x, 10))
+    assert (np.diff(sims, axis=1) <= 0).all()
+    dense = dense_jaccard(x, 10, 4)
+    _check_graph(jaccard_distance(x, 10, 4), dense, None)
+    cfg = ClusterConfig(k1=10, k2=4, eps=0.5)
+    ref, _ = dense_spcl_labels(dense, eps=0.5)
+    np.testing.assert_array_equal(SelfPacedClustering(cfg)(x).labels, canonical(ref))
+
+
+def test_uncertified_rows_take_the_wide_and_full_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a pessimistic float32 error bound and narrow margins: most rows fail the first certificate, some the
+    # second too, and are computed whole
+    monkeypatch.setattr(clustering, "_UNIT", 2.0**-10)
+    monkeypatch.setattr(clustering, "_MARGIN", 1)
+    monkeypatch.setattr(clustering, "_WIDE_MARGIN", 3)
+    x, _ = _blobs(4, 300, dim=8, noise=0.1)
+    stats: dict[str, float] = {}
+    sims, ids = clustering._knn(x, 15, "exact", stats)
+    assert stats["knn_rows_widened"] > 0 and stats["knn_rows_full"] > 0
+    np.testing.assert_array_equal(ids, dense_knn(x, 15))
+
+
+@pytest.fixture(scope="module")
+def blobs_with_dense() -> tuple[np.ndarray, np.ndarray]:
+    x, _ = _blobs(5, 500, num_ids=30, noise=0.45)
+    return x, dense_jaccard(x)
+
+
+@pytest.mark.parametrize("eps", [0.4, 0.5, 0.6, 0.7])
+def test_labels_equal_dense_pipeline(blobs_with_dense: tuple[np.ndarray, np.ndarray], eps: float) -> None:
+    x, dense = blobs_with_dense
+    ref, thres = dense_spcl_labels(dense, eps=eps)
+    result = SelfPacedClustering(ClusterConfig(eps=eps))(x)
+    np.testing.assert_array_equal(result.labels, canonical(ref))
+    assert result.stats["indep_threshold"] == thres
+    assert result.num_clusters == len(np.unique(result.labels)) - result.num_outliers
+    assert result.labels.dtype == np.int64
+
+
+def test_exact_arithmetic_ties_at_eps_count_as_neighbours() -> None:
+    # images whose query expansions share four of six rows and nothing else: m = 2/3, d = 0.5 exactly,
+    # computed as 0.5 +- 1e-16 depending on the order of the sums; rounded, the tie is <= eps in both
+    x, _ = _blobs(2, 500, num_ids=30, noise=0.45)
+    dense = dense_jaccard(x)
+    ties = np.argwhere(np.triu(dense == 0.5))
+    assert len(ties)
+    graph = jaccard_distance(x, max_distance=0.5)
+    assert all(graph[i, j] == 0.5 and graph[j, i] == 0.5 for i, j in ties)
+    ref, _ = dense_spcl_labels(dense, eps=0.5)
+    np.testing.assert_array_equal(SelfPacedClustering(ClusterConfig(eps=0.5))(x).labels, canonical(ref))
+
+
+def test_plain_dbscan_without_criteria(blobs_with_dense: tuple[np.ndarray, np.ndarray]) -> None:
+    from sklearn.cluster import DBSCAN
+    x, dense = blobs_with_dense
+    ref = generate_pseudo_labels(DBSCAN(eps=0.6, min_samples=4, metric="precomputed").fit_predict(dense))
+    result = SelfPacedClustering(ClusterConfig(self_paced=False))(x)
+    np.testing.assert_array_equal(result.labels, canonical(ref))
+    assert "indep_threshold" not in result.stats
+
+
+def test_independence_threshold_frozen_and_restored(blobs_with_dense: tuple[np.ndarray, np.ndarray]) -> None:
+    x, dense = blobs_with_dense
+    y, _ = _blobs(6, 400, num_ids=25, noise=0.5)
+    cluster = SelfPacedClustering(ClusterConfig())
+    cluster(x)
+    first = cluster.state_dict()["indep_threshold"]
+    assert first == dense_spcl_labels(dense)[1]
+    second = cluster(y)
+    assert cluster.state_dict()["indep_threshold"] == first  # frozen
+    dense_y = dense_jaccard(y)
+    np.testing.assert_array_equal(second.labels, canonical(dense_spcl_labels(dense_y, indep_thres=first)[0]))
+    fresh_thres = dense_spcl_labels(dense_y)[1]
+    assert fresh_thres != first  # so that the restored state matters below
+    restored = SelfPacedClustering(ClusterConfig())
+    restored.load_state_dict(json.loads(json.dumps(cluster.state_dict())))
+    np.testing.assert_array_equal(restored(y).labels, second.labels)
+    assert SelfPacedClustering(ClusterConfig())(y).stats["indep_threshold"] == fresh_thres
+    with pytest.raises(ValueError, match="indep_threshold"):
+        restored.load_state_dict({"threshold": 0.1})
+
+
+def test_drop_outliers(blobs_with_dense: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = blobs_with_dense
+    kept = SelfPacedClustering(ClusterConfig())(x)
+    dropped = SelfPacedClustering(ClusterConfig(drop_outliers=True))(x)
+    single = kept.labels >= kept.num_clusters
+    np.testing.assert_array_equal(dropped.labels, np.where(single, -1, kept.labels))
+    assert dropped.num_outliers == kept.num_outliers == np.count_nonzero(single) > 0
+    assert dropped.num_clusters == kept.num_clusters
+
+
+def test_hdbscan_on_separated_blobs() -> None:
+    x, truth = _blobs(7, 400, num_ids=12, noise=0.25)
+    result = SelfPacedClustering(ClusterConfig(method="hdbscan"))(x)
+    clustered = truth >= 0
+    assert adjusted_rand_score(truth[clustered], result.labels[clustered]) > 0.95
+    assert result.num_clusters == 12
+    # the hdbscan package on the dense Jaccard matrix: the same clusters. Mutual reachability is full of
+    # ties (every edge of a point carries its core distance), so the minimum spanning tree is not unique,
+    # and a few un-clustered points hanging on tied edges may be labelled differently.
+    ref = hdbscan.HDBSCAN(metric="precomputed", min_cluster_size=4, min_samples=4).fit(dense_jaccard(x)).labels_
+    ref = canonical(generate_pseudo_labels(ref))
+    assert adjusted_rand_score(ref[clustered], result.labels[clustered]) == 1
+    assert adjusted_rand_score(ref, result.labels) > 0.95
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_indices(index: str) -> None:
+    x, _ = _blobs(8, 600, num_ids=15, noise=0.3, clustered=1.0)  # ~40 per cluster: the top 10 are mates
+    sims, ids = knn_search(x, 10, index)
+    exact = dense_knn(x, 10)
+    recall = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids, exact)]) / 10
+    assert recall > 0.95 and (ids[:, 0] == np.arange(len(x))).all() and (np.diff(sims, axis=1) <= 0).all()
+    result = SelfPacedClustering(ClusterConfig(knn=index))(x)
+    assert result.stats["knn_recall"] > 0.95
+
+
+def test_bad_input_is_a_one_line_error() -> None:
+    x, _ = _blobs(9, 50)
+    cases = [
+        (x[0], "2-D"),
+        (np.where(np.arange(50)[:, None] == 3, np.nan, x), "row 3 contains NaN"),
+        (np.where(np.arange(50)[:, None] == 5, 2 * x, x), "L2-normalised rows: row 5 has norm 2"),
+        (x[:30], "k1 must be in \\[1, N\\) with N = 30"),
+        (x.astype(np.int64), "floating point"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            SelfPacedClustering(ClusterConfig())(bad)
+        assert "\n" not in str(err.value)
+    for cfg, message in [(ClusterConfig(eps=0.99), "eps \\+ eps_gap must be < 1"),
+                         (ClusterConfig(eps=0.01), "eps - eps_gap must be > 0"),
+                         (ClusterConfig(knn="flat"), "knn must be"),
+                         (ClusterConfig(independence_quantile=0), "independence_quantile")]:
+        with pytest.raises(ValueError, match=message):
+            SelfPacedClustering(cfg)
+    with pytest.raises(ValueError, match="index must be one of"):
+        jaccard_distance(x, index="lsh")
+
+
+def test_config_loads_through_shared_config() -> None:
+    cfg = load_config(ClusterConfig, overrides=["knn=ivf", "eps=0.5", "drop_outliers=true"])
+    assert (cfg.knn, cfg.eps, cfg.drop_outliers, cfg.method) == ("ivf", 0.5, True, "dbscan")
+    with pytest.raises(ConfigError, match="valid choices: exact, ivf, hnsw"):
+        load_config(ClusterConfig, overrides=["knn=flat"])
+
+
+def test_memory_grows_with_n_not_n_squared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clustering, "_QUERY_CHUNK", 1 << 10)
+    n = 10000
+    x, _ = _blobs(10, n, num_ids=400)
+    tracemalloc.start()
+    graph = jaccard_distance(x, max_distance=0.62)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    dense = n * n * 4  # one float32 N x N matrix; the reference holds about three
+    assert peak < dense / 10, f"peak {peak / 2**20:.1f} MB vs one dense matrix {dense / 2**20:.0f} MB"
+    assert graph.nnz < 40 * n  # about the cluster size per row
