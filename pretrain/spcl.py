@@ -44,7 +44,6 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -73,7 +72,7 @@ from pretrain.clustering import ClusterConfig, SelfPacedClustering
 from pretrain.memory import HybridMemory
 from shared.backbones import build_backbone
 from shared.checkpoints import Checkpoints
-from shared.config import ConfigError, choice, load_config, save_config
+from shared.config import ConfigError, choice, config_main, save_config
 from shared.heads import build_pooling
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
@@ -520,17 +519,7 @@ def pretrain(cfg: SpCLConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="recipe YAML (launch/configs/)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        pretrain(load_config(SpCLConfig, args.config, args.overrides), resume=args.resume)
-    except (ConfigError, ShardError, WeightsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return config_main(SpCLConfig, pretrain, argv, __doc__, errors=(ShardError, WeightsError))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ line that names the key and what would have been valid.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,3 +100,23 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (a run directory's ``config.yaml``)."""
     with atomic_open(path, "w") as f:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def config_main(schema: type[T], run: Callable[[T, bool], Any], argv: Sequence[str] | None, description: str,
+                errors: tuple[type[Exception], ...] = ()) -> int:
+    """The command line of a training script: ``--config FILE [--resume] [key=value ...]``.
+
+    Runs ``run(config, resume)``; a bad config, missing file or any of ``errors`` prints one line and
+    returns exit status 2.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="recipe YAML (launch/configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        run(load_config(schema, args.config, args.overrides), args.resume)
+    except (ConfigError, FileNotFoundError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,3 +80,21 @@ def assert_gradients_reach_every_parameter(model: torch.nn.Module, num_classes: 
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert missing == []
     return outputs
+
+
+@contextlib.contextmanager
+def killed_in_epoch(monkeypatch: pytest.MonkeyPatch, trainer: type, epoch: int) -> Iterator[None]:
+    """Within the block, ``trainer._train_epoch`` dies (as a kill would) when it reaches 0-based ``epoch``."""
+    real = trainer._train_epoch
+
+    def dies(self: Any, current: int, *args: Any) -> Any:
+        if current == epoch:
+            raise KeyboardInterrupt("killed")
+        return real(self, current, *args)
+
+    monkeypatch.setattr(trainer, "_train_epoch", dies)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(trainer, "_train_epoch", real)

@@ -19,6 +19,7 @@ from finetune.engine import TrainConfig
 from finetune.evaluate import main as evaluate_main
 from finetune.train import main as train_main
 from shared.config import load_config
+from conftest import killed_in_epoch
 from shared.weights import read_export_metadata
 
 
@@ -67,17 +68,8 @@ def test_train_evaluate_export(tiny_person: Path, tmp_path: Path, capsys: pytest
 def test_killed_run_resumes_to_the_same_weights(tiny_person: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     engine.train(_config(tiny_person, tmp_path, "whole"))
-    real = engine.Trainer._train_epoch
-
-    def dies_in_epoch_two(self, epoch, tally):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return real(self, epoch, tally)
-
-    monkeypatch.setattr(engine.Trainer, "_train_epoch", dies_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_epoch(monkeypatch, engine.Trainer, 1):
         engine.train(_config(tiny_person, tmp_path, "killed"))
-    monkeypatch.setattr(engine.Trainer, "_train_epoch", real)
     state = engine.train(_config(tiny_person, tmp_path, "killed"), resume=True)
     assert state["epoch"] == 2
     whole = load_file(str(tmp_path / "whole" / "model_final.safetensors"))
@@ -108,17 +100,8 @@ def test_bot_centres_get_their_own_sgd_and_resume(tiny_person: Path, tmp_path: P
     whole.fit()
     assert (centres.detach() - start).abs().max() > 1e-3  # moved, by their own optimiser alone
 
-    real = engine.Trainer._train_epoch
-
-    def dies_in_epoch_two(self, epoch, tally):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return real(self, epoch, tally)
-
-    monkeypatch.setattr(engine.Trainer, "_train_epoch", dies_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_epoch(monkeypatch, engine.Trainer, 1):
         trainer("killed").fit()
-    monkeypatch.setattr(engine.Trainer, "_train_epoch", real)
     resumed = trainer("killed", resume=True)
     assert resumed.fit()["epoch"] == 2
     assert (centres_of(resumed).detach() - centres.detach()).abs().max() <= 1e-5
