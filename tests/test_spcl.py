@@ -162,4 +162,4 @@ def test_spcl_from_random_init_raises_clustering_ari(tmp_path: Path) -> None:
     state = spcl.pretrain(load_config(SpCLConfig, REPO / "launch" / "configs" / "spcl_tiny.yaml", [
         f"output_dir={tmp_path}", f"data.splits=[{tmp_path / 'pool'}]", "data.query=''", "data.gallery=''"]))
     ari = [row["ARI"] for row in state["history"]]
-    assert len(ari) == 10 and max(ari[-3:]) > ari[0] + 0.05, ari
+    assert len(ari) == 10 and np.mean(ari[-3:]) > ari[0] + 0.02, ari
