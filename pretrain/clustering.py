@@ -93,9 +93,11 @@ Deviations from the reference code, all deliberate:
   assuming its default full-fp32 GEMM. ``knn="ivf"`` and ``"hnsw"`` are approximate (not in the
   reference). ``ivf`` is IVF-Flat with faiss k-means lists (sqrt(8 N) of them, 40 training points per
   list, 10 iterations) and nprobe 8, scanned list by list with one GEMM per list instead of faiss's
-  per-query scan (about 5x faster on the 2-core CPU here: faiss scans without reusing data across
-  queries), and symmetrically: a pair is scored when either point probes the other's list, which raises
-  the recall of mutual neighbours, the ones k-reciprocal sets are made of. ``hnsw`` is faiss's
+  per-query scan (measured on the 2-core CPU here: ~2.4 G multiply-adds/s for faiss's IndexIVFFlat
+  scan, ~6 for the list GEMMs), and symmetrically: a pair is scored when either point probes the
+  other's list, which raises the recall of mutual neighbours, the ones k-reciprocal sets are made of.
+  Recall@30 against brute force on the bench's synthetic features: 0.79 at 50k, 0.69 at 200k, 0.54 at
+  1M (the far, noise-level neighbours are the ones missed); labels at 50k: ARI 0.90 against exact kNN. ``hnsw`` is faiss's
   IndexHNSWFlat (M 32, efConstruction 80, efSearch 128); its build is slow on CPU (~1 min per 100k at
   512-d here).
 - DBSCAN runs single-threaded (the reference: n_jobs=-1; labels do not depend on it).
