@@ -12,10 +12,10 @@ the cosine similarity of the two L2-normalised features, in [-1, 1]. The fine-tu
 of images near the re-ID domain and "forgot" the others, so the ranking is by descending CFS: best
 (least forgotten) first, and selection keeps the first ``ceil(keep * n)``.
 
-Source of the formula: the CFS paper itself is not in shared/papers, so this is the reading of
-specs/pretrain.md §3 (marked [inferred] there: the authors' script in TransReID-SSL#3 is cut off before
-its last lines). The direction is the one DM-OSNet §3.3 (shared/papers, citing the CFS paper as [8])
-describes: LUPerson "sorted by the CFS in descending order", the top 50 % kept as the images with high
+Source of the formula: the authors' scoring script (posted in TransReID-SSL issue #3) runs the two
+models over LUPerson and is cut off before its last lines, so the score is the natural reading of a
+two-model comparison, not checked against an equation of the CFS paper. The direction is the one
+DM-OSNet §3.3 (citing the CFS paper as [8]) describes: LUPerson "sorted by the CFS in descending order", the top 50 % kept as the images with high
 scores.
 
 Outputs, written atomically beside the shards (or in ``--out``):
@@ -36,7 +36,7 @@ into the sorted sample indices of a split to keep, with the adapter's rule: the 
 
 Deviations from the paper's setting:
 
-- the formula is the spec's reading, not checked against the paper's own equation (not available here);
+- the formula is a reading of the authors' truncated script, not checked against the paper's own equation;
 - any registered backbone (``shared.backbones``) with global average (or GeM) pooling stands in for the
   ViT-S/16 global token; the paper's A is a 20-epoch DINO pre-training on LUPerson, its B that model
   fine-tuned on Market-1501 + MSMT17; which checkpoints to use is the caller's choice;

@@ -4,8 +4,7 @@ Ge, Zhu, Chen, Zhao and Li, "Self-paced Contrastive Learning with Hybrid Memory 
 Object Re-ID", NeurIPS 2020: §3.2 (self-paced learning with the reliability criteria R_indep and R_comp,
 Eqs. 6-7) as implemented in examples/spcl_train_usl.py; the Jaccard distance of Zhong, Zheng, Cao and
 Li, "Re-ranking Person Re-identification with k-reciprocal Encoding", CVPR 2017 (§3.2-3.5), as
-implemented in SpCL's ``compute_jaccard_distance``. Both are restated in /work/shared/specs/pretrain.md
-§1.3 and §1.6; §8 there is the plan for doing them without N x N arrays, which this module follows.
+implemented in SpCL's ``compute_jaccard_distance``; both computed here without any N x N array.
 
 The Jaccard distance (``jaccard_distance``), over N L2-normalised features:
 
@@ -62,7 +61,7 @@ eps then counts as a neighbour (<= eps, as exact arithmetic says) in both. Only 
 The approximate indices (``ivf``, ``hnsw``) make no such promise: their recall against brute-force
 search on 500 queries is reported in ``ClusterResult.stats["knn_recall"]``.
 
-The self-paced step (``SelfPacedClustering``, spec §1.3 steps 2-7): DBSCAN at eps, eps - gap, eps + gap
+The self-paced step (``SelfPacedClustering``, as in spcl_train_usl.py): DBSCAN at eps, eps - gap, eps + gap
 on the same graph; noise becomes singleton ids (clusters first, then noise in index order, as SpCL's
 ``generate_pseudo_labels``); per sample R_comp = 1 - |C∩T|/|C∪T| and R_indep = 1 - |C∩L|/|C∪L| from the
 label contingencies in O(N) (|C∩T| = n_ct from np.unique over label pairs, |C∪T| = n_c + n_t - n_ct);
@@ -87,7 +86,7 @@ Deviations from the reference code, all deliberate:
 - Final labels are renumbered: clusters that keep >= 2 members get 0..K-1 by their first member's index,
   then every other image its own id K, K+1, ... in index order (the reference leaves gaps and keeps
   1-member clusters under their old id; the partition is the same). ``drop_outliers`` gives them -1
-  instead (cluster-contrast's choice, spec §2) and is off by default.
+  instead (cluster-contrast's choice, Dai et al. 2021) and is off by default.
 - k2 > k1 uses k1 rows for the query expansion: the reference's table has k1 columns.
 - The exact search runs on GPU faiss when ``faiss.get_num_gpus() > 0`` (as the reference always does),
   assuming its default full-fp32 GEMM. ``knn="ivf"`` and ``"hnsw"`` are approximate (not in the
@@ -101,7 +100,7 @@ Deviations from the reference code, all deliberate:
   IndexHNSWFlat (M 32, efConstruction 80, efSearch 128); its build is slow on CPU (~1 min per 100k at
   512-d here).
 - DBSCAN runs single-threaded (the reference: n_jobs=-1; labels do not depend on it).
-- ``method="hdbscan"`` is a method change (no reference uses it, spec §8). The hdbscan package's
+- ``method="hdbscan"`` is a method change (no reference uses it). The hdbscan package's
   precomputed mode needs a dense matrix or a connected sparse graph with >= min_samples stored entries
   per row; sklearn's HDBSCAN has the same requirements. So the dense-equivalent minimum spanning tree is
   built here from the full Jaccard graph (every pair sharing support, ``max_distance=None``): core
@@ -153,7 +152,7 @@ _UNIT = 2.0**-24  # float32 unit roundoff
 
 @dataclass
 class ClusterConfig:
-    """Clustering hyper-parameters; the defaults are SpCL's (spec §1.3, §1.6)."""
+    """Clustering hyper-parameters; the defaults are SpCL's."""
 
     method: str = choice("dbscan", "hdbscan")
     eps: float = 0.6

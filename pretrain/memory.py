@@ -13,8 +13,7 @@ over all classes c: the clusters, and every un-clustered slot as its own (single
 update, eq. (3)-(4): in backward, for every sample of the batch in order, v_i <- m v_i + (1 - m) f,
 v_i <- v_i / ||v_i||, m = 0.2 (80 % new feature). The gradient flows to f only (memory constant).
 Reference code: yxgeee/SpCL ``spcl/models/hm.py`` (``HM`` autograd Function + ``HybridMemory``) and
-OpenUnReID ``openunreid/models/losses/memory.py`` (the DDP version); see /work/shared/specs/pretrain.md
-§1.2, §5, §8.
+OpenUnReID ``openunreid/models/losses/memory.py`` (the DDP version).
 
 How it is computed (and why it scales to 2.5M slots x 512-d on a CPU)
 ---------------------------------------------------------------------

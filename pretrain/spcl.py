@@ -32,7 +32,7 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
   concatenation of the ranks' batches (rank r takes slice r of one global P·world x K batch), so a
   run gives the same updates on any number of processes. ``samples_per_bn`` splits a process's batch
   into BatchNorm groups, so one GPU reproduces the BN statistics of a multi-GPU run (SpCL: 16 images
-  per GPU, pitfall 7 of the spec).
+  per GPU; the BN batch changes results by several mAP).
 * Clustering runs on rank 0 only and its labels are broadcast (OpenUnReID does the same); the process
   group gets a long timeout (``dist_timeout_minutes``) because clustering millions of images takes
   minutes while the other ranks wait.

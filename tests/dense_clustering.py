@@ -1,8 +1,8 @@
 """Dense reference for pretrain/clustering.py: SpCL's clustering step as its code does it, on N x N arrays.
 
-``dense_jaccard`` is ``compute_jaccard_distance`` (spec §1.6) with dense V, dense query expansion, the
+``dense_jaccard`` is ``compute_jaccard_distance`` with dense V, dense query expansion, the
 inverted index from column scans and the dense min-sum loop; ``dense_spcl_labels`` is the self-paced step
-of examples/spcl_train_usl.py (spec §1.3) with three dense DBSCANs and the N x N label-equality IoUs.
+of examples/spcl_train_usl.py with three dense DBSCANs and the N x N label-equality IoUs.
 The definitions the sparse version fixes are taken over, so that results can be compared exactly:
 neighbours ranked by float64 cosine similarity with ties by index (a stable argsort; the reference uses
 faiss float32 L2 with arbitrary ties), float64 V (``dtype``; the reference keeps float32), softmax as
