@@ -356,7 +356,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
            str(Path(__file__).resolve()), str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     # (a) the replicas are bit-identical (and so are the DDP models)
     for key in ("features", "labels", "sums"):
