@@ -1,0 +1,243 @@
+"""Search a gallery folder for the images most like each query image, with a fine-tuned model.
+
+    python finetune/search.py --weights runs/bot_tiny/model_best.safetensors (or model_best.onnx) \
+        --gallery GALLERY_DIR --query QUERY_DIR_OR_IMAGE [--topk 5] [--index PATH] [--json] [--batch-size 32]
+
+Images are .jpg/.jpeg/.png/.bmp files found recursively under each folder, in sorted path order (the
+query may also be one image file). Each is decoded to uint8 RGB with PIL and resized on the host to the
+model's input size with the training pipeline's test transform (``data.transforms``: antialiased
+bilinear, rounded to uint8), so that images of any size batch together and get the features
+``finetune/evaluate.py`` would give them; the model's own resize is then the identity. A ``.safetensors``
+export runs through ``finetune.deploy.FeaturePipeline`` in torch (on the GPU when there is one), an
+``.onnx`` export (``finetune/export_onnx.py``) through onnxruntime on the same uint8 batches. Models that
+embed camera/view ids (LAI) get id 0 for every image: folder images carry no camera metadata.
+
+Features are L2-normalised and searched in a faiss ``IndexFlatIP``, so the score is the cosine
+similarity; faiss searches on the GPUs when it has any. Output: a table (query, rank, match, similarity;
+paths relative to their folders) or, with ``--json``, a list of ``{query, matches: [{rank, path,
+similarity}]}``.
+
+``--index PATH`` saves the gallery index to PATH and its description to PATH.json: the gallery files
+in index order, the images skipped, and a fingerprint of the weights (sha256) and of the gallery's file
+list with sizes and modification times. The next run with the same weights and an unchanged gallery
+reuses it ("reused" on stderr) without decoding the gallery; anything else rebuilds it.
+
+An unreadable image is skipped with a warning naming it; a missing or empty folder, or an unusable
+weights file, is a one-line error (exit status 2) before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from data.transforms import TransformConfig, build_transforms
+from finetune.deploy import Embedder, file_sha256, load_embedder
+from shared.config import ConfigError
+from shared.io import atomic_open, atomic_write_json
+from shared.table import format_table
+from shared.weights import WeightsError
+
+try:
+    import faiss
+except ImportError:  # an optional dependency (faiss-cpu or faiss-gpu): main() says so in one line
+    faiss = None
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+INDEX_FORMAT = 1  # bump when the description or the features change meaning, so old indexes are rebuilt
+
+
+def list_images(path: Path) -> list[Path]:
+    """The images under a folder (recursively, sorted), or ``[path]`` for one image file."""
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ConfigError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)})")
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such file or folder")
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ConfigError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return images
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 (3, H, W) RGB; ``OSError``/``ValueError`` for a file PIL cannot decode."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (Image.DecompressionBombError, SyntaxError) as e:  # PIL's other ways of rejecting a file
+        raise ValueError(str(e)) from None
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def embed_images(embedder: Embedder, paths: Sequence[Path], batch_size: int,
+                 warn: Callable[[str], None]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """L2-normalised float32 features of the readable images, their positions in ``paths``, the skipped ones."""
+    h, w = embedder.input_size
+    resize = build_transforms(TransformConfig(height=h, width=w), train=False)
+    feats: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: list[tuple[int, str]] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        ids = {name: np.zeros(len(batch), dtype=np.int64) for name in embedder.id_inputs}
+        feats.append(embedder(np.stack(batch), ids))
+        batch.clear()
+
+    for i, path in enumerate(paths):
+        try:
+            image = read_image(path)
+        except (OSError, ValueError) as e:
+            # PIL's message for a file it does not recognise repeats the path, which the warning names already.
+            reason = ("not an image PIL can decode" if isinstance(e, UnidentifiedImageError)
+                      else str(e).splitlines()[0] if str(e) else type(e).__name__)
+            warn(f"warning: {path}: unreadable image, skipped ({reason})")
+            skipped.append((i, reason))
+            continue
+        batch.append(resize(torch.from_numpy(image)).numpy())
+        kept.append(i)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not feats:
+        return np.zeros((0, 0), dtype=np.float32), kept, skipped
+    x = np.concatenate(feats).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), kept, skipped
+
+
+def gallery_fingerprint(weights_sha256: str, root: Path, paths: Sequence[Path]) -> str:
+    """sha256 of the weights' hash, the index format and each gallery file's relative path, size and mtime."""
+    files = [[p.relative_to(root).as_posix(), (s := p.stat()).st_size, s.st_mtime_ns] for p in paths]
+    blob = json.dumps({"format": INDEX_FORMAT, "weights": weights_sha256, "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_index(path: Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | None:
+    """The saved index and its description when both are intact and match ``fingerprint``, else None."""
+    description_path = path.with_name(path.name + ".json")
+    if not (path.is_file() and description_path.is_file()):
+        return None
+    try:
+        description = json.loads(description_path.read_text())
+        if description.get("fingerprint") != fingerprint or description.get("index_sha256") != file_sha256(path):
+            return None
+        index = faiss.read_index(str(path))
+        intact = index.ntotal == len(description["files"]) and isinstance(description["skipped"], list)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):  # a damaged description or index
+        return None
+    return (index, description) if intact else None
+
+
+def save_index(index: Any, path: Path, description: dict[str, Any]) -> None:
+    """The index, then its description (with the index's sha256, which ties the two files together)."""
+    data = faiss.serialize_index(index).tobytes()
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    atomic_write_json(path.with_name(path.name + ".json"),
+                      {**description, "index_sha256": hashlib.sha256(data).hexdigest()})
+
+
+def build_index(features: np.ndarray) -> Any:
+    index = faiss.IndexFlatIP(features.shape[1])
+    index.add(features)
+    return index
+
+
+def search_index(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, gallery positions), each (Q, k): on all GPUs when faiss has any."""
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index.search(queries, k)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, required=True, help="a model_*.safetensors or .onnx export")
+    parser.add_argument("--gallery", type=Path, required=True, help="folder of gallery images")
+    parser.add_argument("--query", type=Path, required=True, help="folder of query images, or one image")
+    parser.add_argument("--topk", type=int, default=5, help="matches per query")
+    parser.add_argument("--index", type=Path, help="save the gallery index here, and reuse it while still valid")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if args.topk < 1 or args.batch_size < 1:
+        parser.error("--topk and --batch-size must be at least 1")
+
+    def warn(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    if faiss is None:
+        warn("error: faiss is not installed (pip install faiss-cpu, or faiss-gpu)")
+        return 2
+    try:
+        if not args.gallery.is_dir():
+            raise ConfigError(f"{args.gallery}: not a folder")
+        gallery_paths = list_images(args.gallery)
+        query_paths = list_images(args.query)
+        if args.index is not None and not args.index.parent.is_dir():
+            raise ConfigError(f"{args.index.parent}: no such directory (for --index)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        embedder = load_embedder(args.weights, device)
+    except (WeightsError, ConfigError) as e:
+        warn(f"error: {e}")
+        return 2
+    if embedder.id_inputs:
+        warn(f"note: {args.weights} embeds {' and '.join(embedder.id_inputs)} (LAI); "
+             "folder images carry none, so every image gets id 0")
+
+    cached = None
+    if args.index is not None:
+        fingerprint = gallery_fingerprint(file_sha256(args.weights), args.gallery, gallery_paths)
+        cached = load_index(args.index, fingerprint)
+    if cached is not None:
+        index, description = cached
+        gallery_files = description["files"]
+        for name, reason in description["skipped"]:
+            warn(f"warning: {args.gallery / name}: unreadable image, skipped ({reason})")
+        warn(f"index: reused {args.index} ({len(gallery_files)} gallery images)")
+    else:
+        features, kept, skipped = embed_images(embedder, gallery_paths, args.batch_size, warn)
+        if not kept:
+            warn(f"error: {args.gallery}: no readable image")
+            return 2
+        index = build_index(features)
+        gallery_files = [gallery_paths[i].relative_to(args.gallery).as_posix() for i in kept]
+        if args.index is not None:
+            save_index(index, args.index, {
+                "fingerprint": fingerprint, "weights": str(args.weights), "files": gallery_files,
+                "skipped": [[gallery_paths[i].relative_to(args.gallery).as_posix(), r] for i, r in skipped]})
+            warn(f"index: built {args.index} ({len(gallery_files)} gallery images)")
+
+    queries, kept, _ = embed_images(embedder, query_paths, args.batch_size, warn)
+    if not kept:
+        warn(f"error: {args.query}: no readable image")
+        return 2
+    k = min(args.topk, len(gallery_files))
+    similarities, positions = search_index(index, queries, k)
+    query_root = args.query if args.query.is_dir() else None
+    results = [{"query": query_paths[i].relative_to(query_root).as_posix() if query_root else str(query_paths[i]),
+                "matches": [{"rank": r + 1, "path": gallery_files[int(p)], "similarity": float(s)}
+                            for r, (p, s) in enumerate(zip(pos, sim))]}
+               for i, pos, sim in zip(kept, positions, similarities)]
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        rows = [[q["query"], m["rank"], m["path"], round(m["similarity"], 4)] for q in results for m in q["matches"]]
+        print(format_table(["query", "rank", "match", "similarity"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
