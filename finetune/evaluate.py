@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = normalize(torch.stack([s["image"] for s in samples]))
         meta_ids = {"camids": torch.tensor([s["camid"] for s in samples]),
                     "viewids": torch.tensor([max(s["viewid"], 0) for s in samples])}
-        maps = grad_cam(model, model.backbone, batch, **meta_ids)
+        maps = grad_cam(model, model.cam_layer(), batch, **meta_ids)
         cam_overlay([s["image"].permute(1, 2, 0).numpy() for s in samples], maps, out / "gradcam.png")
     print(table)
     print(f"results and pictures in {out}")

@@ -3,6 +3,8 @@
 - :func:`ranked_grid`: one row per query, the query then its top-k gallery images, each framed green
   (same identity), red (another identity) or grey (same identity and camera: junk under the protocol).
 - :func:`cmc_curve`: CMC (rank-k accuracy) against k for one or several runs.
+- :func:`epoch_curves`: per-epoch values of a run's history (e.g. SpCL's ARI and cluster count), one
+  panel per group of keys.
 - :func:`grad_cam`: Grad-CAM (Selvaraju et al., ICCV 2017) for models without classes: the score is
   the squared norm of the model's embedding (for a re-ID model, what makes the image "look like
   itself"), backpropagated to a chosen feature map; channel weights are the spatially averaged
@@ -73,6 +75,26 @@ def cmc_curve(curves: Mapping[str, np.ndarray], path: str | Path, max_rank: int 
     return Path(path)
 
 
+def epoch_curves(history: Sequence[Mapping[str, float]], panels: Sequence[Sequence[str]], path: str | Path,
+                 title: str = "") -> Path:
+    """One panel per group of history keys against ``epoch``; epochs without a key are skipped."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            points = [(row["epoch"], row[key]) for row in history if key in row]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return Path(path)
+
+
 def grad_cam(model: nn.Module, layer: nn.Module, images: torch.Tensor, **meta: torch.Tensor) -> torch.Tensor:
     """(N, H, W) maps in [0, 1] for a normalised (N, 3, H, W) batch, from ``layer``'s output.
     ``meta`` (``camids``, ``viewids``) goes to models that embed cameras or views."""
@@ -93,6 +115,8 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: torch.Tensor, **meta: t
     finally:
         handle.remove()
         model.train(was_training)
+    if "a" not in store:
+        raise ValueError(f"Grad-CAM: the layer {type(layer).__name__} was not run by the model's forward")
     activations, gradients = store["a"], store["a"].grad
     cam = F.relu((gradients.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

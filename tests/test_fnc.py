@@ -1,7 +1,9 @@
-"""FNC: parameter counts, the non-local inner width, the fusion and layer4 options, and the train/eval
-contract (models.md §7)."""
+"""FNC: parameter counts, the non-local inner width, the fusion and layer4 options, the train/eval
+contract (models.md §7), and the tiny (ResNet-18) trunk."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from finetune.losses import Criterion
 from finetune.models import build_model
 from finetune.models.fnc import FNC, ChannelAttentionBlock, SpatialAttentionBlock
+from shared.backbones import build_backbone
 from shared.complexity import count_params
 
 LAYER4 = 16_124_288  # one SE-ResNeXt-101 layer4 copy
@@ -131,3 +134,40 @@ def test_full_size_forward(model: FNC) -> None:
     handle.remove()
     assert model.input_size == (384, 288) and feature.shape == (1, 1536)
     assert seen == [(1, 1024, 24, 18)]  # last stride 1: 1/16 of the input, 432 positions in the affinity
+
+
+def test_tiny_trunk_sizes_the_attention_blocks_from_its_channels() -> None:
+    tiny = _meta(trunk="resnet18")
+    assert count_params(tiny) == 21_202_272
+    assert count_params(_meta(trunk="resnet18", separate_layer4=False)) == 12_808_544
+    assert count_params(tiny.layer4[0]) == 8_393_728  # two ResNet-18 basic blocks, 512 channels
+    sab, cab = tiny.spatial.attention, tiny.channel.attention
+    assert (sab.g.in_channels, sab.g.out_channels, sab.t.out_channels) == (512, 256, 512)  # C / r
+    conv = cab.conv_block2[0]
+    assert (cab.conv_block1[0].out_channels, conv.out_channels, conv.groups) == (256, 256, 32)  # C / 2
+    assert (count_params(sab), count_params(cab)) == (525_568, 315_424)
+    assert (tiny.spatial.reduction[0].out_channels, tiny.channel.reduction[0].out_channels) == (1024, 512)
+
+
+def test_tiny_trunk_trains_and_gives_the_1536_d_feature() -> None:
+    torch.manual_seed(0)
+    model = build_model("fnc", 5, trunk="resnet18")
+    outputs = model(torch.randn(4, 3, 64, 64))
+    widths = {"spatial/feat": 1024, "channel/feat": 512, "spatial/logits": 5, "channel/logits": 5}
+    assert {k: v.shape for k, v in outputs.items()} == {k: (4, w) for k, w in widths.items()}
+    loss, _ = Criterion(model.loss_terms, 5, widths)(outputs, torch.tensor([0, 0, 1, 1]))
+    loss.backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, model.feature_dim) == (2, 1536)
+
+
+def test_backbone_weights_load_onto_the_chosen_trunk_before_layer4_is_copied(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = build_backbone("resnet18")
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("fnc", 0, trunk="resnet18", backbone_weights=tmp_path / "resnet18.pth")
+    expected = source.layer4[1].conv2.weight
+    assert all(torch.equal(layer4[1].conv2.weight, expected) for layer4 in model.layer4)
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, source.layer1[0].conv1.weight)

@@ -1,7 +1,9 @@
 """MBR-4B and LKA-ReID: parameter and MAC counts against models.md §5-§6 and LKA-ReID's Table II, the
-swapped modules, LAI, and the train/eval contract."""
+swapped modules, LAI, the train/eval contract, and the tiny (ResNet-18) trunk."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from finetune.losses import Criterion
 from finetune.models import build_model
 from finetune.models.lka_reid import HCA, LKA, VANAttention, eca_kernel_size
 from finetune.models.mbr import MHSA
+from shared.backbones import build_backbone
 from shared.complexity import count_macs, count_params
 
 VERI_IDS = 575
@@ -190,3 +193,61 @@ def test_full_size_forward_and_backward(name: str) -> None:
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 256, 256)).shape == (1, 8192)
+
+
+def test_tiny_trunk_scales_the_branches_to_its_channels() -> None:
+    mbr = _meta("mbr_4b", trunk="resnet18")
+    assert count_params(mbr) == 21_478_208
+    # The position tensors follow the layer3 map: smaller at 64 x 64.
+    assert count_params(_meta("mbr_4b", trunk="resnet18", input_size=(64, 64))) == 21_459_776
+    assert count_params(_meta("mbr_4b", trunk="resnet18", n_cams=20, n_views=8)) - 21_478_208 == 4 * 160 * 512
+    assert [count_params(b) for b in mbr.branches] == [8_393_728, 8_393_728, 658_560, 658_560]
+    bot = mbr.branches[2]
+    assert [(b.conv1.in_channels, b.conv1.out_channels, b.conv3.out_channels) for b in bot] == [
+        (256, 128, 512), (512, 128, 512), (512, 128, 512)]  # layer3's width in, D / 4 planes, D out
+    assert bot[0].attention.query.in_channels == 128 and mbr.feature_dim == 4 * 512
+    assert {neck.bn.num_features for neck in mbr.necks} == {512}
+
+    lka = _meta("lka_reid", trunk="resnet18")
+    assert count_params(lka) == 12_074_856
+    assert count_params(_meta("lka_reid", trunk="resnet18", lka=False, hca=False)) == 21_478_208
+    for branch in lka.branches[:2]:  # basic blocks: HCA takes conv2, conv1 (with the first block's stride) stays
+        assert [type(block.conv2) for block in branch] == [HCA, HCA]
+        assert [(block.conv1.kernel_size, block.conv1.stride) for block in branch] == [((3, 3), (2, 2)),
+                                                                                        ((3, 3), (1, 1))]
+    assert [type(block.attention) for block in lka.branches[2]] == [VANAttention] * 3
+
+
+@pytest.mark.parametrize("name", ["mbr_4b", "lka_reid"])
+def test_tiny_trunk_trains_and_gives_the_2048_d_feature(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 5, trunk="resnet18", input_size=(64, 64), n_cams=3, n_views=2)
+    camids, viewids = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 0, 1, 0])
+    outputs = model(torch.randn(4, 3, 64, 64), camids=camids, viewids=viewids)
+    assert {k: v.shape[1] for k, v in outputs.items()} == {
+        **{f"{b}/feat": 512 for b in model.branch_names}, f"{model.branch_names[0]}/logits": 5,
+        f"{model.branch_names[2]}/logits": 5}
+    loss, _ = Criterion(model.loss_terms, 5, {k: v.shape[1] for k, v in outputs.items()})(
+        outputs, torch.tensor([0, 0, 1, 1]))
+    loss.backward()
+    unreached = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert unreached == {"necks.1.bn.weight", "necks.3.bn.weight"}
+    model.eval()
+    with torch.no_grad():
+        feature = model(torch.randn(2, 3, 64, 64), camids=camids[:2], viewids=viewids[:2])
+    assert feature.shape == (2, model.feature_dim) == (2, 2048)
+
+
+def test_backbone_weights_reach_the_chosen_trunk_and_both_r50_branches(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = build_backbone("resnet18")
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("mbr_4b", 0, trunk="resnet18", input_size=(64, 64),
+                        backbone_weights=tmp_path / "resnet18.pth")
+    assert all(torch.equal(branch[1].conv2.weight, source.layer4[1].conv2.weight) for branch in model.branches[:2])
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+
+
+def test_trunk_must_be_resnet_family() -> None:
+    with pytest.raises(ValueError, match="not a ResNet-family backbone"):
+        _meta("mbr_4b", trunk="osnet_x0_25")

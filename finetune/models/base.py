@@ -6,6 +6,7 @@
   ``loss_terms`` declares which output feeds which loss with which weight, so the routing and the
   weights (FNC's λ = 2, MBR's 0.6/0.4 split, ...) belong to the model, not to the engine.
 - In evaluation mode it returns the final (N, feature_dim) inference feature.
+- ``cam_layer()`` names the module whose output is the last spatial feature map (for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class ReIDModel(nn.Module, ABC):
     @abstractmethod
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
                 viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor: ...
+
+    def cam_layer(self) -> nn.Module:
+        """The module whose output is the last spatial feature map (Grad-CAM's layer); multi-branch
+        models whose trunk stops early point at a branch."""
+        return self.backbone
 
 
 class BNNeckModel(ReIDModel):

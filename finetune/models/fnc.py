@@ -7,7 +7,7 @@ Networks for Vehicle Re-identification", CVPRW 2020, §3-§4); models.md §7.
 - Spatial attention block, SAB (§3.2, Eqs. 1-2), on a branch's C x H x W map x (C = 2048, r = 2):
   g, h, p are 1x1 convs C -> C/r; A = softmax over the last axis of g(x)^T h(x) (HW x HW, no scaling);
   y = A p(x) reshaped to C/r x H x W; T is a 1x1 conv C/r -> C; output sigmoid(T(y)) (x) x.
-- Channel attention block, CAB (§3.3, Eq. 3): 1x1 conv C -> 1024 + BN + ReLU, 3x3 conv 1024 -> 1024
+- Channel attention block, CAB (§3.3, Eq. 3): 1x1 conv C -> C/2 (1024) + BN + ReLU, 3x3 conv C/2 -> C/2
   with 32 groups + BN + ReLU, 1x1 conv -> C giving x_raw; SE(x_raw) is the squeeze-and-excitation of
   [7] (GAP, FC C -> C/16, ReLU, FC -> C), a per-channel attention map; output sigmoid(SE(x_raw)) (x) x.
 - ``fusion="add"`` is Table 6's ablation: both blocks add their attention map to x (x + T(y),
@@ -19,14 +19,20 @@ Networks for Vehicle Re-identification", CVPRW 2020, §3-§4); models.md §7.
   (Eq. 7, lambda = 2). Eval returns the two post-BN vectors concatenated: 1536-d.
 
 Options: ``separate_layer4`` (True), ``fusion`` ("multiply" | "add"), ``input_size`` ((384, 288), see
-below), ``backbone_weights``: a local SE-ResNeXt-101 state dict loaded onto the backbone *before* layer4
-is copied (a file loaded after building reaches ``backbone.*`` and the spatial branch's layer4 only).
+below), ``trunk`` ("seresnext101_32x4d"): any ResNet-family backbone of ``shared.backbones`` (stem,
+layer1..layer4, ``out_channels``), built with last stride 1; SAB and CAB size themselves from its C, so
+``trunk="resnet18"`` (C = 512: SAB inner width 256, CAB width 256 in 32 groups of 8) is a tiny FNC for
+CPU runs. ``backbone_weights``: a local state dict for the trunk loaded onto the backbone *before*
+layer4 is copied (a file loaded after building reaches ``backbone.*`` and the spatial branch's layer4
+only).
 
 Counts (the paper publishes none; models.md §7 estimates them): 79,596,592 trainable parameters without
 classifiers, separate (trunk to layer3 30,782,128, layer4 16,124,288 per copy, SAB 8,393,728, CAB
 5,021,824, reductions 3,148,800, BNNecks 1,536); 63,472,304 not separate. The classifiers add 1536 N
 (CityFlow's 333 ids: 80,108,080). MACs at 384 x 288 (convolutions, linear layers and matrix products,
-the SAB affinity included): 34.15G separate, 27.88G not separate.
+the SAB affinity included): 34.15G separate, 27.88G not separate. ``trunk="resnet18"``: 21,202,272
+separate (trunk to layer3 2,782,784, layer4 8,393,728 per copy, SAB 525,568, CAB 315,424, reductions
+789,504, BNNecks 1,536), 12,808,544 not separate; 0.40G MACs at 64 x 64 separate (the default: 1.26G).
 
 Where the paper is ambiguous or silent, and what is chosen:
 
@@ -45,6 +51,9 @@ Where the paper is ambiguous or silent, and what is chosen:
   convs followed by BN do not. SE reduction 16 (as in the backbone's SE units).
 - The triplet feature is the reduction's ReLU output (§3.1 puts the BNNeck after the reduction).
 - Training recipe (Ranger, warm-up, re-ranking k1 = 75, k2 = 10, lambda = 0.1) is not part of the model.
+- Not in the paper: a smaller trunk for CPU runs (``trunk``). With it the reductions keep their 1024-d and
+  512-d outputs (widening, from C = 512), so the feature stays 1536-d and the heads and losses are the
+  paper's; only the trunk and the attention blocks' widths shrink.
 """
 
 from __future__ import annotations
@@ -57,9 +66,8 @@ from torch import nn
 
 from finetune.models import MODELS
 from finetune.models.base import LossTerm, ReIDModel
-from shared.backbones import build_backbone
+from finetune.models.mbr import split_trunk
 from shared.heads import BNNeck
-from shared.weights import load_weights
 
 FUSIONS = ("multiply", "add")
 ID_LOSS_WEIGHT = 2.0  # Eq. 7: lambda
@@ -89,9 +97,10 @@ class SpatialAttentionBlock(nn.Module):
 class ChannelAttentionBlock(nn.Module):
     """CAB: two conv blocks and a 1x1 conv to x_raw, SE excitation of it, gating x's channels."""
 
-    def __init__(self, channels: int = 2048, width: int = 1024, groups: int = 32, se_reduction: int = 16,
+    def __init__(self, channels: int = 2048, width: int | None = None, groups: int = 32, se_reduction: int = 16,
                  fusion: str = "multiply"):
         super().__init__()
+        width = width or channels // 2  # §3.3's 1024 at C = 2048
         self.fusion = fusion
         self.conv_block1 = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width),
                                          nn.ReLU(inplace=True))
@@ -127,19 +136,16 @@ class FNC(ReIDModel):
     feature_dim = 1024 + 512
 
     def __init__(self, num_classes: int, separate_layer4: bool = True, fusion: str = "multiply",
-                 input_size: tuple[int, int] = (384, 288), backbone_weights: str | Path | None = None):
+                 input_size: tuple[int, int] = (384, 288), backbone_weights: str | Path | None = None,
+                 trunk: str = "seresnext101_32x4d"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.input_size = tuple(input_size)
-        backbone = build_backbone("seresnext101_32x4d", last_stride=1)
-        if backbone_weights is not None:
-            load_weights(backbone, backbone_weights)
-        layer4 = backbone.layer4
-        del backbone.layer4  # the trunk stops at layer3; the branches own layer4
-        self.backbone = backbone
+        # The trunk stops at layer3; the branches own layer4.
+        self.backbone, layer4 = split_trunk(trunk, backbone_weights, last_stride=1)
         self.layer4 = nn.ModuleList([layer4, copy.deepcopy(layer4)] if separate_layer4 else [layer4])
-        channels = backbone.out_channels
+        channels = self.backbone.out_channels
         self.spatial = Branch(SpatialAttentionBlock(channels, fusion=fusion), channels, 1024, num_classes)
         self.channel = Branch(ChannelAttentionBlock(channels, fusion=fusion), channels, 512, num_classes)
         terms = [LossTerm("triplet", "spatial/feat"), LossTerm("triplet", "channel/feat")]
@@ -147,6 +153,9 @@ class FNC(ReIDModel):
             terms = [LossTerm("ce", "spatial/logits", ID_LOSS_WEIGHT),
                      LossTerm("ce", "channel/logits", ID_LOSS_WEIGHT), *terms]
         self.loss_terms = tuple(terms)
+
+    def cam_layer(self) -> nn.Module:
+        return self.layer4[0]  # the trunk stops at layer3; the spatial branch's layer4 makes the last map
 
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
                 viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:

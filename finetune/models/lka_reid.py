@@ -30,6 +30,11 @@ layers and matrix products at 256 x 256, ``shared.complexity``), as params / MAC
 - +HCA (``lka=False``): 47,284,348 / 11.331G (-0.906G); Table II 47.29M / 14.25G (-0.19G).
 - both (default): 47,419,516 / 10.785G (-1.451G); Table II 47.42M / 13.70G (-0.74G).
 
+``trunk="resnet18"`` (MBR-4B's option, D = 512; see the last deviation below) is a tiny LKA-ReID for CPU
+runs: 12,074,856 parameters at any input size (baseline 21,478,208, +LKA 21,512,000, +HCA 12,041,064),
+0.17G MACs at 64 x 64 (the default: 0.68G). The VAN units then work on 128 channels, HCA on 512 as in
+the full model (k = 5).
+
 Where this departs from the paper, or fills what it leaves open:
 
 - The paper places neither module exactly. The parameter deltas do: +135,168 is six VAN units replacing
@@ -54,6 +59,11 @@ Where this departs from the paper, or fills what it leaves open:
   a batch (a reshape that is only right for one image); here every image gets its own.
 - Loss weights are not given; MBR-4B's are reused. ``lka=False, hca=False`` is MBR-4B under LKA-ReID's
   branch names.
+- Not in the paper: a smaller trunk for CPU runs. A ResNet-18 layer4 is two basic blocks of two 3x3
+  convs each; HCA takes conv2 of both, the conv that, like a bottleneck's 3x3, keeps the width (512 ->
+  512, as an HCA must) in every block; conv1, which carries the first block's stride and its 256 -> 512
+  widening, stays. Each H-branch block thus keeps one 3x3 conv where a bottleneck keeps none, and no
+  average pool is needed.
 """
 
 from __future__ import annotations
@@ -138,7 +148,7 @@ class LKAReID(MBR4B):
         super().__init__(num_classes, attention=VANAttention if lka else None, **mbr_options)
         if hca:
             for branch in self.branches[:2]:  # MBR's R50 branches
-                for block in branch:
+                for block in branch:  # conv2: a bottleneck's 3x3, or a basic block's width-keeping second 3x3
                     block.conv2 = _hca_in_place_of(block.conv2)
 
 

@@ -21,16 +21,24 @@ Re-Identification", ITSC 2023) as the authors' code builds ``MBR_4B`` (vehicle_r
   at test time. It needs the metadata in ``forward``, and 0-based ids.
 
 Options: ``n_cams``, ``n_views``; ``input_size`` (default (256, 256)): the position tensors are sized
-to its layer3 map (input / 16), so another size changes the parameter count; ``backbone_weights``: a
-local ResNet50-IBN-a state dict loaded onto the trunk *before* its layer4 is copied into the R50
-branches, as the code copies the ImageNet layer4 (a file loaded after building reaches ``backbone.*``
-only); ``attention`` (from Python): a channels -> module factory used in place of MHSA in the BoT blocks,
-which is how LKA-ReID swaps in its LKA units.
+to its layer3 map (input / 16), so another size changes the parameter count; ``trunk``
+("resnet50_ibn_a"): any ResNet-family backbone of ``shared.backbones`` (stem, layer1..layer4,
+``out_channels``); the widths above are for D = its ``out_channels`` = 2048: the R50 branches are its
+layer4, the BoT blocks take the layer3 map and have D / 4 planes and D outputs, and the LAI tensor,
+the BNNecks and the 4 x D feature follow D. ``trunk="resnet18"`` (D = 512: BoT blocks 256 -> 512 over
+128 planes, a 2048-d feature) is a tiny MBR-4B for CPU runs. ``backbone_weights``: a local state dict
+for the trunk loaded onto it *before* its layer4 is copied into the R50 branches, as the code copies
+the ImageNet layer4 (a file loaded after building reaches ``backbone.*`` only); ``attention`` (from
+Python): a channels -> module factory used in place of MHSA in the BoT blocks, which is how LKA-ReID
+swaps in its LKA units.
 
 Counts (VeRi, 575 classes, trainable parameters, no LAI, as ``count_parameters`` in the code):
 61,440,064, the 61.44M of LKA-ReID's Table II; LAI for 20 cams x 8 views adds 1,310,720. MACs at
 256 x 256 (convolutions, linear layers and matrix products): 12.23G against the 14.44G that LKA-ReID's
 Table II prints for this baseline; the difference is not explained there (models.md §6).
+``trunk="resnet18"``: 21,478,208 (trunk to layer3 2,782,784, R50 branches 8,393,728 and BoT branches
+658,560 each; 21,459,776 at 64 x 64), LAI for 20 cams x 8 views adds 327,680; 0.20G MACs at 64 x 64
+(the default: 0.73G).
 
 Where this departs from the paper or the code:
 
@@ -43,6 +51,8 @@ Where this departs from the paper or the code:
   not part of the model.
 - Unknown camera or view ids (negative, or beyond ``n_cams``/``n_views``) raise instead of indexing a
   wrong row.
+- Not in the paper or the code: a smaller trunk for CPU runs (``trunk``), with the branch widths
+  scaled to it as above.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import copy
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +73,23 @@ from shared.backbones import build_backbone
 from shared.heads import BNNeck
 from shared.weights import load_weights
 
-BRANCH_DIM = 2048
 # (loss, weight) per branch, in branch order: R50 CE, R50 triplet, BoT CE, BoT triplet (MBR_4B).
 LBS_LOSSES = (("ce", 0.6), ("triplet", 1.0), ("ce", 0.4), ("triplet", 0.4))
+
+
+def split_trunk(name: str, weights: str | Path | None = None, **options: Any) -> tuple[nn.Module, nn.Module]:
+    """A ResNet-family backbone (stem, layer1..layer4, ``out_channels``) cut after layer3, and its layer4.
+
+    ``weights`` (a local state dict) are loaded before the cut, so that layer4 and its copies carry them.
+    """
+    backbone = build_backbone(name, **options)
+    if not all(hasattr(backbone, part) for part in ("stem", "layer1", "layer2", "layer3", "layer4")):
+        raise ValueError(f"trunk {name!r} is not a ResNet-family backbone (stem, layer1..layer4)")
+    if weights is not None:
+        load_weights(backbone, weights)
+    layer4 = backbone.layer4
+    del backbone.layer4
+    return backbone, layer4
 
 
 class MHSA(nn.Module):
@@ -123,27 +148,25 @@ class MBR4B(ReIDModel):
 
     def __init__(self, num_classes: int, n_cams: int = 0, n_views: int = 0,
                  input_size: tuple[int, int] = (256, 256), backbone_weights: str | Path | None = None,
-                 attention: Callable[[int], nn.Module] | None = None):
+                 attention: Callable[[int], nn.Module] | None = None, trunk: str = "resnet50_ibn_a"):
         super().__init__()
         if input_size[0] % 32 or input_size[1] % 32:
             raise ValueError(f"input_size must be a multiple of 32 on both sides, got {input_size}")
         self.input_size = tuple(input_size)
-        self.feature_dim = BRANCH_DIM * len(self.branch_names)
-        backbone = build_backbone("resnet50_ibn_a")
-        if backbone_weights is not None:
-            load_weights(backbone, backbone_weights)
-        layer4 = backbone.layer4
-        del backbone.layer4  # it lives on as the R50 branches; the trunk stops at layer3
-        self.backbone = backbone
+        # layer4 lives on as the R50 branches; the trunk stops at layer3
+        self.backbone, layer4 = split_trunk(trunk, backbone_weights)
+        dim = self.backbone.out_channels  # the branch width D: 2048, or 512 for ResNet-18
+        self.feature_dim = dim * len(self.branch_names)
         if attention is None:
             attention = partial(MHSA, resolution=(input_size[0] // 16, input_size[1] // 16))
+        layer3_channels = layer4[0].conv1.in_channels  # 1024, or 256 for ResNet-18
         self.branches = nn.ModuleList([copy.deepcopy(layer4), copy.deepcopy(layer4),
-                                       self._bot_branch(attention), self._bot_branch(attention)])
-        self.necks = nn.ModuleList([BNNeck(BRANCH_DIM, num_classes if loss == "ce" else 0)
-                                    for loss, _ in LBS_LOSSES])
+                                       self._bot_branch(attention, layer3_channels, dim),
+                                       self._bot_branch(attention, layer3_channels, dim)])
+        self.necks = nn.ModuleList([BNNeck(dim, num_classes if loss == "ce" else 0) for loss, _ in LBS_LOSSES])
         self.n_cams, self.n_views = n_cams, n_views
         embeddings = (n_cams or 1) * (n_views or 1)
-        self.lai = (nn.Parameter(torch.zeros(len(self.branch_names), embeddings, BRANCH_DIM))
+        self.lai = (nn.Parameter(torch.zeros(len(self.branch_names), embeddings, dim))
                     if n_cams > 0 or n_views > 0 else None)
         self.loss_terms = tuple(
             LossTerm(loss, f"{name}/{'logits' if loss == 'ce' else 'feat'}", weight)
@@ -151,8 +174,9 @@ class MBR4B(ReIDModel):
             if loss == "triplet" or num_classes > 0)
 
     @staticmethod
-    def _bot_branch(attention: Callable[[int], nn.Module]) -> nn.Sequential:
-        return nn.Sequential(*(BoTBlock(c, attention(512)) for c in (1024, BRANCH_DIM, BRANCH_DIM)))
+    def _bot_branch(attention: Callable[[int], nn.Module], in_channels: int, dim: int) -> nn.Sequential:
+        planes = dim // BoTBlock.expansion  # 512 for D = 2048
+        return nn.Sequential(*(BoTBlock(c, attention(planes), planes) for c in (in_channels, dim, dim)))
 
     def _lai_rows(self, camids: torch.Tensor | None, viewids: torch.Tensor | None) -> torch.Tensor:
         index: torch.Tensor | int = 0
@@ -165,6 +189,9 @@ class MBR4B(ReIDModel):
                 raise ValueError(f"{name} must lie in [0, {count}), got {ids.min().item()}..{ids.max().item()}")
             index = index * count + ids.long().view(-1)
         return index  # camid * n_views + viewid, or the one id that is embedded
+
+    def cam_layer(self) -> nn.Module:
+        return self.branches[0]  # the trunk stops at layer3; the first R50 branch makes the last map
 
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
                 viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
