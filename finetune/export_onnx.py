@@ -124,8 +124,8 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int =
     out = Path(out) if out is not None else weights.with_suffix(".onnx")
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset {opset}: the antialiased resize needs opset {MIN_OPSET} or later")
-    if not out.parent.is_dir():
-        raise ConfigError(f"{out.parent}: no such directory")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ConfigError(f"{out.parent}: not a directory")
     if out.resolve() == weights.resolve():
         raise ConfigError(f"{out}: the output would overwrite the weights")
     pipeline, meta = load_pipeline(weights)
@@ -161,6 +161,7 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int =
     if not max_abs_diff <= tolerance:  # also catches NaN
         raise ExportError(f"{weights}: ONNX features differ from torch's by max |delta| {max_abs_diff:.3g} "
                           f"> {tolerance:g} (features up to {max_abs_feature:.3g}); {out} not written")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, "wb") as f:
         f.write(data)
     return {"out": str(out), "architecture": meta["architecture"], "inputs": ["images", *pipeline.id_inputs],

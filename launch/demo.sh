@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Set up the environment (launch/setup.sh) and run the main job on the embedded synthetic world:
-# render it into shards under runs/demo/shards (skipping shards a previous run finished) and print
-# their summary. Extra arguments are config overrides, e.g. `bash launch/demo.sh pool_images=5000`.
+# Set up the environment (launch/setup.sh), then run the demo on the embedded synthetic world
+# (launch/demo.py): render it, CFS-score the pool, SpCL-pretrain DM-OSNet, fine-tune it from that backbone
+# and from scratch, train the tiny FNC and LKA-ReID on vehicles, evaluate, export to ONNX and write
+# runs/demo/report.md. A second run skips what the first finished. Extra arguments are demo settings,
+# e.g. `bash launch/demo.sh out=runs/demo_seed1 seed=1` (see launch/configs/demo.yaml).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/setup.sh"
 cd "$root"
-mkdir -p runs/demo
-"$REIDFORGE_PY" data/build_shards.py synthetic --out runs/demo/shards --config launch/configs/synthetic.yaml \
-  --workers "$(nproc)" "$@"
+exec "$REIDFORGE_PY" launch/demo.py "$@"

@@ -3,12 +3,15 @@ recipe has a tiny CPU variant with the same model and optimiser."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 from finetune.engine import TrainConfig
 from finetune.models import MODELS
+from pretrain.spcl import SpCLConfig
 from shared.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
@@ -33,3 +36,22 @@ def test_recipe_specifics_from_the_papers() -> None:
     assert (lka.data.p, lka.data.k, lka.model.options["n_cams"], lka.model.options["n_views"]) == (6, 8, 20, 8)
     bot = load_config(TrainConfig, CONFIGS / "bot_market.yaml")
     assert (bot.optim.milestones, bot.optim.lr, bot.data.p * bot.data.k) == ([40, 70], 3.5e-4, 64)
+
+
+def _schema(path: Path) -> type:
+    if path.name == "synthetic.yaml":
+        from data.synthetic import SyntheticConfig
+
+        return SyntheticConfig
+    if path.name == "demo.yaml":
+        spec = importlib.util.spec_from_file_location("demo", CONFIGS.parents[0] / "demo.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
+        spec.loader.exec_module(module)
+        return module.DemoConfig
+    return SpCLConfig if path.name.startswith("spcl_") else TrainConfig
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads_with_its_schema(path: Path) -> None:
+    load_config(_schema(path), path)
