@@ -87,6 +87,8 @@ multi-GB bank from rank 0 on every forward; do not pass it to ``accelerator.prep
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -212,6 +214,12 @@ class HybridMemory(nn.Module):
             raise ValueError(f"set_labels: labels must be integers, got {labels.dtype}")
         self.labels.copy_(labels.to(self.labels.device, torch.long))
         self.rebuild()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Features and labels from a checkpoint; the derived class index and sums are rebuilt from them."""
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.rebuild()
+        return result
 
     @torch.no_grad()
     def rebuild(self) -> None:

@@ -131,6 +131,9 @@ class SpCLConfig:
     amp: str = choice("no", "bf16", "fp16")
     eval_every: int = 10
     checkpoint_every: int = 1
+    # > 0: also checkpoint every this many iterations inside an epoch, so that a LUPerson-length epoch
+    # (hours) is never lost whole; --resume then continues from that iteration with the epoch's labels.
+    checkpoint_every_iters: int = 0
     keep_checkpoints: int = 2
     log_every: int = 20
     dist_timeout_minutes: int = 120
@@ -171,19 +174,20 @@ class PseudoIdentityBatches(Sampler[list[int]]):
     """
 
     def __init__(self, labels: np.ndarray, p: int, k: int, iters: int, seed: int, epoch: int, rank: int,
-                 world_size: int):
+                 world_size: int, start: int = 0):
         super().__init__()
         self.sampler = PKSampler(labels, p=p * world_size, k=k, seed=seed)
-        self.iters, self.epoch, self.rank, self.size = iters, epoch, rank, p * k
+        self.iters, self.epoch, self.rank, self.size, self.start = iters, epoch, rank, p * k, start
 
     def __len__(self) -> int:
-        return self.iters
+        return self.iters - self.start
 
     def __iter__(self):
         done, rounds = 0, 0
         while done < self.iters:
             for batch in self.sampler.global_batches((self.epoch << 16) + rounds):
-                yield batch[self.rank * self.size:(self.rank + 1) * self.size].tolist()
+                if done >= self.start:  # a resumed epoch skips the batches its checkpoint had trained on
+                    yield batch[self.rank * self.size:(self.rank + 1) * self.size].tolist()
                 done += 1
                 if done == self.iters:
                     return
@@ -379,8 +383,9 @@ class SpCLTrainer:
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         for epoch in range(self.state["epoch"], cfg.epochs):
-            row = self._cluster(epoch)
-            row["loss"] = self._train_epoch(epoch)
+            partial = self.state.pop("partial", None)  # a mid-epoch checkpoint: its labels are restored
+            row = partial["row"] if partial else self._cluster(epoch)
+            row["loss"] = self._train_epoch(epoch, row, partial)
             self.scheduler.step()
             self.state["epoch"] = epoch + 1
             last = epoch + 1 == cfg.epochs
@@ -400,19 +405,23 @@ class SpCLTrainer:
         acc.end_training()
         return self.state
 
-    def _train_epoch(self, epoch: int) -> float:
+    def _train_epoch(self, epoch: int, row: dict[str, Any], partial: dict[str, Any] | None = None) -> float:
+        """Train one epoch (from the iteration a mid-epoch checkpoint reached); the mean loss of its steps."""
         cfg, acc = self.cfg, self.accelerator
+        start, total = (partial["step"], partial["loss_sum"]) if partial else (0, 0.0)
         labels = self.memory.labels.cpu().numpy()
         sampler = PseudoIdentityBatches(labels, cfg.data.p, cfg.data.k, cfg.iters_per_epoch, cfg.seed, epoch,
-                                        acc.process_index, acc.num_processes)
+                                        acc.process_index, acc.num_processes, start)
+        # The loader draws its workers' base seed from its own generator, not the global RNG: a run resumed
+        # mid-epoch then draws the same augmentations (restored global RNG) as the run it continues.
         loader = DataLoader(Subset(self.train_pool, self.slots.tolist()), batch_sampler=sampler,
-                            num_workers=cfg.data.workers, collate_fn=collate)
+                            num_workers=cfg.data.workers, collate_fn=collate,
+                            generator=torch.Generator().manual_seed((cfg.seed << 20) + epoch))
         tally = SampleTally(len(sampler) * cfg.data.p * cfg.data.k, cfg.data.max_bad_fraction, "training")
         self.model.train()
-        total, steps = 0.0, 0
-        bar = tqdm(tally.wrap(loader), total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not acc.is_local_main_process)
-        for batch in bar:
+        bar = tqdm(tally.wrap(loader), total=cfg.iters_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=not acc.is_local_main_process)
+        for step, batch in enumerate(bar, start + 1):
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
             slots = torch.from_numpy(np.searchsorted(self.slots, batch["index"].numpy())).to(acc.device)
             with acc.autocast():
@@ -422,12 +431,17 @@ class SpCLTrainer:
             acc.backward(loss)
             self.optimizer.step()
             self.state["iteration"] += 1
-            total, steps = total + loss.item(), steps + 1
+            total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if self.state["iteration"] % cfg.log_every == 0:
                 acc.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0]},
                         step=self.state["iteration"])
-        return total / max(steps, 1)
+            every = cfg.checkpoint_every_iters
+            if every > 0 and step % every == 0 and step < cfg.iters_per_epoch:
+                self.state["partial"] = {"step": step, "loss_sum": total, "row": row}
+                self._checkpoint(step)
+                del self.state["partial"]
+        return total / max(cfg.iters_per_epoch, 1)
 
     def _evaluate(self) -> dict[str, float]:
         acc, d = self.accelerator, self.cfg.data
@@ -464,12 +478,13 @@ class SpCLTrainer:
             raise RuntimeError(f"memory replicas differ across ranks after epoch {self.state['epoch']}: {digests}")
         self.state["replicas_identical"] = True
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, step: int = 0) -> None:
+        """End of epoch (``step`` 0) or after iteration ``step`` of the epoch in progress."""
         self._check_replicas()
         self.state["scheduler"] = self.scheduler.state_dict()
         self.state["clustering"] = self.clustering.state_dict()
         self.checkpoints.save(self.accelerator, self.state["epoch"], self.state,
-                              {"memory": {**self.memory.state_dict(), "valid": self.valid}})
+                              {"memory": {**self.memory.state_dict(), "valid": self.valid}}, step)
 
     def _resume(self) -> None:
         path, self.state = self.checkpoints.restore(self.accelerator)

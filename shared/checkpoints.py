@@ -1,6 +1,7 @@
 """Run checkpoints that a crash can never corrupt, shared by the pretraining and fine-tuning loops.
 
-A checkpoint is a directory ``<root>/epoch-NNNN/`` holding accelerate's state (model, optimiser, RNG of
+A checkpoint is a directory ``<root>/epoch-NNNN/`` (``epoch-NNNN-step-SSSSSSS`` for one taken after
+iteration S of the epoch after N; names sort in training order) holding accelerate's state (model, optimiser, RNG of
 every rank), ``trainer_state.json`` (the loop's JSON-able state) and any named tensor groups as
 ``<group>.safetensors``. It is written under a hidden temporary name and renamed when complete; the
 ``latest`` pointer file is replaced by rename too, so a kill at any moment leaves the previous
@@ -33,9 +34,9 @@ class Checkpoints:
         return path if path.is_dir() else None
 
     def save(self, accelerator: Accelerator, epoch: int, state: dict[str, Any],
-             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None, step: int = 0) -> Path:
         """Collective: every rank calls it; rank 0 writes the JSON state and the tensor groups."""
-        name = f"epoch-{epoch:04d}"
+        name = f"epoch-{epoch:04d}" + (f"-step-{step:07d}" if step else "")
         tmp, final = self.root / f".{name}.tmp", self.root / name
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

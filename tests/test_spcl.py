@@ -139,6 +139,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pool: P
     assert max((b1[k] - b2[k]).abs().max().item() for k in weights) <= 1e-3
 
 
+def test_a_run_killed_mid_epoch_resumes_from_its_iteration_checkpoint(
+        tiny_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint_every_iters: a kill after iteration 2 of epoch 2 loses nothing; the resumed run keeps
+    that epoch's labels, skips the batches it trained on and ends where the whole run ends."""
+    extra = ("checkpoint_every_iters=2", "iters_per_epoch=5")
+    whole = spcl.pretrain(_config(tiny_pool, tmp_path, "whole", *extra))
+    real = spcl.SpCLTrainer._checkpoint
+
+    def dies_after_iteration_2_of_epoch_2(self: spcl.SpCLTrainer, step: int = 0) -> None:
+        real(self, step)
+        if self.state["epoch"] == 1 and step == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", dies_after_iteration_2_of_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra))
+    monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", real)
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "epoch-0001-step-0000002"
+    resumed = spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra), resume=True)
+    assert resumed["iteration"] == whole["iteration"] == 10
+    assert [r["clusters"] for r in resumed["history"]] == [r["clusters"] for r in whole["history"]]
+    # The resumed memory rebuilds its cluster sums exactly; the whole run's are incremental (fp32 rounding).
+    assert np.allclose([r["loss"] for r in resumed["history"]], [r["loss"] for r in whole["history"]], atol=1e-4)
+    a = load_file(str(tmp_path / "whole" / "backbone_final.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "backbone_final.safetensors"))
+    assert all((a[k].float() - b[k].float()).abs().max() <= 1e-5 for k in a)
+
+
 def test_a_dying_rank_stops_the_other_instead_of_hanging(tiny_pool: Path, tmp_path: Path) -> None:
     proc = _torchrun(_overrides(tiny_pool, tmp_path, "dies", "epochs=50", "iters_per_epoch=20"), tmp_path)
     deadline = time.monotonic() + 300
