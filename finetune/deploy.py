@@ -20,7 +20,6 @@ it (host-side resize with the training pipeline's test transform, then batching)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,15 +46,6 @@ def id_counts(model: nn.Module) -> dict[str, int]:
     """The id inputs the model's forward needs (``camids`` when it embeds cameras, ``viewids`` views), with
     the number of valid ids of each."""
     return {name: int(getattr(model, count)) for name, count in ID_INPUTS if getattr(model, count, 0) > 0}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class FeaturePipeline(nn.Module):

@@ -49,7 +49,8 @@ import onnx
 import torch
 from torch.export import Dim
 
-from finetune.deploy import FeaturePipeline, OnnxEmbedder, TorchEmbedder, file_sha256, load_pipeline
+from data.shards import sha256_file
+from finetune.deploy import FeaturePipeline, OnnxEmbedder, TorchEmbedder, load_pipeline
 from shared.config import ConfigError
 from shared.io import atomic_open
 from shared.weights import WeightsError
@@ -137,7 +138,7 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int =
         raise ExportError(f"{weights}: the model fails at input size {pipeline.input_size} "
                           f"({str(e).strip().splitlines()[0]})") from None
     metadata = {
-        "architecture": meta["architecture"], "weights": weights.name, "weights_sha256": file_sha256(weights),
+        "architecture": meta["architecture"], "weights": weights.name, "weights_sha256": sha256_file(weights),
         "input_size": list(pipeline.input_size), "mean": list(meta["mean"]), "std": list(meta["std"]),
         "feature_dim": int(expected[0].shape[1]), "options": meta.get("options", {}),
         "id_inputs": list(pipeline.id_inputs),

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data.shards import sha256_file
 from data.transforms import TransformConfig, build_transforms
-from finetune.deploy import Embedder, file_sha256, load_embedder
+from finetune.deploy import Embedder, load_embedder
 from shared.config import ConfigError
 from shared.io import atomic_open, atomic_write_json
 from shared.table import format_table
@@ -131,7 +132,7 @@ def load_index(path: Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | Non
         return None
     try:
         description = json.loads(description_path.read_text())
-        if description.get("fingerprint") != fingerprint or description.get("index_sha256") != file_sha256(path):
+        if description.get("fingerprint") != fingerprint or description.get("index_sha256") != sha256_file(path):
             return None
         index = faiss.read_index(str(path))
         intact = index.ntotal == len(description["files"]) and isinstance(description["skipped"], list)
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cached = None
     if args.index is not None:
-        fingerprint = gallery_fingerprint(file_sha256(args.weights), args.gallery, gallery_paths)
+        fingerprint = gallery_fingerprint(sha256_file(args.weights), args.gallery, gallery_paths)
         cached = load_index(args.index, fingerprint)
     if cached is not None:
         index, description = cached

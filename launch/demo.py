@@ -161,9 +161,10 @@ class Runner:
         fingerprint = hashlib.sha256(json.dumps([stage.command, upstream]).encode()).hexdigest()
         self.fingerprints[stage.name] = fingerprint
         done, started = self.state_dir / f"{stage.name}.json", self.state_dir / f"{stage.name}.started"
-        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        record = json.loads(done.read_text()) if done.is_file() else {}
+        if record.get("fingerprint") == fingerprint:
             print(f"[{number}/{total}] {stage.name}: finished by a previous run, skipped", flush=True)
-            self.timings.append([stage.name, json.loads(done.read_text())["seconds"], "yes"])
+            self.timings.append([stage.name, record["seconds"], "yes"])
             return
         done.unlink(missing_ok=True)
         command = list(stage.command)
