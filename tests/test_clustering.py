@@ -9,6 +9,7 @@ import hdbscan
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.metrics import adjusted_rand_score
 
 from pretrain import clustering
@@ -189,6 +190,47 @@ def test_hdbscan_on_separated_blobs() -> None:
     assert adjusted_rand_score(ref, result.labels) > 0.95
 
 
+@pytest.mark.parametrize("kind", ["exact", "int8"])
+def test_blocked_scan_keeps_each_rows_top_products(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    # blocks of 37 rows (the last one short) and a cut whenever a block holds more than its top: every
+    # path of the scan runs, and the result must be the top of the full product matrix
+    monkeypatch.setattr(clustering, "_BLOCK", 37)
+    monkeypatch.setattr(clustering, "_HOLD", 1)
+    x, _ = _blobs(11, 300, num_ids=12)
+    feat, _ = clustering._scan_operand(x, kind)
+    vals, ids = clustering._blocked_top(feat, 12)
+    full = (feat.int() @ feat.int().T) if kind == "int8" else torch.from_numpy(x.astype(np.float64) @ x.T.astype(np.float64))
+    assert ids.shape == (300, 12) and all(len(set(row)) == 12 for row in ids.tolist())
+    top = torch.topk(full, 12, dim=1).values
+    if kind == "int8":  # exact integers: the same values, and each id carries its value
+        assert torch.equal(vals, top) and torch.equal(torch.gather(full, 1, ids), vals)
+    else:  # float32 blocks against float64: within rounding
+        np.testing.assert_allclose(vals.numpy(), top.numpy(), atol=1e-5)
+        np.testing.assert_allclose(torch.gather(full, 1, ids).numpy(), vals.numpy(), atol=1e-5)
+    assert (vals[:, :-1] >= vals[:, 1:]).all()
+
+
+@pytest.mark.parametrize("data", ["blobs", "dyadic"])
+def test_exact_search_across_blocks_equals_dense(monkeypatch: pytest.MonkeyPatch, data: str) -> None:
+    monkeypatch.setattr(clustering, "_BLOCK", 50)
+    monkeypatch.setattr(clustering, "_HOLD", 1)
+    x = _blobs(12, 360, num_ids=15)[0] if data == "blobs" else _dyadic(13, 360)
+    stats: dict[str, float] = {}
+    _, ids = clustering._knn(x, 12, "exact", stats)
+    np.testing.assert_array_equal(ids, dense_knn(x, 12))
+
+
+def test_int8_search_gives_the_exact_labels() -> None:
+    x, _ = _blobs(14, 800, dim=64, num_ids=20, noise=0.4)
+    sims, ids = knn_search(x, 30, "int8")
+    exact = dense_knn(x, 30)
+    recall = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids, exact)]) / 30
+    assert recall > 0.99 and (ids[:, 0] == np.arange(len(x))).all() and (np.diff(sims, axis=1) <= 0).all()
+    fast = SelfPacedClustering(ClusterConfig(knn="int8"))(x)
+    np.testing.assert_array_equal(fast.labels, SelfPacedClustering(ClusterConfig())(x).labels)
+    assert fast.stats["knn_recall"] > 0.99
+
+
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])
 def test_approximate_indices(index: str) -> None:
     x, _ = _blobs(8, 600, num_ids=15, noise=0.3, clustered=1.0)  # ~40 per cluster: the top 10 are mates
@@ -226,7 +268,7 @@ def test_bad_input_is_a_one_line_error() -> None:
 def test_config_loads_through_shared_config() -> None:
     cfg = load_config(ClusterConfig, overrides=["knn=ivf", "eps=0.5", "drop_outliers=true"])
     assert (cfg.knn, cfg.eps, cfg.drop_outliers, cfg.method) == ("ivf", 0.5, True, "dbscan")
-    with pytest.raises(ConfigError, match="valid choices: exact, ivf, hnsw"):
+    with pytest.raises(ConfigError, match="valid choices: exact, int8, ivf, hnsw"):
         load_config(ClusterConfig, overrides=["knn=flat"])
 
 
