@@ -104,15 +104,16 @@ Deviations from the reference code, all deliberate:
 - The exact search is the blocked float32 scan on CPU and faiss's brute force on GPU when
   ``faiss.get_num_gpus() > 0`` (as the reference always does), assuming its default full-fp32 GEMM;
   ``int8`` takes the GPU search too (it is a CPU speed path). ``knn="int8"``, ``"ivf"`` and ``"hnsw"``
-  are approximate (not in the reference). ``ivf`` is IVF-Flat with faiss k-means lists (sqrt(8 N) of them, 40 training points per
-  list, 10 iterations) and nprobe 8, scanned list by list with one GEMM per list instead of faiss's
-  per-query scan (measured on the 2-core CPU here: ~2.4 G multiply-adds/s for faiss's IndexIVFFlat
-  scan, ~6 for the list GEMMs), and symmetrically: a pair is scored when either point probes the
-  other's list, which raises the recall of mutual neighbours, the ones k-reciprocal sets are made of.
-  Recall@30 against brute force on the bench's synthetic features: 0.79 at 50k, 0.69 at 200k, 0.54 at
-  1M (the far, noise-level neighbours are the ones missed); labels at 50k: ARI 0.90 against exact kNN. ``hnsw`` is faiss's
-  IndexHNSWFlat (M 32, efConstruction 80, efSearch 128); its build is slow on CPU (~1 min per 100k at
-  512-d here).
+  are approximate (not in the reference). ``ivf`` is IVF-Flat with faiss k-means lists (sqrt(nprobe N)
+  of them, 40 training points per list, 10 iterations), each point probing ``ivf_nprobe`` lists (8 by
+  default), scanned list by list with one GEMM per list instead of faiss's per-query scan (measured on
+  the 2-core CPU here: ~2.4 G multiply-adds/s for faiss's IndexIVFFlat scan, ~6 for the list GEMMs), and
+  symmetrically: a pair is scored when either point probes the other's list, which raises the recall of
+  mutual neighbours, the ones k-reciprocal sets are made of. The scan costs ~sqrt(nprobe) N^1.5.
+  Recall@30 against brute force on the bench's synthetic features at nprobe 8: 0.79 at 50k, 0.69 at
+  200k, 0.54 at 1M (the far, noise-level neighbours are the ones missed); labels at 50k: ARI 0.90
+  against exact kNN. ``hnsw`` is faiss's IndexHNSWFlat (M 32, efConstruction 80, efSearch 128); its
+  build is slow on CPU (~1 min per 100k at 512-d here).
 - DBSCAN runs single-threaded (the reference: n_jobs=-1; labels do not depend on it).
 - ``method="hdbscan"`` is a method change (no reference uses it). The hdbscan package's
   precomputed mode needs a dense matrix or a connected sparse graph with >= min_samples stored entries
@@ -160,7 +161,7 @@ _FULL_ROW_CHUNK = 1 << 22  # float64 similarities of whole rows computed at once
 _RANK_CHUNK = 1 << 9  # candidate vectors gathered (float32, then float64) per re-ranking step
 _BLOCK = 2048  # rows per block of the blocked brute-force scan: one block product is 64 MB
 _HOLD = 2  # the blocked scan cuts its candidates to each row's top once it holds this many per row and slot
-_IVF_NPROBE = 8  # inverted lists visited per query; sqrt(nprobe N) lists balance assignment and scan
+_IVF_NPROBE = 8  # default inverted lists visited per query; sqrt(nprobe N) lists balance assignment and scan
 _IVF_TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
 _IVF_NITER = 10  # k-means iterations
 _HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF_SEARCH = 32, 80, 128
@@ -182,6 +183,7 @@ class ClusterConfig:
     k1: int = 30
     k2: int = 6
     knn: str = choice("exact", "int8", "ivf", "hnsw")  # kNN search (module docstring); GPU faiss when available
+    ivf_nprobe: int = 8  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
     independence_quantile: float = 0.9  # SpCL: threshold fixed at the first clustering
     self_paced: bool = True  # False = plain DBSCAN labels (no reliability criteria)
     drop_outliers: bool = False  # cluster-contrast style: un-clustered -> label -1 instead of singleton ids
@@ -214,6 +216,11 @@ def _check_features(features: np.ndarray) -> np.ndarray:
     if off[worst] > _NORM_TOL:
         raise ValueError(f"features must be L2-normalised rows: row {worst} has norm {math.sqrt(sq[worst]):.6g}")
     return x
+
+
+def _check_nprobe(nprobe: int) -> None:
+    if nprobe < 1:
+        raise ValueError(f"nprobe must be >= 1, got nprobe={nprobe}")
 
 
 def _check_k(k: int, n: int, name: str = "k1") -> None:
@@ -249,7 +256,7 @@ def _hnsw_index(x: np.ndarray) -> faiss.Index:
     return index
 
 
-def _ivf_candidates(x: np.ndarray, take: int, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+def _ivf_candidates(x: np.ndarray, take: int, nprobe: int, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     """IVF-Flat search of every row among all rows: float32 similarities and ids (N x take, -1 = none).
 
     Each point probes the lists of its nprobe most similar k-means centroids, as faiss's IndexIVFFlat
@@ -258,8 +265,8 @@ def _ivf_candidates(x: np.ndarray, take: int, stats: dict[str, float]) -> tuple[
     scored when either point probes the other's list; a pair scored twice is kept once).
     """
     n, dim = x.shape
-    nlist = max(1, min(int(round(math.sqrt(_IVF_NPROBE * n))), n // _IVF_TRAIN_PER_LIST))
-    nprobe = min(_IVF_NPROBE, nlist)
+    nlist = max(1, min(int(round(math.sqrt(nprobe * n))), n // _IVF_TRAIN_PER_LIST))
+    nprobe = min(nprobe, nlist)
     sample = np.sort(np.random.default_rng(0).choice(n, min(n, nlist * _IVF_TRAIN_PER_LIST), replace=False))
     kmeans = faiss.Kmeans(dim, nlist, niter=_IVF_NITER, spherical=True, seed=1)
     kmeans.train(x[sample])
@@ -468,7 +475,8 @@ def _rows_top(x: np.ndarray, rows: np.ndarray, width: int) -> tuple[np.ndarray, 
     return sims, ids
 
 
-def _knn(x: np.ndarray, k: int, kind: str, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+def _knn(x: np.ndarray, k: int, kind: str, stats: dict[str, float],
+         nprobe: int = _IVF_NPROBE) -> tuple[np.ndarray, np.ndarray]:
     n, dim = x.shape
     # |float32 <x, y> - <x, y>| <= gamma_D |x| |y| for any summation order, plus the float64 re-ranking's own
     err = dim * _UNIT / (1 - dim * _UNIT) * (1 + _NORM_TOL) ** 2 + 1e-12
@@ -482,7 +490,7 @@ def _knn(x: np.ndarray, k: int, kind: str, stats: dict[str, float]) -> tuple[np.
             return index.search(x[rows], width)
     else:
         if kind == "ivf":
-            cand_s, cand_i = _ivf_candidates(x, take, stats)
+            cand_s, cand_i = _ivf_candidates(x, take, nprobe, stats)
         else:
             feat, unit = _scan_operand(x, kind)
             with _full_float32():
@@ -523,17 +531,19 @@ def _knn(x: np.ndarray, k: int, kind: str, stats: dict[str, float]) -> tuple[np.
     return sims, ids
 
 
-def knn_search(features: np.ndarray, k: int, index: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+def knn_search(features: np.ndarray, k: int, index: str = "exact",
+               nprobe: int = _IVF_NPROBE) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest neighbours of every row among all rows, self included: (N, k) float64 cosine
     similarities, descending, and (N, k) int64 ids, ties by index. ``index="exact"`` is certified exact
     (module docstring); ``"int8"`` (the same blocked scan on int8 features), ``"ivf"`` (IVF-Flat:
-    sqrt(8 N) k-means lists, nprobe 8) and ``"hnsw"`` (M 32, efSearch 128) are approximate; their k + 8
-    candidates are re-ranked the same way."""
+    sqrt(nprobe N) k-means lists, each point probing ``nprobe``) and ``"hnsw"`` (M 32, efSearch 128) are
+    approximate; their k + 8 candidates are re-ranked the same way."""
     x = _check_features(features)
     _check_k(k, len(x), "k")
     if index not in _INDICES:
         raise ValueError(f"index must be one of {', '.join(_INDICES)}, got {index!r}")
-    return _knn(x, k, index, {})
+    _check_nprobe(nprobe)
+    return _knn(x, k, index, {}, nprobe)
 
 
 def _index_type(n: int) -> type:
@@ -654,9 +664,9 @@ def _shared_pairs(v: sp.csr_matrix, max_distance: float | None) -> tuple[np.ndar
 
 
 def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | None,
-             stats: dict[str, float]) -> sp.csr_matrix:
+             stats: dict[str, float], nprobe: int = _IVF_NPROBE) -> sp.csr_matrix:
     n = len(x)
-    sims, ids = _knn(x, k1, index, stats)
+    sims, ids = _knn(x, k1, index, stats, nprobe)
     start = time.perf_counter()
     v = _expanded_weights(x, sims, ids, k1)
     if k2 != 1:
@@ -683,7 +693,7 @@ def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | 
 
 
 def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, index: str = "exact",
-                     max_distance: float | None = None) -> sp.csr_matrix:
+                     max_distance: float | None = None, nprobe: int = _IVF_NPROBE) -> sp.csr_matrix:
     """SpCL's k-reciprocal Jaccard distance of L2-normalised features (N x D) as an N x N CSR matrix:
     every pair sharing support (entries <= ``max_distance`` only, when given) plus the diagonal; pairs
     not stored are at distance 1. Rows are sorted by distance, ties by column. See the module docstring."""
@@ -693,7 +703,8 @@ def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, index: str
         raise ValueError(f"k2 must be >= 1, got k2={k2}")
     if index not in _INDICES:
         raise ValueError(f"index must be one of {', '.join(_INDICES)}, got {index!r}")
-    return _jaccard(x, k1, k2, index, max_distance, {})
+    _check_nprobe(nprobe)
+    return _jaccard(x, k1, k2, index, max_distance, {}, nprobe)
 
 
 def _with_singletons(labels: np.ndarray) -> np.ndarray:
@@ -760,6 +771,7 @@ class SelfPacedClustering:
             (cfg.eps + cfg.eps_gap < 1, f"eps + eps_gap must be < 1, got eps={cfg.eps}, eps_gap={cfg.eps_gap}"),
             (cfg.min_samples >= 1, f"min_samples must be >= 1, got {cfg.min_samples}"),
             (cfg.k1 >= 1 and cfg.k2 >= 1, f"k1 and k2 must be >= 1, got k1={cfg.k1}, k2={cfg.k2}"),
+            (cfg.ivf_nprobe >= 1, f"ivf_nprobe must be >= 1, got {cfg.ivf_nprobe}"),
             (0 < cfg.independence_quantile <= 1,
              f"independence_quantile must be in (0, 1], got {cfg.independence_quantile}"),
             (cfg.hdbscan_min_cluster_size >= 2,
@@ -818,7 +830,7 @@ class SelfPacedClustering:
             max_distance = None
         else:
             max_distance = cfg.eps + cfg.eps_gap if cfg.self_paced else cfg.eps
-        graph = _jaccard(x, cfg.k1, cfg.k2, cfg.knn, max_distance, stats)
+        graph = _jaccard(x, cfg.k1, cfg.k2, cfg.knn, max_distance, stats, cfg.ivf_nprobe)
         cluster_start = time.perf_counter()
         if cfg.method == "hdbscan":
             groups = _with_singletons(_hdbscan_labels(graph, cfg.min_samples, cfg.hdbscan_min_cluster_size,

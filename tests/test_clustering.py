@@ -242,6 +242,20 @@ def test_approximate_indices(index: str) -> None:
     assert result.stats["knn_recall"] > 0.95
 
 
+def test_more_ivf_probes_find_more_neighbours() -> None:
+    x, _ = _blobs(15, 3000, dim=48, num_ids=60, noise=0.5, clustered=0.7)
+    exact = dense_knn(x, 30)
+    recall = {}
+    for nprobe in (1, 8):
+        stats: dict[str, float] = {}
+        _, ids = clustering._knn(x, 30, "ivf", stats, nprobe)
+        recall[nprobe] = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids, exact)]) / 30
+        assert stats["ivf_nprobe"] == nprobe  # of min(sqrt(nprobe N), N / 40) lists
+        assert stats["ivf_nlist"] == min(round(np.sqrt(nprobe * len(x))), len(x) // 40)
+    assert recall[8] > recall[1] + 0.05, recall
+    assert SelfPacedClustering(ClusterConfig(knn="ivf", ivf_nprobe=8))(x).stats["ivf_nprobe"] == 8
+
+
 def test_bad_input_is_a_one_line_error() -> None:
     x, _ = _blobs(9, 50)
     cases = [
@@ -258,16 +272,19 @@ def test_bad_input_is_a_one_line_error() -> None:
     for cfg, message in [(ClusterConfig(eps=0.99), "eps \\+ eps_gap must be < 1"),
                          (ClusterConfig(eps=0.01), "eps - eps_gap must be > 0"),
                          (ClusterConfig(knn="flat"), "knn must be"),
+                         (ClusterConfig(ivf_nprobe=0), "ivf_nprobe must be >= 1"),
                          (ClusterConfig(independence_quantile=0), "independence_quantile")]:
         with pytest.raises(ValueError, match=message):
             SelfPacedClustering(cfg)
     with pytest.raises(ValueError, match="index must be one of"):
         jaccard_distance(x, index="lsh")
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        knn_search(x, 5, "ivf", nprobe=0)
 
 
 def test_config_loads_through_shared_config() -> None:
-    cfg = load_config(ClusterConfig, overrides=["knn=ivf", "eps=0.5", "drop_outliers=true"])
-    assert (cfg.knn, cfg.eps, cfg.drop_outliers, cfg.method) == ("ivf", 0.5, True, "dbscan")
+    cfg = load_config(ClusterConfig, overrides=["knn=ivf", "ivf_nprobe=16", "eps=0.5", "drop_outliers=true"])
+    assert (cfg.knn, cfg.ivf_nprobe, cfg.eps, cfg.drop_outliers, cfg.method) == ("ivf", 16, 0.5, True, "dbscan")
     with pytest.raises(ConfigError, match="valid choices: exact, int8, ivf, hnsw"):
         load_config(ClusterConfig, overrides=["knn=flat"])
 

@@ -2,6 +2,7 @@
 
     python launch/bench/clustering.py [--msmt 32621] [--msmt-dim 2048] [--dense-size N]
         [--sizes 10000,50000,200000,1000000] [--dim 512] [--approx-above 100000] [--agreement-size 50000]
+        [--nprobe 8]
         [--out runs/bench/clustering.json]
 
 Features: identities of geometrically distributed sizes (>= 3 images), centres random unit vectors (a
@@ -15,7 +16,8 @@ merge at the loose eps, noisy identities fragment, and the criteria reject some.
     label-matrix IoUs in row blocks of 1,024 instead of SpCL's five whole N x N float matrices) and
     ``SelfPacedClustering`` with exact and with int8 kNN, each in a fresh process whose peak RSS is
     counted from after the features' generation (the features, and the libraries loaded, count); labels
-    compared. The dense reference needs about 3 N x N float32 (13 GB at full size); if that does not fit
+    compared. The reference ranks neighbours in float64 (it is the tests' oracle); the same dense steps
+    after SpCL's own float32 faiss search are timed too, as the speed SpCL's code would have. The dense reference needs about 3 N x N float32 (13 GB at full size); if that does not fit
     in 80 % of the available memory, or with ``--dense-size n``, it runs at n and n/2 instead (the sparse
     step at n as well, for the label comparison) and is extrapolated: time by (N/n)^2, peak RSS as
     a + b N^2 through the two runs. The table says when figures are extrapolated.
@@ -40,6 +42,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from types import ModuleType
 
+import faiss
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
@@ -98,7 +101,7 @@ def _reset_peak_rss() -> None:
 
 
 def _isolated(method: str, n: int, dim: int, mean_size: float, unclustered: float, knn: str,
-              labels_path: str | None) -> dict[str, float]:
+              labels_path: str | None, nprobe: int = 8) -> dict[str, float]:
     """Runs in a fresh process: generate the features, cluster them once, report time and peak RSS."""
     x, _ = synthetic(n, dim, mean_size, unclustered)
     _reset_peak_rss()
@@ -106,13 +109,18 @@ def _isolated(method: str, n: int, dim: int, mean_size: float, unclustered: floa
     result: dict[str, float] = {}
     start = time.perf_counter()
     if method == "sparse":
-        out = SelfPacedClustering(ClusterConfig(knn=knn))(x)
+        out = SelfPacedClustering(ClusterConfig(knn=knn, ivf_nprobe=nprobe))(x)
         labels = out.labels
         result.update(out.stats)
     else:
         dense = _dense_module()
         cfg = ClusterConfig()
-        ranks = dense.dense_knn(x, cfg.k1)
+        if knn == "faiss":  # SpCL's own search: faiss float32 inner products, ties in faiss's order
+            index = faiss.IndexFlatIP(dim)
+            index.add(x)
+            ranks = index.search(x, cfg.k1)[1]
+        else:  # the tests' oracle: float64 similarities, ties by index
+            ranks = dense.dense_knn(x, cfg.k1)
         result["knn_s"] = time.perf_counter() - start
         jaccard = dense.dense_jaccard(x, cfg.k1, cfg.k2, dtype=np.float32, initial_rank=ranks)
         result["jaccard_s"] = time.perf_counter() - start - result["knn_s"]
@@ -170,6 +178,15 @@ def bench_msmt(args: argparse.Namespace, rows: list, report: dict, tmp: Path) ->
     rows.append([task, "dense reference", round(dense_s, 1), round(dense_peak / GB, 2), "",
                  f"{how}; kNN {stages['knn_s']:.1f} s (float64, blocks of 1,024 rows), Jaccard "
                  f"{stages['jaccard_s']:.1f} s (targets for the sparse step: >= 20x faster, <= 1/10 of the memory)"])
+    spcl_s = None
+    if dense_n == n:  # the same dense steps after SpCL's own float32 faiss search
+        spcl = _in_fresh_process("dense", n, *shape, "faiss", str(tmp / "dense_faiss.npy"))
+        spcl_s = spcl["seconds"]
+        same = int(np.count_nonzero(np.load(tmp / "dense_faiss.npy") != ref))
+        report["msmt"]["dense_faiss_knn"] = spcl | {"differing_labels": same}
+        rows.append([task, "dense, float32 faiss kNN", round(spcl_s, 1), round(spcl["peak_rss"] / GB, 2), "",
+                     f"SpCL's own search: kNN {spcl['knn_s']:.1f} s, Jaccard {spcl['jaccard_s']:.1f} s; labels "
+                     f"{'identical to the reference' if not same else f'{same} differ from the reference'}"])
     for knn in ("exact", "int8"):
         check = _in_fresh_process("sparse", dense_n, *shape, knn, str(tmp / f"sparse_{knn}_{dense_n}.npy"))
         ours = np.load(tmp / f"sparse_{knn}_{dense_n}.npy")
@@ -187,7 +204,8 @@ def bench_msmt(args: argparse.Namespace, rows: list, report: dict, tmp: Path) ->
                      f"kNN {sparse['knn_s']:.1f} s{recall}, Jaccard {sparse['jaccard_s']:.1f} s, DBSCAN x3 + criteria "
                      f"{sparse['cluster_s']:.1f} s; {dense_peak / sparse['peak_rss']:.1f}x less memory; "
                      f"{sparse['num_clusters']:,.0f} clusters, {sparse['fraction_clustered']:.1%} clustered; labels at "
-                     f"{dense_n:,}: {'identical' if not differing else f'{differing} differ'} (ARI {ari:.6f})"])
+                     f"{dense_n:,}: {'identical' if not differing else f'{differing} differ'} (ARI {ari:.6f})"
+                     + (f"; {spcl_s / sparse['seconds']:.1f}x faster than the float32-kNN dense run" if spcl_s else "")])
 
 
 def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
@@ -195,7 +213,7 @@ def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
     report["scale"] = []
     for n in args.sizes:
         knn = "exact" if n < args.approx_above else "ivf"
-        run = _in_fresh_process("sparse", n, *shape, knn, None)
+        run = _in_fresh_process("sparse", n, *shape, knn, None, args.nprobe)
         run.update(n=n, knn=knn)
         report["scale"].append(run)
         notes = (f"kNN {run['knn_s']:.1f} s, Jaccard {run['jaccard_s']:.1f} s, DBSCAN x3 + criteria "
@@ -212,7 +230,7 @@ def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
     if args.agreement_size:
         with tempfile.TemporaryDirectory() as tmp:
             n = args.agreement_size
-            runs = {k: _in_fresh_process("sparse", n, *shape, k, f"{tmp}/{k}.npy") for k in ("exact", "ivf")}
+            runs = {k: _in_fresh_process("sparse", n, *shape, k, f"{tmp}/{k}.npy", args.nprobe) for k in ("exact", "ivf")}
             labels = {k: np.load(f"{tmp}/{k}.npy") for k in runs}
         ari = float(adjusted_rand_score(labels["exact"], labels["ivf"]))
         report["ivf_agreement"] = {"n": n, "ari": ari, "runs": runs}
@@ -233,6 +251,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--approx-above", type=int, default=100_000, help="IVF instead of exact kNN from this size")
     parser.add_argument("--agreement-size", type=int, default=50_000)
+    parser.add_argument("--nprobe", type=int, default=8, help="IVF lists each point probes (ClusterConfig.ivf_nprobe)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/clustering.json"))
     args = parser.parse_args()
 
