@@ -18,41 +18,41 @@ The Jaccard distance (``jaccard_distance``), over N L2-normalised features:
 5. When k2 != 1, row i of V becomes the mean of V's rows over i's first min(k2, k1) columns.
 6. m_ij = sum_l min(V[i, l], V[j, l]); d_ij = max(0, 1 - m_ij / (2 - m_ij)).
 
-Nothing is N x N. The kNN table comes from a blocked brute-force scan (``knn_search``; faiss on GPU),
-R(i, p) is the kNN pattern's first p columns times its transpose, entry by entry, the expansion test is a product of N x N 0/1 CSR matrices with about k1 entries per
-row, in chunks of rows; V and its query expansion are CSR matrices (a few times k1 entries per row). The
-min-sums are computed only for pairs that share support, by walking V's column index from each entry
-(i, l) to the rows j > i of column l, chunk by chunk: a chunk's pairs get compact ids through a stamp
-array (no sort) and one bincount sums each pair's terms in ascending l, as the reference's running
-``temp_min`` does; only pairs with d <= ``max_distance`` are kept, then mirrored. Pairs sharing no support
-are not stored and are implicitly at distance 1, so the three DBSCAN runs of an epoch share one graph
-stored up to eps + gap. Memory grows with N times the support size (measured ~2-3 kB per image at
-k1 = 30 on synthetic re-ID features, plus the features and the search's buffers), time with N times the
-squared support size.
+Nothing is N x N. The kNN table comes from a blocked brute-force scan (``knn_search``; faiss on GPU);
+R(i, p) is the kNN pattern's first p columns times its transpose, entry by entry; the expansion test is a
+product of N x N 0/1 CSR matrices with about k1 entries per row, in chunks of rows; V and its query
+expansion are CSR matrices (a few times k1 entries per row). The min-sums are computed only for pairs that
+share support, by walking V's column index from each entry (i, l) to the rows j > i of column l, chunk by
+chunk: a chunk's pairs get compact ids through a stamp array (no sort) and one bincount sums each pair's
+terms in ascending l, as the reference's running ``temp_min`` does; only pairs with d <= ``max_distance``
+are kept, then mirrored. Pairs sharing no support are not stored and are implicitly at distance 1, so the
+three DBSCAN runs of an epoch share one graph stored up to eps + gap. Memory grows with N times the
+support size (measured ~2-3 kB per image at k1 = 30 on synthetic re-ID features, plus the features and the
+search's buffers), time with N times the squared support size.
 
 The returned CSR matrix is what sklearn's DBSCAN(metric="precomputed") needs to give the labels of the
 dense matrix. In sklearn's sparse precomputed mode only stored entries are neighbours (``<= eps``, as in
 the dense mode) and explicit zeros count. Its ``fit`` (1.9.1, installed here) copies the matrix and sets
 the diagonal to ``X.diagonal()``, which would turn a missing diagonal into an explicit zero; the diagonal
 is stored explicitly anyway: 0 (the dense value is 1 - m/(2 - m) with m = sum_l V[i, l] = 1 up to
-rounding, ~1e-16), or 1 where row i of the expanded V is empty (possible only with k2 = 1 and more than
-k1 exact duplicates; the dense value is then 1 too, and the point is not its own neighbour in either).
-Rows are stored sorted by distance, ties by column, so that sklearn's ``sort_graph_by_row_values`` (a
-Python loop over rows otherwise) has nothing to do. DBSCAN's labels depend only on each point's
-neighbour set (border points go to the first cluster, in order of lowest core index, that reaches them),
-so identical neighbour sets give identical labels.
+rounding, ~1e-16), or 1 where row i of the expanded V is empty (possible only with k2 = 1 and more than k1
+exact duplicates; the dense value is then 1 too, and the point is not its own neighbour in either). Rows
+are stored sorted by distance, ties by column, so that sklearn's ``sort_graph_by_row_values`` (a Python
+loop over rows otherwise) has nothing to do. DBSCAN's labels depend only on each point's neighbour set
+(border points go to the first cluster, in order of lowest core index, that reaches them), so identical
+neighbour sets give identical labels.
 
 Exactness. Neighbour sets and the ``<= eps`` decisions are discrete, so rounding can flip them.
 (a) Ranking: the search computes float32 inner products. On CPU it is a symmetric scan over blocks of
 2,048 rows (``_blocked_top``: torch GEMMs, each block pair serving the rows of both blocks, so half the
 products of a full scan, and only entries above a per-row floor kept); on GPU faiss's brute force. Each
-row's k1 + 8 candidates are re-ranked by float64 similarities (sums of float64 products of the float32 features) with the index tie-break. A row
-is certified exact when its k1-th float64 similarity exceeds the smallest float32 candidate similarity
-by more than the float32 error bound gamma_D = D u / (1 - D u), u = 2^-24 (valid for any summation
-order, hence for BLAS); otherwise it is searched again with k1 + 120 candidates, then computed whole in
-float64. What remains against a dense float64 reference is float64 summation order (~1e-16): it flips a
-neighbour only between similarities within ~1e-15 of each other that are not exactly equal; exact ties
-(duplicates, dyadic features) are exact in both and resolved by index.
+row's k1 + 8 candidates are re-ranked by float64 similarities (sums of float64 products of the float32
+features) with the index tie-break. A row is certified exact when its k1-th float64 similarity exceeds the
+smallest float32 candidate similarity by more than the float32 error bound gamma_D = D u / (1 - D u), u =
+2^-24 (valid for any summation order, hence for BLAS); otherwise it is searched again with k1 + 120
+candidates, then computed whole in float64. What remains against a dense float64 reference is float64
+summation order (~1e-16): it flips a neighbour only between similarities within ~1e-15 of each other that
+are not exactly equal; exact ties (duplicates, dyadic features) are exact in both and resolved by index.
 (b) The Jaccard values agree with a dense float64 evaluation to ~1e-15 (the weights' sums and the
 similarities are summed in another order). That matters at exact-arithmetic ties, which are structural:
 two images whose query expansions share four of their six rows (and nothing else) have m = 2/3, d = 0.5
@@ -159,7 +159,7 @@ _TRIPLE_CHUNK = 1 << 14  # (i, l, j) terms of the min-sums handled at once (cach
 _CHUNK_ROWS = 64  # rows per min-sum chunk at most, which bounds its rows x distinct-j accumulator
 _FULL_ROW_CHUNK = 1 << 22  # float64 similarities of whole rows computed at once (fallback)
 _RANK_CHUNK = 1 << 9  # candidate vectors gathered (float32, then float64) per re-ranking step
-_BLOCK = 2048  # rows per block of the blocked brute-force scan: one block product is 64 MB
+_BLOCK = 2048  # rows per block of the blocked brute-force scan: one block product is 16 MB
 _HOLD = 2  # the blocked scan cuts its candidates to each row's top once it holds this many per row and slot
 _IVF_NPROBE = 8  # default inverted lists visited per query; sqrt(nprobe N) lists balance assignment and scan
 _IVF_TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
@@ -183,7 +183,7 @@ class ClusterConfig:
     k1: int = 30
     k2: int = 6
     knn: str = choice("exact", "int8", "ivf", "hnsw")  # kNN search (module docstring); GPU faiss when available
-    ivf_nprobe: int = 8  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
+    ivf_nprobe: int = _IVF_NPROBE  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
     independence_quantile: float = 0.9  # SpCL: threshold fixed at the first clustering
     self_paced: bool = True  # False = plain DBSCAN labels (no reliability criteria)
     drop_outliers: bool = False  # cluster-contrast style: un-clustered -> label -1 instead of singleton ids
@@ -234,8 +234,8 @@ def _pair_sims(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     table = torch.from_numpy(x)
     out = np.empty(len(rows))
     for s in range(0, len(rows), _RANK_CHUNK):
-        a, b = (torch.index_select(table, 0, torch.from_numpy(ends[s:s + _RANK_CHUNK])).double() for ends in (rows, cols))
-        out[s:s + _RANK_CHUNK] = (a * b).sum(1).numpy()
+        a, b = (torch.index_select(table, 0, torch.from_numpy(ends[s:s + _RANK_CHUNK])) for ends in (rows, cols))
+        out[s:s + _RANK_CHUNK] = (a.double() * b.double()).sum(1).numpy()
     return out
 
 

@@ -199,7 +199,8 @@ def test_blocked_scan_keeps_each_rows_top_products(monkeypatch: pytest.MonkeyPat
     x, _ = _blobs(11, 300, num_ids=12)
     feat, _ = clustering._scan_operand(x, kind)
     vals, ids = clustering._blocked_top(feat, 12)
-    full = (feat.int() @ feat.int().T) if kind == "int8" else torch.from_numpy(x.astype(np.float64) @ x.T.astype(np.float64))
+    x64 = x.astype(np.float64)
+    full = (feat.int() @ feat.int().T) if kind == "int8" else torch.from_numpy(x64 @ x64.T)
     assert ids.shape == (300, 12) and all(len(set(row)) == 12 for row in ids.tolist())
     top = torch.topk(full, 12, dim=1).values
     if kind == "int8":  # exact integers: the same values, and each id carries its value

@@ -17,10 +17,11 @@ merge at the loose eps, noisy identities fragment, and the criteria reject some.
     ``SelfPacedClustering`` with exact and with int8 kNN, each in a fresh process whose peak RSS is
     counted from after the features' generation (the features, and the libraries loaded, count); labels
     compared. The reference ranks neighbours in float64 (it is the tests' oracle); the same dense steps
-    after SpCL's own float32 faiss search are timed too, as the speed SpCL's code would have. The dense reference needs about 3 N x N float32 (13 GB at full size); if that does not fit
-    in 80 % of the available memory, or with ``--dense-size n``, it runs at n and n/2 instead (the sparse
-    step at n as well, for the label comparison) and is extrapolated: time by (N/n)^2, peak RSS as
-    a + b N^2 through the two runs. The table says when figures are extrapolated.
+    after SpCL's own float32 faiss search are timed too, as the speed SpCL's code would have. The dense
+    reference needs about 3 N x N float32 (13 GB at full size); if that does not fit in 80 % of the
+    available memory, or with ``--dense-size n``, it runs at n and n/2 instead (the sparse step at n as
+    well, for the label comparison) and is extrapolated: time by (N/n)^2, peak RSS as a + b N^2 through
+    the two runs; the float32-kNN run is skipped. The table says when figures are extrapolated.
 (2) Scale curve of the sparse step at ``--sizes`` (512-d, ~16 per identity, 20 % un-clustered): exact
     kNN below ``--approx-above``, IVF above (kNN recall against brute force on 500 queries reported);
     targets 1M in <= 20 min and <= 8 GB. ``--agreement-size n`` also clusters n images with both
