@@ -218,7 +218,10 @@ def _check_features(features: np.ndarray) -> np.ndarray:
     return x
 
 
-def _check_nprobe(nprobe: int) -> None:
+def _check_search(index: str, nprobe: int) -> None:
+    """The kNN arguments of the public entry points."""
+    if index not in _INDICES:
+        raise ValueError(f"index must be one of {', '.join(_INDICES)}, got {index!r}")
     if nprobe < 1:
         raise ValueError(f"nprobe must be >= 1, got nprobe={nprobe}")
 
@@ -538,11 +541,9 @@ def knn_search(features: np.ndarray, k: int, index: str = "exact",
     (module docstring); ``"int8"`` (the same blocked scan on int8 features), ``"ivf"`` (IVF-Flat:
     sqrt(nprobe N) k-means lists, each point probing ``nprobe``) and ``"hnsw"`` (M 32, efSearch 128) are
     approximate; their k + 8 candidates are re-ranked the same way."""
+    _check_search(index, nprobe)  # the arguments first: checking the features reads them all
     x = _check_features(features)
     _check_k(k, len(x), "k")
-    if index not in _INDICES:
-        raise ValueError(f"index must be one of {', '.join(_INDICES)}, got {index!r}")
-    _check_nprobe(nprobe)
     return _knn(x, k, index, {}, nprobe)
 
 
@@ -697,13 +698,11 @@ def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, index: str
     """SpCL's k-reciprocal Jaccard distance of L2-normalised features (N x D) as an N x N CSR matrix:
     every pair sharing support (entries <= ``max_distance`` only, when given) plus the diagonal; pairs
     not stored are at distance 1. Rows are sorted by distance, ties by column. See the module docstring."""
-    x = _check_features(features)
-    _check_k(k1, len(x))
+    _check_search(index, nprobe)  # the arguments first: checking the features reads them all
     if k2 < 1:
         raise ValueError(f"k2 must be >= 1, got k2={k2}")
-    if index not in _INDICES:
-        raise ValueError(f"index must be one of {', '.join(_INDICES)}, got {index!r}")
-    _check_nprobe(nprobe)
+    x = _check_features(features)
+    _check_k(k1, len(x))
     return _jaccard(x, k1, k2, index, max_distance, {}, nprobe)
 
 
