@@ -7,6 +7,8 @@
   weights (FNC's λ = 2, MBR's 0.6/0.4 split, ...) belong to the model, not to the engine.
 - In evaluation mode it returns the final (N, feature_dim) inference feature.
 - ``cam_layer()`` names the module whose output is the last spatial feature map (for Grad-CAM).
+- ``trunk_map()`` says where the pretrained backbone lives in the model, so that one loader reaches
+  every copy of a duplicated stage (``shared.weights``) and one freeze covers them (``finetune.optim``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ class ReIDModel(nn.Module, ABC):
         """The module whose output is the last spatial feature map (Grad-CAM's layer); multi-branch
         models whose trunk stops early point at a branch."""
         return self.backbone
+
+    def trunk_map(self) -> tuple[tuple[str, str], ...]:
+        """Pairs (prefix in this model's state dict, prefix in the backbone's own state dict) covering every
+        tensor built from the pretrained backbone. Models that copy a backbone stage into branches list each
+        copy (e.g. ``("branches.0.", "layer4.")``), so a backbone file fills all of them; the longest model
+        prefix wins where two overlap."""
+        return (("backbone.", ""),)
+
+    def trunk_keys(self) -> dict[str, str]:
+        """Every state-dict key of the model covered by :meth:`trunk_map`, with its backbone key."""
+        pairs = sorted(self.trunk_map(), key=lambda pair: -len(pair[0]))
+        keys = {}
+        for key in self.state_dict():
+            for model_prefix, backbone_prefix in pairs:
+                if key.startswith(model_prefix):
+                    keys[key] = backbone_prefix + key[len(model_prefix):]
+                    break
+        return keys
 
 
 class BNNeckModel(ReIDModel):

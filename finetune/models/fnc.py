@@ -157,6 +157,9 @@ class FNC(ReIDModel):
     def cam_layer(self) -> nn.Module:
         return self.layer4[0]  # the trunk stops at layer3; the spatial branch's layer4 makes the last map
 
+    def trunk_map(self) -> tuple[tuple[str, str], ...]:
+        return (("backbone.", ""), *((f"layer4.{i}.", "layer4.") for i in range(len(self.layer4))))
+
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
                 viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
         b = self.backbone

@@ -193,6 +193,10 @@ class MBR4B(ReIDModel):
     def cam_layer(self) -> nn.Module:
         return self.branches[0]  # the trunk stops at layer3; the first R50 branch makes the last map
 
+    def trunk_map(self) -> tuple[tuple[str, str], ...]:
+        # The R50 branches are copies of the trunk's layer4 (the code deep-copies the ImageNet layer4).
+        return (("backbone.", ""), ("branches.0.", "layer4."), ("branches.1.", "layer4."))
+
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
                 viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
         rows = self._lai_rows(camids, viewids) if self.lai is not None else None
