@@ -290,3 +290,30 @@ class ConcatShards(Dataset):
 def _shifted(values: Sequence[np.ndarray], offsets: np.ndarray) -> np.ndarray:
     """Concatenate label arrays, adding ``offsets[k]`` to part ``k``'s known (>= 0) labels."""
     return np.concatenate([np.where(v >= 0, v + offsets[k], -1) for k, v in enumerate(values)]).astype(np.int64)
+
+
+def split_keys(split_dir: str | Path) -> list[str]:
+    """The key of every sample of a split, in index order, from the json members alone (no image is read)."""
+    split_dir = Path(split_dir)
+    manifest = load_manifest(split_dir)
+    index = load_index(split_dir)
+    if len(index) != manifest["num_samples"]:
+        raise ShardError(f"{split_dir}: index has {len(index)} rows, manifest {manifest['num_samples']}")
+    keys: list[str] = []
+    for shard in manifest["shards"]:
+        path = split_dir / shard["name"]
+        rows = index[shard["first_index"]:shard["first_index"] + shard["num_samples"]]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ShardError(f"{path}: cannot open ({e.strerror or e})") from None
+        try:
+            for offset, size in zip(rows["json_offset"].tolist(), rows["json_size"].tolist()):
+                try:
+                    keys.append(json.loads(os.pread(fd, size, offset))["key"])
+                except (ValueError, KeyError, TypeError):
+                    raise ShardError(f"{path}: sample {len(keys)} has no readable json key; check it with "
+                                     "data/build_shards.py verify") from None
+        finally:
+            os.close(fd)
+    return keys

@@ -31,6 +31,11 @@ Selection at training time: :func:`cfs_keep_indices` turns our ranking or a rele
 into the sorted sample indices of a split to keep, with the adapter's rule: the first
 ``ceil(keep * n)`` of the ``n`` ranked images that the split holds.
 
+A and B are read by ``shared.weights.load_pretrained``, the loader of the fine-tune and pretrain stages:
+any layout it detects (torchvision, timm, Cadene, IBN-Net, torchreid, FastReID, the DM-OSNet authors',
+SpCL, OpenUnReID, our exports), strict unless ``--allow-partial``; the detected layout and the match
+counts go into the summary.
+
     python pretrain/cfs.py score SPLIT_DIR --arch osnet_x1_0 --pretrained A.pth --finetuned model_best.safetensors
     python pretrain/cfs.py select SPLIT_DIR [--ranking CFS_list.pkl] [--keep 0.5] [--out kept.npy]
 
@@ -53,7 +58,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -64,21 +68,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets.luperson import read_ranking
-from data.readers import SampleTally, StreamingShards, collate
-from data.shards import ShardError, check_writable_dir, load_index, load_manifest
+from data.readers import SampleTally, StreamingShards, collate, split_keys
+from data.shards import ShardError, check_writable_dir, load_manifest
 from data.source import DatasetError
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
 from shared.backbones import build_backbone
+from shared.checkpoint_layouts import GEM_P
 from shared.config import ConfigError
 from shared.heads import build_pooling
 from shared.io import atomic_open, atomic_write_json
-from shared.weights import LoadReport, WeightsError, load_weights, read_export_metadata, read_state_dict
+from shared.weights import MatchReport, WeightsError, load_pretrained, read_export_metadata
 
 RANKING = "cfs_ranking.txt"
 SCORES = "cfs_scores.npy"
@@ -115,33 +119,18 @@ class Embedder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.pool(self.backbone(self.normalize(images)))
 
-
-def _file_keys(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors raises its own error types for a corrupt header
-            raise WeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    return list(read_state_dict(path)[0])
-
-
-def _holds_whole_model(keys: Sequence[str]) -> bool:
-    """True when the file is a re-ID model (backbone under ``backbone.``, e.g. a fine-tune export)."""
-    for key in keys:
-        while key.startswith(("module.", "model.")):
-            key = key.split(".", 1)[1]
-        if key.startswith("backbone."):
-            return True
-    return False
+    def trunk_keys(self) -> dict[str, str]:
+        """Every backbone tensor, with its key in the backbone's own state dict (what the loader fills)."""
+        return {f"backbone.{key}": key for key in self.backbone.state_dict()}
 
 
 def load_embedder(path: str | Path, arch: str, options: dict[str, Any] | None = None, pooling: str = "avg",
-                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-                  ) -> tuple[Embedder, LoadReport]:
-    """``build_backbone(arch, **options)`` + pooling with the weights of ``path`` (a bare backbone state dict
-    or a whole model whose backbone keys start with ``backbone.``). Any backbone tensor left unloaded is
-    an error: a half-loaded model would score noise."""
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                  allow_partial: bool = False) -> tuple[Embedder, MatchReport]:
+    """``build_backbone(arch, **options)`` + pooling with the weights of ``path``, in any layout that
+    ``shared.weights.load_pretrained`` detects (an ImageNet or released backbone, a training checkpoint, our
+    exports), and GeM's p where the file has one. A backbone tensor the file leaves at its init is a
+    :class:`WeightsError` unless ``allow_partial``: a half-loaded model would score noise."""
     path = Path(path)
     if not path.is_file():
         raise CFSError(f"weights file not found: {path}")
@@ -154,20 +143,12 @@ def load_embedder(path: str | Path, arch: str, options: dict[str, Any] | None = 
         model = Embedder(backbone, pooling, mean, std)
     except ValueError as e:
         raise CFSError(str(e)) from None
-    # A whole model's keys already carry ``backbone.`` (and ``pool.`` for GeM); a bare backbone's get it here.
-    prefix = "" if _holds_whole_model(_file_keys(path)) else "backbone."
-    report = load_weights(model, path, prefix=prefix, verbose=False)
-    required = [k for k in model.state_dict() if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
-    unloaded = set(report.missing)
-    missing = [k for k in required if k in unloaded]
-    if missing:
-        hint = f"; shape mismatches such as {report.mismatched[0]}" if report.mismatched else ""
-        raise CFSError(f"{path}: {len(missing)} of the {len(required)} backbone tensors of {arch} (options "
-                       f"{options}) are not in the file (e.g. {', '.join(missing[:3])}){hint}: wrong --arch/--options?")
-    if pooling == "gem" and "pool.p" in report.missing:
+    report = load_pretrained(model, path, allow_partial, partial_option="--allow-partial")
+    if pooling == "gem" and "pool.p" not in report.head_loaded:
         print(f"note: {path} holds no GeM exponent (pool.p): using p = {model.pool.p.item():g}")
-    if pooling != "gem" and any(k.endswith("pool.p") for k in report.unexpected):
-        print(f"note: the model in {path} pools with GeM (pool.p) but the scoring pools with {pooling!r}")
+    exponent = next((k for k in report.unused if k in ("pool.p", *GEM_P)), None)
+    if exponent is not None:
+        print(f"note: the model in {path} pools with GeM ({exponent}) but the scoring pools with {pooling!r}")
     return model, report
 
 
@@ -220,6 +201,7 @@ class ScoreConfig:
     arch: str
     options: dict[str, Any] = field(default_factory=dict)  # build_backbone options, shared by A and B
     pooling: str = "avg"
+    allow_partial: bool = False  # accept files that leave some backbone tensors at their init
     size: tuple[int, int] | None = None
     mean: list[float] | None = None  # for both models
     std: list[float] | None = None
@@ -320,10 +302,12 @@ def score_split(cfg: ScoreConfig) -> dict[str, Any]:
 
     models, described = {}, {}
     for role, path in paths.items():
-        models[role], report = load_embedder(path, cfg.arch, cfg.options, cfg.pooling, **stats[role])
-        print(f"model {role}: {path}: {report.loaded} tensors loaded, {len(report.unexpected)} unused (heads)")
-        described[role] = {"path": str(path), "loaded": report.loaded, "unused": len(report.unexpected),
-                           **stats[role], "export": meta[role]}
+        models[role], report = load_embedder(path, cfg.arch, cfg.options, cfg.pooling, **stats[role],
+                                             allow_partial=cfg.allow_partial)
+        print(f"model {role}: {report.line()}")
+        described[role] = {"path": str(path), "layout": report.layout, "trunk_loaded": len(report.trunk_loaded),
+                           "trunk_missing": report.trunk_missing, "head_loaded": len(report.head_loaded),
+                           "unused": len(report.unused), **stats[role], "export": meta[role]}
     scores, keys, tally = score_pass(models["A"], models["B"], split_dir, size, batch_size=cfg.batch_size,
                                      workers=cfg.workers, device=device, max_bad_fraction=cfg.max_bad_fraction,
                                      progress=cfg.progress)
@@ -333,33 +317,6 @@ def score_split(cfg: ScoreConfig) -> dict[str, Any]:
     summary = {"split": str(split_dir), "split_fingerprint": manifest.get("fingerprint"), "arch": cfg.arch,
                "options": cfg.options, "pooling": cfg.pooling, "input_size": list(size), "models": described}
     return write_results(out_dir, scores, keys, summary)
-
-
-def split_keys(split_dir: str | Path) -> list[str]:
-    """The key of every sample of a split, in index order, from the json members alone (no image is read)."""
-    split_dir = Path(split_dir)
-    manifest = load_manifest(split_dir)
-    index = load_index(split_dir)
-    if len(index) != manifest["num_samples"]:
-        raise ShardError(f"{split_dir}: index has {len(index)} rows, manifest {manifest['num_samples']}")
-    keys: list[str] = []
-    for shard in manifest["shards"]:
-        path = split_dir / shard["name"]
-        rows = index[shard["first_index"]:shard["first_index"] + shard["num_samples"]]
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise ShardError(f"{path}: cannot open ({e.strerror or e})") from None
-        try:
-            for offset, size in zip(rows["json_offset"].tolist(), rows["json_size"].tolist()):
-                try:
-                    keys.append(json.loads(os.pread(fd, size, offset))["key"])
-                except (ValueError, KeyError, TypeError):
-                    raise ShardError(f"{path}: sample {len(keys)} has no readable json key; check it with "
-                                     "data/build_shards.py verify") from None
-        finally:
-            os.close(fd)
-    return keys
 
 
 @dataclass(frozen=True)
@@ -423,6 +380,12 @@ def _json_options(text: str) -> dict[str, Any]:
     return options
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cfs.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -436,6 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True, type=Path,
                    help="B: A after re-ID fine-tuning (e.g. model_best.safetensors)")
     p.add_argument("--pooling", choices=("avg", "gem"), default="avg")
+    p.add_argument("--allow-partial", type=_boolean, nargs="?", const=True, default=False, metavar="true|false",
+                   help="accept weights that leave some backbone tensors at their init (default: an error)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the exports')")
     p.add_argument("--mean", type=float, nargs=3, help="RGB mean for both models (default: each export's)")
     p.add_argument("--std", type=float, nargs=3, help="RGB std for both models (default: each export's)")
@@ -460,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "score":
             summary = score_split(ScoreConfig(
                 split_dir=args.split_dir, pretrained=args.pretrained, finetuned=args.finetuned, arch=args.arch,
-                options=args.options, pooling=args.pooling, size=args.size, mean=args.mean, std=args.std,
-                batch_size=args.batch_size, workers=args.workers, device=args.device,
+                options=args.options, pooling=args.pooling, allow_partial=args.allow_partial, size=args.size,
+                mean=args.mean, std=args.std, batch_size=args.batch_size, workers=args.workers, device=args.device,
                 max_bad_fraction=args.max_bad_fraction, out_dir=args.out, progress=not args.no_progress))
             quantiles = summary["quantiles"]
             print(f"{summary['scored']:,} images scored ({summary['lost']:,} lost); CFS median "

@@ -197,12 +197,42 @@ def test_gem_exponent_loads_from_a_whole_model(tmp_path: Path, capsys: pytest.Ca
     model.backbone, model.pool = backbone, GeM(p=4.5)
     export_model(model, tmp_path / "gem.safetensors", {})
     embedder, report = load_embedder(tmp_path / "gem.safetensors", "osnet_x0_25", pooling="gem")
-    assert embedder.pool.p.item() == 4.5 and report.unexpected == []
+    assert embedder.pool.p.item() == 4.5 and report.head_loaded == ["pool.p"] and report.unused == []
     embedder, _ = load_embedder(_save_pth(backbone, tmp_path / "a.pth"), "osnet_x0_25", pooling="gem")
     assert embedder.pool.p.item() == 3.0
     assert "holds no GeM exponent (pool.p): using p = 3" in capsys.readouterr().out
     load_embedder(tmp_path / "gem.safetensors", "osnet_x0_25")
     assert "pools with GeM (pool.p) but the scoring pools with 'avg'" in capsys.readouterr().out
+
+
+def test_models_a_and_b_in_the_layouts_the_training_stages_take(toy_split: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A as torchreid saves it (``{'state_dict', 'epoch'}``, DataParallel keys), B as FastReID does
+    (``{'model', 'iteration'}``, ``backbone.`` / ``heads.``, GeM's p as ``heads.pool_layer.p``)."""
+    backbone = _backbone(0)
+    state = backbone.state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 60}, tmp_path / "a.pth.tar")
+    heads = {"heads.pool_layer.p": torch.tensor([4.0]), "heads.weight": torch.randn(5, backbone.out_channels)}
+    torch.save({"model": {**{f"backbone.{k}": v for k, v in state.items()}, **heads}, "iteration": 900},
+               tmp_path / "model_final.pth")
+    assert main(["score", str(toy_split), "--arch", "osnet_x0_25", "--pretrained", str(tmp_path / "a.pth.tar"),
+                 "--finetuned", str(tmp_path / "model_final.pth"), "--pooling", "gem", "--size", *map(str, SIZE),
+                 "--workers", "0", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "holds no GeM exponent (pool.p): using p = 3" in out  # A has none; B's 4.0 loads
+    # One backbone pooled with p = 3 and p = 4: close, but below the 1 (within 1e-7) of identical models.
+    scores = np.load(tmp_path / SCORES)
+    assert ((scores > 0.999) & (scores < 1 - 1e-6)).all()
+    models = json.loads((tmp_path / SUMMARY).read_text())["models"]
+    assert models["A"]["layout"].startswith("training checkpoint ('state_dict'") and "module. stripped" in \
+        models["A"]["layout"]
+    assert models["B"]["layout"].startswith("FastReID checkpoint ('model')") and "prefix 'backbone.'" in \
+        models["B"]["layout"]
+    assert [models[r]["trunk_loaded"] for r in "AB"] == [len(state)] * 2 and models["B"]["head_loaded"] == 1
+    assert models["B"]["unused"] == 1  # heads.weight: the scoring has no classifier
+    embedder, _ = load_embedder(tmp_path / "model_final.pth", "osnet_x0_25", pooling="gem")
+    assert embedder.pool.p.item() == 4.0
+    assert all(torch.equal(embedder.backbone.state_dict()[k], v) for k, v in state.items())
 
 
 class Exploit:
@@ -228,19 +258,28 @@ def test_bad_inputs_fail_in_one_line(toy_split: Path, tmp_path: Path, capsys: py
     with pytest.raises(CFSError) as e:
         _score(toy_split, tmp_path / "nowhere.pth", b)
     assert _one_line(e) == f"weights file of model A not found: {tmp_path / 'nowhere.pth'}"
-    # The architecture of the files is osnet_x0_25: another width leaves every conv unloaded.
-    with pytest.raises(CFSError) as e:
+    # The architecture of the files is osnet_x0_25: another width has every conv at another shape.
+    with pytest.raises(WeightsError) as e:
         _score(toy_split, a, b, arch="osnet_x0_5")
-    assert "a.pth: 479 of the 479 backbone tensors of osnet_x0_5 (options {}) are not in the file" in _one_line(e)
-    assert "shape mismatches such as backbone.conv1.conv.weight (16, 3, 7, 7) vs (32, 3, 7, 7)" in str(e.value)
-    # A half-loaded model (a file without its last layer) is an error too, not a warning.
+    assert _one_line(e) == (f"{a} [plain state dict, torchreid OSNet]: 479 trunk tensors have another shape than "
+                            "the model's (first: conv1.conv.weight (16, 3, 7, 7) -> backbone.conv1.conv.weight "
+                            "(32, 3, 7, 7)): a file for another architecture")
+    # A half-loaded model (a file without its last layer) is an error too, not a warning, unless allowed.
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("conv5.")}
     torch.save(state, tmp_path / "half.pth")
-    with pytest.raises(CFSError) as e:
+    with pytest.raises(WeightsError) as e:
         _score(toy_split, tmp_path / "half.pth", b)
-    assert _one_line(e).startswith(f"{tmp_path / 'half.pth'}: 5 of the 479 backbone tensors of osnet_x0_25 "
-                                   "(options {}) are not in the file (e.g. backbone.conv5.conv.weight")
-    with pytest.raises(WeightsError, match=r"no tensor matches the model"):
+    assert _one_line(e) == (f"{tmp_path / 'half.pth'} [plain state dict, torchreid OSNet]: 5 of 558 trunk tensors "
+                            "are not in the file and would stay at their init (first: conv5.conv.weight, "
+                            "conv5.bn.weight, conv5.bn.bias); --allow-partial=true accepts it")
+    assert main(["score", str(toy_split), "--arch", "osnet_x0_25", "--pretrained", str(tmp_path / "half.pth"),
+                 "--finetuned", str(b), "--allow-partial=true", "--workers", "0", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    half = json.loads((tmp_path / SUMMARY).read_text())["models"]["A"]
+    assert (half["trunk_loaded"], half["trunk_missing"][:2]) == (len(state), ["backbone.conv5.conv.weight",
+                                                                              "backbone.conv5.bn.weight"])
+    with pytest.raises(WeightsError, match=r"a\.pth \[plain state dict, torchreid OSNet\]: no tensor matches the "
+                                           r"model's trunk \(first file key: conv1\.conv\.weight\)"):
         _score(toy_split, a, b, arch="resnet18")
     with pytest.raises(CFSError, match=r"backbone 'osnet_x0_25' does not take the options \{'bogus': 1\}"):
         _score(toy_split, a, b, options={"bogus": 1})

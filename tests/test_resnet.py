@@ -12,7 +12,7 @@ from torchvision.models import resnet50 as tv_resnet50
 
 from shared.backbones import build_backbone
 from shared.backbones.resnet import IBN
-from shared.weights import WeightsError, load_weights
+from shared.weights import WeightsError, load_pretrained
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -46,25 +46,30 @@ def test_ibn_normalises_half_the_channels_per_instance() -> None:
     assert torch.allclose(out[:, 4:], ibn.BN(x[:, 4:]))
 
 
-def test_torchvision_state_dict_loads_with_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_torchvision_state_dict_loads_with_report(tmp_path: Path) -> None:
     reference = tv_resnet50(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
     net = build_backbone("resnet50", last_stride=1)
-    report = load_weights(net, tmp_path / "resnet50.pth")
-    assert report.missing == [] and sorted(report.unexpected) == ["fc.bias", "fc.weight"]
+    report = load_pretrained(net, tmp_path / "resnet50.pth")
+    assert report.trunk_missing == [] and sorted(report.unused) == ["fc.bias", "fc.weight"]
     assert torch.equal(net.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
-    assert "2 unexpected" in capsys.readouterr().out
+    assert "trunk 318/318 tensors" in report.line() and "2 file tensors unused" in report.line()
 
 
 def test_safetensors_with_wrapper_prefixes_and_shape_mismatch(tmp_path: Path) -> None:
     source = build_backbone("resnet18")
     tensors = {f"module.backbone.{k}": v.clone() for k, v in source.state_dict().items()}
-    tensors["module.backbone.conv1.weight"] = torch.zeros(64, 3, 3, 3)  # wrong shape: skipped, reported
     save_file(tensors, str(tmp_path / "w.safetensors"))
     target = build_backbone("resnet18")
-    report = load_weights(target, tmp_path / "w.safetensors", verbose=False)
-    assert report.mismatched == ["conv1.weight (64, 3, 3, 3) vs (64, 3, 7, 7)"] and report.missing == ["conv1.weight"]
+    report = load_pretrained(target, tmp_path / "w.safetensors")
+    assert len(report.trunk_loaded) == len(tensors) and "module. stripped" in report.layout
+    assert "prefix 'backbone.'" in report.layout
     assert torch.equal(target.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    tensors["module.backbone.conv1.weight"] = torch.zeros(64, 3, 3, 3)  # a file for another stem: refused
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    with pytest.raises(WeightsError, match=r"1 trunk tensors have another shape than the model's \(first: backbone"
+                                           r"\.conv1\.weight \(64, 3, 3, 3\) -> conv1\.weight \(64, 3, 7, 7\)\)"):
+        load_pretrained(build_backbone("resnet18"), tmp_path / "w.safetensors")
 
 
 class _Exploit:
@@ -77,9 +82,9 @@ def test_untrusted_pickle_and_missing_file_are_refused(tmp_path: Path) -> None:
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"conv1.weight": _Exploit()}, f)
     with pytest.raises(WeightsError, match="not loadable as plain tensors"):
-        load_weights(build_backbone("resnet18"), tmp_path / "evil.pth")
+        load_pretrained(build_backbone("resnet18"), tmp_path / "evil.pth")
     with pytest.raises(WeightsError, match="weights file not found: .*nowhere.pth"):
-        load_weights(build_backbone("resnet18"), tmp_path / "nowhere.pth")
+        load_pretrained(build_backbone("resnet18"), tmp_path / "nowhere.pth")
     torch.save({"unrelated": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(WeightsError, match="no tensor matches the model"):
-        load_weights(build_backbone("resnet18"), tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match=r"no tensor matches the model's trunk \(first file key: unrelated\)"):
+        load_pretrained(build_backbone("resnet18"), tmp_path / "other.pth")

@@ -13,7 +13,7 @@ from finetune.models.coursework import VARIANTS
 from shared.backbones import build_backbone
 from shared.backbones.coursework_resnet18 import CBAM, SqueezeExcite
 from shared.complexity import count_params
-from shared.weights import load_weights
+from shared.weights import load_pretrained
 
 from conftest import assert_gradients_reach_every_parameter
 
@@ -41,8 +41,8 @@ def test_mobilenetv3_is_torchvision_features(tmp_path) -> None:
     net = build_backbone("mobilenetv3_small")
     assert net.out_channels == 576 and count_params(net) == 927_008
     torch.save(mobilenet_v3_small(weights=None).state_dict(), tmp_path / "mnv3.pth")
-    report = load_weights(net, tmp_path / "mnv3.pth", verbose=False)
-    assert report.missing == [] and all(k.startswith("classifier.") for k in report.unexpected)
+    report = load_pretrained(net, tmp_path / "mnv3.pth")
+    assert report.trunk_missing == [] and report.unused and all(k.startswith("classifier.") for k in report.unused)
     assert net(torch.randn(1, 3, 224, 224)).shape == (1, 576, 7, 7)
 
 

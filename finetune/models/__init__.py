@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune.models.base import ReIDModel
 from shared.registry import Registry
-from shared.weights import WeightsError, load_weights, read_export_metadata
+from shared.weights import WeightsError, read_checkpoint, read_export_metadata
 
 MODELS: Registry[ReIDModel] = Registry("model")
 
@@ -26,10 +26,17 @@ def load_exported_model(path: str | Path) -> tuple[ReIDModel, dict[str, Any]]:
     """Rebuild a fine-tuned model from its safetensors export (architecture and options in the header)."""
     meta = read_export_metadata(path)
     model = build_model(meta["architecture"], meta["num_classes"], **meta.get("options", {}))
-    report = load_weights(model, path, verbose=False)
-    if report.missing or report.mismatched:
+    tensors = read_checkpoint(path).tensors
+    expected = model.state_dict()
+    # Exact: every key of the architecture, no other, each at its shape.
+    problems = ([f"missing {k}" for k in expected if k not in tensors]
+                + [f"unexpected {k}" for k in tensors if k not in expected]
+                + [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in tensors and tensors[k].shape != v.shape])
+    if problems:
         raise WeightsError(f"{path}: does not match its own architecture {meta['architecture']!r} "
-                           f"({len(report.missing)} missing, {len(report.mismatched)} mismatched tensors)")
+                           f"({len(problems)} differences, first: {problems[0]})")
+    model.load_state_dict(tensors)
     return model.eval(), meta
 
 

@@ -15,8 +15,8 @@ Registered: ``bot_resnet50`` (the paper's), ``bot_resnet50_ibn_a`` (IBN-Net-a tr
 2018, as in the reid-strong-baseline repository) and ``bot_seresnext50`` (SE-ResNeXt-50 32x4d trunk,
 models.md §4, whose recommendation this is: BoT head and last stride 1 for comparability with §3).
 Options: ``last_stride`` (1), ``center_loss`` (False), ``pooling`` ("avg", or "gem" as in fast-reid).
-The paper starts from ImageNet weights; here they come from a local file, loaded onto ``backbone.`` by
-``shared.weights.load_weights(model, path, prefix="backbone.")``.
+The paper starts from ImageNet weights; here they come from a local file (``model.weights``), mapped onto
+``backbone.`` by ``shared.weights.load_pretrained`` whatever its layout.
 Deviation: center loss is off by default (the BNNeck-only setting, 94.1/85.7 on Market in the paper,
 against 94.5/85.9 with it); ``center_loss=True`` with ``optim.center_lr=0.5`` is the paper's full recipe
 (launch/configs/bot_market.yaml sets the lr, so the option alone switches it on).
