@@ -10,7 +10,8 @@ published figure's number of classes. A model that fails to build or run gets a 
 the command exits with status 1.
 
 ``PUBLISHED`` holds the reference figures of models.md §8, keyed by registered model name: a new
-model's figures go there as one more entry.
+model's figures go there as one more entry. ``VARIANTS`` lists option sets measured as rows of their own
+after a model's default row (FNC's split points, where the paper can be read more than one way).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from finetune.models import MODELS, build_model
 from shared.complexity import count_params, measure_forward
@@ -47,29 +49,40 @@ PUBLISHED: dict[str, Reference] = {
     "lka_reid": Reference(47_420_000, 13.70e9, 575, "§6: LKA-ReID Table II, +LKA +HCA"),
 }
 
+VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "fnc": ({"split": "after_conv3"}, {"split": "after_conv4"}, {"split": "none"}),
+}
+
+
+def row_label(name: str, options: dict[str, Any]) -> str:
+    """``name``, then each option as `` (key=value)``: the row's label."""
+    return name + "".join(f" ({key}={value})" for key, value in options.items())
+
 
 def _delta(measured: float, published: float) -> str:
     return f"{100 * (measured - published) / published:+.2f}%"
 
 
-def measure(name: str) -> list[str]:
-    """One table row for a registered model."""
-    ref = PUBLISHED.get(name, Reference(None, None))
-    model = build_model(name, 0)
+def measure(name: str, options: dict[str, Any] | None = None) -> list[str]:
+    """One table row for a registered model, built with ``options`` (published figures: defaults only)."""
+    options = options or {}
+    ref = Reference(None, None) if options else PUBLISHED.get(name, Reference(None, None))
+    model = build_model(name, 0, **options)
     h, w = model.input_size
     params = count_params(model)
     macs, output = measure_forward(model, (h, w))
     dim = output.shape[-1]
     if dim != model.feature_dim:
         raise ValueError(f"declares feature_dim {model.feature_dim} but returns {dim}")
-    with_head = count_params(build_model(name, ref.num_classes)) if ref.num_classes else params
+    with_head = count_params(build_model(name, ref.num_classes, **options)) if ref.num_classes else params
     deltas = []
     if ref.params is not None:
         deltas.append(f"params {_delta(with_head, ref.params)}")
     if ref.macs is not None:
         deltas.append(f"MACs {_delta(macs, ref.macs)}")
-    return [name, f"{h}x{w}", f"{params:,}", f"{with_head:,} (N={ref.num_classes})" if ref.num_classes else "",
-            f"{macs / 1e9:.3f}", str(dim), f"{ref.params:,}" if ref.params is not None else "",
+    return [row_label(name, options), f"{h}x{w}", f"{params:,}",
+            f"{with_head:,} (N={ref.num_classes})" if ref.num_classes else "", f"{macs / 1e9:.3f}", str(dim),
+            f"{ref.params:,}" if ref.params is not None else "",
             f"{ref.macs / 1e9:.3f}" if ref.macs is not None else "", ", ".join(deltas), ref.source]
 
 
@@ -93,11 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS.names())}")
     rows, failed = [], False
-    for name in names:
+    for name, options in ((n, options) for n in names for options in ({}, *VARIANTS.get(n, ()))):
         try:
-            rows.append(measure(name))
+            rows.append(measure(name, options))
         except Exception as e:  # one broken model must not hide the others' rows
-            rows.append([name] + [""] * (len(HEADERS) - 2) + [f"FAILED: {type(e).__name__}: {e}"])
+            rows.append([row_label(name, options), *[""] * (len(HEADERS) - 2), f"FAILED: {type(e).__name__}: {e}"])
             failed = True
     print(format_table(HEADERS, rows) if args.markdown else plain_table(HEADERS, rows))
     stale = sorted(set(PUBLISHED) - set(MODELS.names()))

@@ -72,6 +72,30 @@ def test_bot_resnet50_macs_match_the_reference() -> None:
     assert count_params(model) == 23_508_032 + 2048 * 751 + 2048
 
 
+def test_fnc_counts_of_the_paper_split_and_the_layer4_only_split() -> None:
+    with torch.device("meta"):  # shapes only
+        paper, layer4_only, paper_333, layer4_only_333 = (
+            build_model("fnc", n, split=split) for n in (0, 333) for split in ("after_conv4_1", "after_conv4"))
+    assert (count_params(paper), count_params(paper_333)) == (107_284_912, 107_796_400)  # CityFlow's 333 ids
+    assert (count_params(layer4_only), count_params(layer4_only_333)) == (79_596_592, 80_108_080)
+    macs = count_macs(paper, (384, 288)), count_macs(layer4_only, (384, 288))
+    assert macs == (44_821_209_088, 34_151_948_288)
+    # The difference is one more copy of layer3[1:]: 22 SE-ResNeXt blocks (1x1 1024 -> 512, 3x3 512 -> 512 in 32
+    # groups, 1x1 512 -> 1024 at 24 x 18, and the SE unit's two FCs 1024 <-> 64).
+    block = 24 * 18 * (1024 * 512 + 512 * 512 * 9 // 32 + 512 * 1024) + 2 * 1024 * 64
+    assert macs[0] - macs[1] == 22 * block
+
+
+def test_variants_get_rows_of_their_own(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {"split": "after_conv4"} in complexity.VARIANTS["fnc"]  # FNC's layer4-only split beside the paper's
+    name = "coursework_mobilenetv3_small"
+    monkeypatch.setitem(complexity.VARIANTS, name, ({"embedding_dim": 512},))
+    assert complexity.main(["--models", name, "--markdown"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [(row[1].strip(), row[6].strip()) for row in rows] == [
+        (name, "1024"), (f"{name} (embedding_dim=512)", "512")]  # label and feature width
+
+
 def test_command_prints_a_row_per_model(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     names = ["coursework_mobilenetv3_small", "coursework_seresnet18_add"]
     head = 576 * 1024 + 2 * 1024 + 1024 * 10  # the coursework head with a 10-way classifier
@@ -92,4 +116,5 @@ def test_command_covers_every_registered_model(capsys: pytest.CaptureFixture[str
     assert complexity.main(["--markdown"]) == 0
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines()[2:] if line.startswith("|")]
-    assert rows == MODELS.names()
+    assert rows == [complexity.row_label(name, options) for name in MODELS.names()
+                    for options in ({}, *complexity.VARIANTS.get(name, ()))]

@@ -3,20 +3,33 @@ swapped modules, LAI, the train/eval contract, and the tiny (ResNet-18) trunk.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import finetune.engine as engine
+import finetune.protocols as protocols
+from conftest import ToySource
+from data.shards import WriteOptions, write_split
+from data.transforms import Normalize, TransformConfig
+from finetune.evaluate import main as evaluate_main
 from finetune.losses import Criterion
 from finetune.models import build_model
 from finetune.models.lka_reid import HCA, LKA, VANAttention, eca_kernel_size
 from finetune.models.mbr import MHSA
 from shared.backbones import build_backbone
 from shared.complexity import count_macs, count_params
+from shared.config import ConfigError, load_config
+from shared.weights import export_model
 
 VERI_IDS = 575
+LAI = {"trunk": "resnet18", "input_size": [64, 64], "n_cams": 3, "n_views": 8}
+# Test images without an orientation (viewid -1), by split, as VeRi's test images absent from MBR's
+# viewpoint_test list.
+NO_VIEW = {"query": {1, 6}, "gallery": {5, 13, 14, 20}}
 
 
 def _meta(name: str, num_classes: int = VERI_IDS, **options) -> nn.Module:
@@ -238,16 +251,124 @@ def test_tiny_trunk_trains_and_gives_the_2048_d_feature(name: str) -> None:
     assert feature.shape == (2, model.feature_dim) == (2, 2048)
 
 
-def test_backbone_weights_reach_the_chosen_trunk_and_both_r50_branches(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "options"), [("mbr_4b", {}), ("lka_reid", {"hca": False}), ("lka_reid", {})])
+def test_trunk_map_sends_the_backbone_to_both_r50_branches(name: str, options: dict) -> None:
     torch.manual_seed(0)
     source = build_backbone("resnet18")
-    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
-    model = build_model("mbr_4b", 0, trunk="resnet18", input_size=(64, 64),
-                        backbone_weights=tmp_path / "resnet18.pth")
-    assert all(torch.equal(branch[1].conv2.weight, source.layer4[1].conv2.weight) for branch in model.branches[:2])
+    model = build_model(name, 0, trunk="resnet18", input_size=(64, 64), **options)
+    keys = model.trunk_keys()
+    weights = source.state_dict()
+    assert set(keys.values()) <= set(weights) and all(model.state_dict()[k].shape == weights[v].shape
+                                                      for k, v in keys.items())
+    hca = name == "lka_reid" and options.get("hca", True)
+    replaced = {f"layer4.{block}.conv2.weight" for block in (0, 1)} if hca else set()  # HCA's 3x3 convs
+    for branch in ("branches.0.", "branches.1."):
+        assert set(weights) - {v for k, v in keys.items() if k.startswith(("backbone.", branch))} == replaced
+    assert not any(k.startswith(("branches.2.", "branches.3.", "necks.")) for k in keys)  # BoT blocks: new
+    assert not any(".conv2.conv_" in k for k in keys)  # nor are the HCA units
+    model.load_state_dict({k: weights[v] for k, v in keys.items()}, strict=False)
+    assert all(torch.equal(branch[1].conv1.weight, source.layer4[1].conv1.weight) for branch in model.branches[:2])
     assert torch.equal(model.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
 
 
 def test_trunk_must_be_resnet_family() -> None:
     with pytest.raises(ValueError, match="not a ResNet-family backbone"):
         _meta("mbr_4b", trunk="osnet_x0_25")
+
+
+class _Views(ToySource):
+    """``ToySource`` samples ``indices`` (all by default), with orientation bins i % 8 except for ``no_view``."""
+
+    def __init__(self, n: int, no_view: set[int], indices: list[int] | None = None):
+        super().__init__(n)
+        self.no_view, self.indices = no_view, list(range(n)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def key(self, i: int) -> str:
+        return super().key(self.indices[i])
+
+    def image(self, i: int) -> tuple[bytes, str]:
+        return super().image(self.indices[i])
+
+    def meta(self, i: int) -> dict:
+        j = self.indices[i]
+        return {**super().meta(j), "viewid": None if j in self.no_view else j % 8}
+
+
+@pytest.fixture(scope="module")
+def view_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train, query and gallery with some images lacking a view, and kept_query/kept_gallery: the same
+    splits without those images."""
+    root = tmp_path_factory.mktemp("lai_test")
+    opts = WriteOptions(samples_per_shard=8, progress=False)
+    write_split(_Views(16, set()), root / "train", "train", relabel=True, options=opts)
+    for split, n in (("query", 12), ("gallery", 24)):
+        write_split(_Views(n, NO_VIEW[split]), root / split, split, options=opts)
+        kept = [i for i in range(n) if i not in NO_VIEW[split]]
+        write_split(_Views(n, NO_VIEW[split], kept), root / f"kept_{split}", split, options=opts)
+    return root
+
+
+def test_lai_evaluation_drops_and_counts_test_images_without_a_view(view_splits: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    options = ", ".join(f"{k}: {v}" for k, v in LAI.items())
+    cfg = load_config(engine.TrainConfig, None, [
+        f"output_dir={tmp_path}", "run_name=lai", "model.name=mbr_4b", f"model.options={{{options}}}",
+        f"data.train=[{view_splits / 'train'}]", f"data.query={view_splits / 'query'}",
+        f"data.gallery={view_splits / 'gallery'}", "data.p=4", "data.k=4", "data.workers=0", "data.transform.height=64",
+        "data.transform.width=64", "data.test_batch_size=5"])
+    trainer = engine.Trainer(cfg)
+    with torch.no_grad():
+        trainer.accelerator.unwrap_model(trainer.model).lai.normal_()  # LAI rows that change the features
+    capsys.readouterr()
+    row = trainer._rank(str(view_splits / "query"), str(view_splits / "gallery"))  # raised on viewid -1 before
+    out = capsys.readouterr().out
+    assert f"LAI: dropped 2 of 12 images of {view_splits / 'query'}" in out
+    assert f"LAI: dropped 4 of 24 images of {view_splits / 'gallery'}" in out
+    assert "(0 without a camid, 4 without a viewid); 20 evaluated" in out
+    alone = trainer._rank(str(view_splits / "kept_query"), str(view_splits / "kept_gallery"))
+    assert (row["queries"], row["gallery"]) == (alone["queries"], alone["gallery"]) == (10, 20)
+    assert {k: row[k] for k in ("mAP", "mINP", "R1", "R5", "R10")} == pytest.approx(
+        {k: alone[k] for k in ("mAP", "mINP", "R1", "R5", "R10")}, abs=1e-6)
+    assert "LAI" not in capsys.readouterr().out  # nothing dropped from the kept splits
+
+
+def test_lai_ids_beyond_the_model_in_a_test_split_fail_in_one_line(view_splits: Path) -> None:
+    model = build_model("mbr_4b", 0, **{**LAI, "n_views": 4}).eval()
+    data = engine.DataConfig(workers=0, transform=TransformConfig(height=64, width=64))
+    with pytest.raises(ConfigError, match="query has viewid 7 but model.options.n_views=4"):
+        protocols.embed_split(model, view_splits / "query", data, Normalize(data.transform.mean, data.transform.std),
+                           "cpu")
+
+
+def test_evaluate_cli_drops_and_counts_images_without_a_view(view_splits: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = build_model("lka_reid", 4, **LAI)
+    with torch.no_grad():
+        model.lai.normal_()
+    weights = tmp_path / "model_final.safetensors"
+    export_model(model, weights, {"architecture": "lka_reid", "options": LAI, "num_classes": 4,
+                                  "feature_dim": model.feature_dim, "input_size": [64, 64],
+                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                  "provenance": {"run": "test"}})
+    results, printed = {}, {}
+    for name in ("", "kept_"):
+        out = tmp_path / (name or "all")
+        assert evaluate_main(["--weights", str(weights), "--query", str(view_splits / f"{name}query"),
+                              "--gallery", str(view_splits / f"{name}gallery"), "--workers", "0", "--device", "cpu",
+                              "--out", str(out)]) == 0
+        results[name] = json.loads((out / "results.json").read_text())
+        printed[name] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LAI")]
+    assert printed[""] == [
+        f"LAI: dropped 2 of 12 images of {view_splits / 'query'} without the labels the model embeds "
+        "(0 without a camid, 2 without a viewid); 10 evaluated",
+        f"LAI: dropped 4 of 24 images of {view_splits / 'gallery'} without the labels the model embeds "
+        "(0 without a camid, 4 without a viewid); 20 evaluated"]
+    assert printed["kept_"] == []
+    assert results[""]["num_valid_queries"] == results["kept_"]["num_valid_queries"] == 10
+    for key in ("mAP", "mINP"):
+        assert results[""][key] == pytest.approx(results["kept_"][key], abs=1e-6)
+    assert results[""]["cmc"] == pytest.approx(results["kept_"]["cmc"], abs=1e-6)

@@ -1,9 +1,9 @@
 """FNC, Further Non-local and Channel attention (Liu et al., "Further Non-local and Channel Attention
 Networks for Vehicle Re-identification", CVPRW 2020, §3-§4); models.md §7.
 
-- Backbone (§3.1): SE-ResNeXt-101 32x4d with the last down-sampling removed (last stride 1). The stem
-  and layer1..layer3 are shared; layer4 is duplicated, one copy per branch (``separate_layer4=True``,
-  "FNC(separate)") or shared by both branches (``False``, Table 5's "not separate").
+- Backbone (§3.1): SE-ResNeXt-101 32x4d with the last down-sampling removed (last stride 1), split into
+  two branches (``split``, below): the stem and the first stages are shared, and each branch owns its
+  own copy of the rest of the trunk (``spatial.trunk``, ``channel.trunk``).
 - Spatial attention block, SAB (§3.2, Eqs. 1-2), on a branch's C x H x W map x (C = 2048, r = 2):
   g, h, p are 1x1 convs C -> C/r; A = softmax over the last axis of g(x)^T h(x) (HW x HW, no scaling);
   y = A p(x) reshaped to C/r x H x W; T is a 1x1 conv C/r -> C; output sigmoid(T(y)) (x) x.
@@ -18,29 +18,67 @@ Networks for Vehicle Re-identification", CVPRW 2020, §3-§4); models.md §7.
   ``spatial/logits``, ``channel/logits`` (label-smoothed CE); L = 2 (L_id,s + L_id,c) + L_tri,s + L_tri,c
   (Eq. 7, lambda = 2). Eval returns the two post-BN vectors concatenated: 1536-d.
 
-Options: ``separate_layer4`` (True), ``fusion`` ("multiply" | "add"), ``input_size`` ((384, 288), see
-below), ``trunk`` ("seresnext101_32x4d"): any ResNet-family backbone of ``shared.backbones`` (stem,
+The split, in the standard ResNet naming (He et al.: conv2_x..conv5_x, or res2..res5, are torchvision's
+and timm's layer1..layer4, so conv4_x/res4 is ``layer3``, 23 blocks in SE-ResNeXt-101, and conv4_1 its
+first block). The paper states it three times:
+
+- §3.1: "We follow the modification strategies in state-of-the-art person Re-ID models [12] [16].
+  Accordingly, we duplicate the convolutional layers after the conv4_1 layer to split the SE-ResNeXt-101
+  into two branches." ([16] is MGN, which splits after res4_1; FastReID's MGN,
+  ``fastreid/modeling/meta_arch/mgn.py``, shares ``layer3[0]`` and deep-copies ``layer3[1:]`` and
+  ``layer4`` into every branch.)
+- Fig. 1: "Layers after res3 are duplicated to split our network into 2 independent branches."
+- Table 5: "FNC(not separate) refers to use same res4 in two branch"; §4.4: "The problem is that the
+  same res4 is used when we train the entire network. [...] We then separated res4 from res3 in Figure 1."
+
+``split`` offers each reading (the branch copies keep the backbone's block names: a branch's
+``layer3.5`` is a copy of the backbone's ``layer3.5``):
+
+- ``"after_conv4_1"`` (default), §3.1 as MGN does it: stem, layer1, layer2 and layer3[0] shared; each
+  branch owns layer3[1:] (22 blocks) and layer4.
+- ``"after_conv3"``, Fig. 1 and §4.4 read literally (the cut one block earlier, at res3/res4): stem,
+  layer1 and layer2 shared; each branch owns all of layer3 and layer4.
+- ``"after_conv4"``: only layer4 duplicated. This is the reading if the paper numbers the stages from 0
+  (Cadene's ``layer0``..``layer4``, where "res3" is layer3 and "res4" layer4), the one models.md §7
+  takes; under that numbering, though, §3.1's conv4_1 would be layer4's first block, which is not where
+  MGN splits.
+- ``"none"``, Table 5's "not separate": the whole trunk is shared and its layer4 map feeds both
+  attention blocks. ("Same res4 in two branch" alone could also mean a shared layer3 under separate
+  layer4 copies, which is ``"after_conv4"``.)
+
+The default follows the text, the most specific of the three and the one that names the design it
+copies (MGN); nothing in the paper (no parameter count, no code) settles it further.
+
+Options: ``split`` (above), ``fusion`` ("multiply" | "add"), ``input_size`` ((384, 288), see below),
+``trunk`` ("seresnext101_32x4d"): any ResNet-family backbone of ``shared.backbones`` (stem,
 layer1..layer4, ``out_channels``), built with last stride 1; SAB and CAB size themselves from its C, so
 ``trunk="resnet18"`` (C = 512: SAB inner width 256, CAB width 256 in 32 groups of 8) is a tiny FNC for
-CPU runs. ``backbone_weights``: a local state dict for the trunk loaded onto the backbone *before*
-layer4 is copied (a file loaded after building reaches ``backbone.*`` and the spatial branch's layer4
-only).
+CPU runs. Pretrained trunk weights come in through ``model.weights``: :meth:`FNC.trunk_map` lists the
+shared ``backbone.`` and, per branch, ``<branch>.trunk.layer3.`` and ``<branch>.trunk.layer4.``, so one
+backbone file fills both copies.
 
-Counts (the paper publishes none; models.md §7 estimates them): 79,596,592 trainable parameters without
-classifiers, separate (trunk to layer3 30,782,128, layer4 16,124,288 per copy, SAB 8,393,728, CAB
-5,021,824, reductions 3,148,800, BNNecks 1,536); 63,472,304 not separate. The classifiers add 1536 N
-(CityFlow's 333 ids: 80,108,080). MACs at 384 x 288 (convolutions, linear layers and matrix products,
-the SAB affinity included): 34.15G separate, 27.88G not separate. ``trunk="resnet18"``: 21,202,272
-separate (trunk to layer3 2,782,784, layer4 8,393,728 per copy, SAB 525,568, CAB 315,424, reductions
-789,504, BNNecks 1,536), 12,808,544 not separate; 0.40G MACs at 64 x 64 separate (the default: 1.26G).
+Counts (the paper publishes none), from ``shared.complexity``: trainable parameters without classifiers,
+with CityFlow's 333-id classifiers (+1536 x 333), and MACs at 384 x 288 (convolutions, linear layers and
+matrix products, the SAB affinity included); ``python finetune/complexity.py --models fnc`` prints the
+SE-ResNeXt-101 rows.
+
+                 SE-ResNeXt-101 32x4d                  trunk="resnet18"
+split            params       333 ids      MACs        params      333 ids     MACs
+after_conv4_1    107,284,912  107,796,400  44.821G     22,382,944  22,894,432  11.293G
+after_conv3      108,807,664  109,319,152  45.759G     23,301,984  23,813,472  11.689G
+after_conv4       79,596,592   80,108,080  34.152G     21,202,272  21,713,760  10.783G
+none              63,472,304   63,983,792  27.879G     12,808,544  13,320,032   7.159G
+
+In parts, SE-ResNeXt-101 at the default split: shared trunk 3,093,808, each branch's trunk copy
+43,812,608 (layer3[1:] 27,688,320, layer4 16,124,288), SAB 8,393,728, CAB 5,021,824, reductions
+3,148,800, BNNecks 1,536. ``trunk="resnet18"``: shared 1,602,112, each copy 9,574,400, SAB 525,568,
+CAB 315,424; at the tiny recipe's 64 x 64: 0.416G MACs (after_conv4: 0.397G, none: 0.263G).
 
 Where the paper is ambiguous or silent, and what is chosen:
 
+- The split point: above.
 - Input: "resized to 288*384" (§4.2) is read as width x height, so ``input_size`` (H, W) = (384, 288)
   (models.md §7); it is configurable, and nothing in the model is tied to it.
-- The split point: §3.1 duplicates the layers "after the conv4_1 layer" (an MGN-style split inside
-  res4), Fig. 1 those "after res3", and Table 5 speaks of separating "res4 from res3". Shared through
-  layer3 with layer4 duplicated is the reading of Fig. 1 and Table 5 that models.md §7 adopts.
 - CAB's mask: §3.3 calls CAB's output "a channel mask" and "the channel attention map ... normalized into
   [0, 1] through the sigmoid", so SE(x_raw) is taken as SE's excitation before its sigmoid and the
   mask is per channel (as models.md §7 reads it). Read as [7]'s whole module, which returns x_raw
@@ -59,7 +97,6 @@ Where the paper is ambiguous or silent, and what is chosen:
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -70,6 +107,7 @@ from finetune.models.mbr import split_trunk
 from shared.heads import BNNeck
 
 FUSIONS = ("multiply", "add")
+SPLITS = ("after_conv4_1", "after_conv3", "after_conv4", "none")
 ID_LOSS_WEIGHT = 2.0  # Eq. 7: lambda
 
 
@@ -116,38 +154,52 @@ class ChannelAttentionBlock(nn.Module):
 
 
 class Branch(nn.Module):
-    """Attention block -> GAP -> 1x1 conv + BN + ReLU reduction -> BNNeck."""
+    """The branch's own trunk stages -> attention block -> GAP -> 1x1 conv + BN + ReLU reduction -> BNNeck."""
 
-    def __init__(self, attention: nn.Module, channels: int, dim: int, num_classes: int):
+    def __init__(self, trunk: nn.Sequential, attention: nn.Module, channels: int, dim: int, num_classes: int):
         super().__init__()
+        self.trunk = trunk  # ``layer3`` (the blocks not shared) and ``layer4``; empty when nothing is duplicated
         self.attention = attention
         self.reduction = nn.Sequential(nn.Conv2d(channels, dim, 1, bias=False), nn.BatchNorm2d(dim),
                                        nn.ReLU(inplace=True))
         self.neck = BNNeck(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        feat = self.reduction(self.attention(x).mean(dim=(2, 3), keepdim=True)).flatten(1)
+        feat = self.reduction(self.attention(self.trunk(x)).mean(dim=(2, 3), keepdim=True)).flatten(1)
         return (feat, *self.neck(feat))
 
 
 class FNC(ReIDModel):
-    """SE-ResNeXt-101 (last stride 1) to layer3, then a spatial (SAB) and a channel (CAB) branch."""
+    """SE-ResNeXt-101 (last stride 1) shared up to ``split``, then a spatial (SAB) and a channel (CAB) branch,
+    each with its own copy of the rest of the trunk."""
 
     feature_dim = 1024 + 512
 
-    def __init__(self, num_classes: int, separate_layer4: bool = True, fusion: str = "multiply",
-                 input_size: tuple[int, int] = (384, 288), backbone_weights: str | Path | None = None,
-                 trunk: str = "seresnext101_32x4d"):
+    def __init__(self, num_classes: int, split: str = "after_conv4_1", fusion: str = "multiply",
+                 input_size: tuple[int, int] = (384, 288), trunk: str = "seresnext101_32x4d"):
         super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.input_size = tuple(input_size)
-        # The trunk stops at layer3; the branches own layer4.
-        self.backbone, layer4 = split_trunk(trunk, backbone_weights, last_stride=1)
-        self.layer4 = nn.ModuleList([layer4, copy.deepcopy(layer4)] if separate_layer4 else [layer4])
+        self.split = split
+        self.backbone, layer4 = split_trunk(trunk, last_stride=1)
+        if split == "none":  # Table 5's "not separate": one trunk feeds both attention blocks
+            self.backbone.layer4 = layer4
+            tails = [nn.Sequential(), nn.Sequential()]
+        else:
+            layer3 = self.backbone.layer3
+            shared = {"after_conv3": 0, "after_conv4_1": 1, "after_conv4": len(layer3)}[split]
+            # Slicing keeps the block names, so a branch's layer3.i is a copy of the backbone's layer3.i.
+            self.backbone.layer3 = layer3[:shared]
+            tail = nn.Sequential()
+            tail.add_module("layer3", layer3[shared:])
+            tail.add_module("layer4", layer4)
+            tails = [tail, copy.deepcopy(tail)]
         channels = self.backbone.out_channels
-        self.spatial = Branch(SpatialAttentionBlock(channels, fusion=fusion), channels, 1024, num_classes)
-        self.channel = Branch(ChannelAttentionBlock(channels, fusion=fusion), channels, 512, num_classes)
+        self.spatial = Branch(tails[0], SpatialAttentionBlock(channels, fusion=fusion), channels, 1024, num_classes)
+        self.channel = Branch(tails[1], ChannelAttentionBlock(channels, fusion=fusion), channels, 512, num_classes)
         terms = [LossTerm("triplet", "spatial/feat"), LossTerm("triplet", "channel/feat")]
         if num_classes > 0:
             terms = [LossTerm("ce", "spatial/logits", ID_LOSS_WEIGHT),
@@ -155,19 +207,22 @@ class FNC(ReIDModel):
         self.loss_terms = tuple(terms)
 
     def cam_layer(self) -> nn.Module:
-        return self.layer4[0]  # the trunk stops at layer3; the spatial branch's layer4 makes the last map
+        # The last map: the shared layer4, or the spatial branch's copy of it.
+        return self.backbone.layer4 if self.split == "none" else self.spatial.trunk
 
     def trunk_map(self) -> tuple[tuple[str, str], ...]:
-        return (("backbone.", ""), *((f"layer4.{i}.", "layer4.") for i in range(len(self.layer4))))
+        # The shared part under its own names, then each branch's copies of the stages it owns.
+        return (("backbone.", ""), *((f"{name}.trunk.{stage}.", f"{stage}.") for name in ("spatial", "channel")
+                                     for stage, blocks in getattr(self, name).trunk.named_children() if len(blocks)))
 
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None,
                 viewids: torch.Tensor | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
         b = self.backbone
-        x = b.layer3(b.layer2(b.layer1(b.stem(images))))
-        spatial_in = self.layer4[0](x)
-        channel_in = self.layer4[1](x) if len(self.layer4) > 1 else spatial_in
-        s_feat, s_bn, s_logits = self.spatial(spatial_in)
-        c_feat, c_bn, c_logits = self.channel(channel_in)
+        x = b.layer3(b.layer2(b.layer1(b.stem(images))))  # layer3: its shared blocks only (maybe none)
+        if self.split == "none":
+            x = b.layer4(x)
+        s_feat, s_bn, s_logits = self.spatial(x)
+        c_feat, c_bn, c_logits = self.channel(x)
         if not self.training:
             return torch.cat([s_bn, c_bn], dim=1)
         outputs = {"spatial/feat": s_feat, "channel/feat": c_feat}

@@ -10,6 +10,9 @@ in its R50 branches (§II.A, Fig. 1); models.md §6.
   concatenation at test time (the paper ranks by cosine similarity, which orders these vectors as
   MBR's Euclidean distance does), LAI with ``n_cams``/``n_views`` (Table I's "Ours*"; off by default,
   as in Table II).
+- Pretrained trunk (``model.weights``): :meth:`LKAReID.trunk_map` gives the H branches every layer4
+  tensor but those of the conv2 each HCA replaces; the HCA and VAN units are new, start from their
+  init and are not trunk tensors, so a trunk freeze leaves them training.
 
 **LKA unit** (§II.B, Eqs. 1-3): F' = Conv1x1(GELU(F)); Attention = Conv1x1(DW-D-Conv(DW-Conv(F')));
 Output = Conv1x1(Attention (x) F') + F. For the 21 x 21 kernel of VAN (K = 21, d = 3): a 5x5 depth-wise
@@ -146,10 +149,20 @@ class LKAReID(MBR4B):
 
     def __init__(self, num_classes: int, lka: bool = True, hca: bool = True, **mbr_options):
         super().__init__(num_classes, attention=VANAttention if lka else None, **mbr_options)
+        self.hca = hca
         if hca:
             for branch in self.branches[:2]:  # MBR's R50 branches
                 for block in branch:  # conv2: a bottleneck's 3x3, or a basic block's width-keeping second 3x3
                     block.conv2 = _hca_in_place_of(block.conv2)
+
+    def trunk_map(self) -> tuple[tuple[str, str], ...]:
+        if not self.hca:
+            return super().trunk_map()
+        # The HCA modules are new: the R50 branches take every layer4 tensor but those of the conv2 they replace.
+        return (("backbone.", ""), *((f"branches.{i}.{name}.{child}.", f"layer4.{name}.{child}.")
+                                     for i in (0, 1) for name, block in self.branches[i].named_children()
+                                     for child, module in block.named_children()
+                                     if child != "conv2" and module.state_dict()))
 
 
 @MODELS.register("lka_reid")

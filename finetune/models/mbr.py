@@ -26,11 +26,10 @@ to its layer3 map (input / 16), so another size changes the parameter count; ``t
 ``out_channels``); the widths above are for D = its ``out_channels`` = 2048: the R50 branches are its
 layer4, the BoT blocks take the layer3 map and have D / 4 planes and D outputs, and the LAI tensor,
 the BNNecks and the 4 x D feature follow D. ``trunk="resnet18"`` (D = 512: BoT blocks 256 -> 512 over
-128 planes, a 2048-d feature) is a tiny MBR-4B for CPU runs. ``backbone_weights``: a local state dict
-for the trunk loaded onto it *before* its layer4 is copied into the R50 branches, as the code copies
-the ImageNet layer4 (a file loaded after building reaches ``backbone.*`` only); ``attention`` (from
-Python): a channels -> module factory used in place of MHSA in the BoT blocks, which is how LKA-ReID
-swaps in its LKA units.
+128 planes, a 2048-d feature) is a tiny MBR-4B for CPU runs. ``attention`` (from Python): a channels
+-> module factory used in place of MHSA in the BoT blocks, which is how LKA-ReID swaps in its LKA units.
+Pretrained trunk weights come in through ``model.weights``: :meth:`MBR4B.trunk_map` sends the file's
+layer4 to both R50 branches, as the code deep-copies the ImageNet layer4.
 
 Counts (VeRi, 575 classes, trainable parameters, no LAI, as ``count_parameters`` in the code):
 61,440,064, the 61.44M of LKA-ReID's Table II; LAI for 20 cams x 8 views adds 1,310,720. MACs at
@@ -42,7 +41,7 @@ Table II prints for this baseline; the difference is not explained there (models
 
 Where this departs from the paper or the code:
 
-- The trunk's ImageNet weights (torch.hub IBN-Net) are not fetched; ``backbone_weights`` takes a local
+- The trunk's ImageNet weights (torch.hub IBN-Net) are not fetched; ``model.weights`` takes a local
   file. The code's last-stride edit on the trunk is not reproduced: it touches a layer4 the model drops.
 - MHSA is kept exactly as coded, quirks included: no 1/sqrt(d) scaling of the logits, and the position
   term multiplies the query position's embedding with the *key* position's query vector
@@ -60,7 +59,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,22 +69,16 @@ from finetune.models import MODELS
 from finetune.models.base import LossTerm, ReIDModel
 from shared.backbones import build_backbone
 from shared.heads import BNNeck
-from shared.weights import load_weights
 
 # (loss, weight) per branch, in branch order: R50 CE, R50 triplet, BoT CE, BoT triplet (MBR_4B).
 LBS_LOSSES = (("ce", 0.6), ("triplet", 1.0), ("ce", 0.4), ("triplet", 0.4))
 
 
-def split_trunk(name: str, weights: str | Path | None = None, **options: Any) -> tuple[nn.Module, nn.Module]:
-    """A ResNet-family backbone (stem, layer1..layer4, ``out_channels``) cut after layer3, and its layer4.
-
-    ``weights`` (a local state dict) are loaded before the cut, so that layer4 and its copies carry them.
-    """
+def split_trunk(name: str, **options: Any) -> tuple[nn.Module, nn.Module]:
+    """A ResNet-family backbone (stem, layer1..layer4, ``out_channels``) cut after layer3, and its layer4."""
     backbone = build_backbone(name, **options)
     if not all(hasattr(backbone, part) for part in ("stem", "layer1", "layer2", "layer3", "layer4")):
         raise ValueError(f"trunk {name!r} is not a ResNet-family backbone (stem, layer1..layer4)")
-    if weights is not None:
-        load_weights(backbone, weights)
     layer4 = backbone.layer4
     del backbone.layer4
     return backbone, layer4
@@ -147,14 +139,14 @@ class MBR4B(ReIDModel):
     branch_names = ("r50_a", "r50_b", "bot_a", "bot_b")
 
     def __init__(self, num_classes: int, n_cams: int = 0, n_views: int = 0,
-                 input_size: tuple[int, int] = (256, 256), backbone_weights: str | Path | None = None,
+                 input_size: tuple[int, int] = (256, 256),
                  attention: Callable[[int], nn.Module] | None = None, trunk: str = "resnet50_ibn_a"):
         super().__init__()
         if input_size[0] % 32 or input_size[1] % 32:
             raise ValueError(f"input_size must be a multiple of 32 on both sides, got {input_size}")
         self.input_size = tuple(input_size)
         # layer4 lives on as the R50 branches; the trunk stops at layer3
-        self.backbone, layer4 = split_trunk(trunk, backbone_weights)
+        self.backbone, layer4 = split_trunk(trunk)
         dim = self.backbone.out_channels  # the branch width D: 2048, or 512 for ResNet-18
         self.feature_dim = dim * len(self.branch_names)
         if attention is None:
