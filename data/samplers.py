@@ -1,6 +1,6 @@
-"""Identity batch samplers for metric-learning training (P identities x K images per batch).
+"""Identity batch samplers for metric-learning training (batches of P x K images).
 
-Both samplers are batch samplers (``DataLoader(dataset, batch_sampler=sampler)``) over a map-style
+All three are batch samplers (``DataLoader(dataset, batch_sampler=sampler)``) over a map-style
 dataset addressed by sample index; they only need the label arrays. Indices whose pid is negative
 (outliers / un-clustered samples of pseudo labels) are never sampled.
 
@@ -10,9 +10,15 @@ Semantics follow:
   per epoch every identity's shuffled images are cut into groups of K, then batches are formed by
   repeatedly taking one group from each of P distinct identities drawn at random among those that
   still have groups, until fewer than P such identities remain.
-* ``CameraAwarePKSampler``: SpCL's ``RandomMultipleGallerySampler`` (``spcl/utils/data/sampler.py``):
-  one group per identity per epoch, made of a random anchor image plus K-1 images preferably taken
-  from other cameras than the anchor's.
+* ``MultipleGallerySampler``: SpCL's ``RandomMultipleGallerySampler`` (yxgeee/SpCL
+  ``spcl/utils/data/sampler.py``, used by ``examples/spcl_train_usl.py``): per pass every identity once,
+  in random order, as a random anchor image followed by K-1 more images of that identity, drawn among
+  its images from other cameras than the anchor's if it has any, else among its other images; an
+  identity with a single image contributes that image alone. The flat index list of the pass is cut
+  into batches of P*K consecutive indices, the last incomplete one dropped (SpCL: a DataLoader with
+  ``batch_size`` 64 and ``drop_last``), so a batch holds P*K images of a varying number of identities.
+* ``CameraAwarePKSampler``: a P x K variant of that sampler: one group of exactly K images per
+  identity per epoch, a random anchor plus K-1 images preferably taken from other cameras.
 
 Deviations from the sources:
 
@@ -21,13 +27,19 @@ Deviations from the sources:
 * The samplers yield whole batches and shard them across ranks (rank r takes global batches
   r, r + world_size, ...); the sources yield a flat single-process index stream.
 * ``__len__`` is the exact number of batches of the current epoch, not an estimate.
-* An identity with fewer than K images contributes each of its images once and draws only the
-  missing slots with replacement (torchreid draws all K with replacement, which may skip images).
-* Camera-aware groups first take one image per camera other than the anchor's, so an identity seen
-  by at least K cameras always yields K distinct cameras; then further images of other cameras,
-  then images of the anchor's camera, and repeat images only when the identity has fewer than K.
-  SpCL draws the K-1 images among other-camera images only, with replacement whenever there are
-  fewer than K of them, and skips identities that have a single image.
+* In the P x K samplers an identity with fewer than K images contributes each of its images once and
+  draws only the missing slots with replacement (torchreid draws all K with replacement, which may
+  skip images).
+* ``MultipleGallerySampler`` draws the K-1 images without replacement whenever there are at least
+  K-1 candidates; SpCL draws with replacement unless there are at least K, so an identity with exactly
+  K-1 other-camera images repeats some of them there and never here. A camid of -1 (unknown) compares
+  as one more camera value, so a pool without camera ids (LUPerson: a video is a scene, not a camera,
+  and the shards store no camid) takes the K-1 images among the identity's other images.
+* ``CameraAwarePKSampler`` groups first take one image per camera other than the anchor's, so an
+  identity seen by at least K cameras always yields K distinct cameras; then further images of other
+  cameras, then images of the anchor's camera, and repeat images only when the identity has fewer
+  than K. SpCL draws the K-1 images among other-camera images only, with replacement whenever there
+  are fewer than K of them, and gives an identity with a single image one slot, not K.
 * The camera-aware sampler drops the last incomplete batch (SpCL leaves batching to the loader).
 """
 
@@ -262,3 +274,89 @@ class CameraAwarePKSampler(PKSampler):
         groups = ranked[self._starts[:, None] + offsets][rng.permutation(self.num_identities)]
         n_batches = self.num_identities // self.p
         return groups[: n_batches * self.p].reshape(n_batches, self.p * self.k)
+
+
+def _draw_offsets(m: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """``draws`` offsets in [0, m) per row: distinct where m >= draws, independent otherwise (m >= 1).
+
+    Distinct rows pick the t-th value not yet taken, t uniform over what is left, so each row is a
+    uniformly random ordered sample, as ``np.random.choice(m, draws, replace=False)`` draws it.
+    Rows with m == 0 get zeros, which the caller discards.
+    """
+    out = np.zeros((len(m), draws), dtype=np.int64)
+    distinct = m >= draws
+    for j in range(draws):
+        left = np.where(distinct, m - j, m)
+        t = (rng.random(len(m)) * np.maximum(left, 1)).astype(np.int64)
+        taken = np.sort(out[:, :j], axis=1)
+        for c in range(j):  # ascending taken values: skip each one at or below t
+            t += distinct & (t >= taken[:, c])
+        out[:, j] = t
+    return out
+
+
+class MultipleGallerySampler(PKSampler):
+    """SpCL's ``RandomMultipleGallerySampler``: each identity once per pass, batches of P*K images.
+
+    A pass visits the identities in random order; each contributes a random anchor image, then, unless
+    it has a single image, K-1 images drawn among its images from other cameras than the anchor's, or
+    among its other images when all share the anchor's camera (distinct when there are at least K-1
+    candidates, with replacement otherwise). The pass's flat index list is cut into batches of P*K
+    consecutive indices and the last incomplete batch is dropped; an identity's images may straddle two
+    batches. A pass shorter than one batch is followed by as many more passes as fill one. ``camids`` None means one camera for all. Sharding and resume are PKSampler's.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int] | np.ndarray,
+        camids: Sequence[int] | np.ndarray | None = None,
+        p: int = 16,
+        k: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(pids, camids, p=p, k=k, seed=seed, rank=rank, world_size=world_size)
+        cams = np.zeros(len(self._order), np.int64) if self._camids is None else self._camids[self._order]
+        # Camera-sorted identity blocks: the anchor's same-camera images are one run of its block.
+        by = np.lexsort((cams, self._identity))
+        self._order, cams = self._order[by], cams[by]
+        head = np.ones(len(cams), dtype=bool)
+        head[1:] = (cams[1:] != cams[:-1]) | (self._identity[1:] != self._identity[:-1])
+        run = np.cumsum(head) - 1
+        run_start = np.flatnonzero(head)
+        self._run_start = run_start[run]
+        self._run_len = np.diff(np.append(run_start, len(cams)))[run]
+
+    def pass_indices(self, epoch: int) -> np.ndarray:
+        """The flat index list of one pass of ``epoch`` (SpCL's sampler output), before batching."""
+        return self._one_pass(np.random.default_rng([self.seed, epoch]))
+
+    def _one_pass(self, rng: np.random.Generator) -> np.ndarray:
+        visit = rng.permutation(self.num_identities)
+        starts, counts = self._starts[visit], self._counts[visit]
+        anchor = starts + (rng.random(len(visit)) * counts).astype(np.int64)
+        run_start, run_len = self._run_start[anchor], self._run_len[anchor]
+        # The candidates are the identity's block minus a hole: the anchor's camera run when other
+        # cameras exist, else the anchor alone.
+        other_cams = counts > run_len
+        hole = np.where(other_cams, run_start, anchor) - starts
+        hole_len = np.where(other_cams, run_len, 1)
+        m = counts - hole_len
+        offsets = _draw_offsets(m, self.k - 1, rng)
+        offsets += (offsets >= hole[:, None]) * hole_len[:, None]
+        groups = np.concatenate([anchor[:, None], starts[:, None] + offsets], axis=1)
+        keep = np.ones(groups.shape, dtype=bool)
+        keep[m == 0, 1:] = False  # a single-image identity contributes its anchor alone
+        return self._order[groups[keep]]
+
+    def _build_batches(self, rng: np.random.Generator) -> np.ndarray:
+        size = self.p * self.k
+        # A pass shorter than one batch (a tiny pool, or few clusters early on) is joined by further passes
+        # until a batch fills: SpCL's drop_last loader would yield nothing there and stall.
+        passes = [self._one_pass(rng)]
+        while sum(map(len, passes)) < size:
+            passes.append(self._one_pass(rng))
+        flat = np.concatenate(passes)
+        n_batches = len(flat) // size
+        return flat[: n_batches * size].reshape(n_batches, size)

@@ -15,19 +15,28 @@ NeurIPS 2020, in its unsupervised (USL) form: §3.1 the hybrid memory and the un
    ones (``cluster_features: reextract``, which also refreshes the memory: at millions of images an
    epoch of ``iters_per_epoch`` batches touches a small fraction of the slots, so memory features go
    stale); un-clustered images stay as one-image classes.
-3. ``iters_per_epoch`` global batches of P pseudo-identities x K images per process, read by index;
-   loss = the memory's unified contrastive loss; the memory is updated in backward, in global batch
-   order, identically on every rank.
+3. ``iters_per_epoch`` global batches of P x K images per process, read by index: by default SpCL's
+   ``RandomMultipleGallerySampler`` semantics (``sampler: multiple_gallery``, ``data/samplers.py``:
+   every pseudo-class once per pass, an anchor plus K-1 images preferably from other cameras, a
+   one-image class one slot), or P pseudo-identities x K images (``sampler: pk``); loss = the memory's
+   unified contrastive loss; the memory is updated in backward, in global batch order, identically on
+   every rank.
 4. Each epoch's clustering is logged (clusters, outliers, cluster sizes, and, when the pool carries a
    true identity, as the synthetic pool and labelled splits do, ARI/NMI against it); optional retrieval checks on a
-   labelled query/gallery pair; atomic checkpoints (model, optimiser, RNG, memory, labels, frozen
+   labelled query/gallery pair (a monitor: ``backbone_final`` is the run's backbone, and no test-set
+   result picks one); atomic checkpoints (model, optimiser, RNG, memory, labels, frozen
    independence threshold, history) so ``--resume`` continues a killed run; the backbone is exported
    as safetensors that ``finetune/train.py`` loads (``model.weights=<run>/backbone_final.safetensors``).
 
 Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
 
-* P x K batches come from ``PKSampler`` over the pseudo labels, so a one-image class fills its K
-  slots with the same image under different augmentations; SpCL's sampler gives it one slot.
+* SpCL keeps ``model_best`` by mAP on the target test set; here that pair only monitors, and the run
+  hands on ``backbone_final`` (a model chosen on the test split would report an optimistic number).
+* ``MultipleGallerySampler`` draws an anchor's K-1 companions without replacement whenever there
+  are at least K-1 candidates (SpCL: at least K); its batches are cut from one pass's index list at a
+  time, as SpCL's ``IterLoader`` restarts its ``drop_last`` loader after each pass.
+* ``encoder.weights`` must be given: a file, or ``none`` for random init on purpose (SpCL always
+  starts from ImageNet weights); an empty value stops the run before any work.
 * ``data.p`` x ``data.k`` is the batch of one process; the global batch of an iteration is the
   concatenation of the ranks' batches (rank r takes slice r of one global P·world x K batch), so a
   run gives the same updates on any number of processes. ``samples_per_bn`` splits a process's batch
@@ -39,7 +48,8 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
 * Images whose bytes cannot be decoded are left out of the memory's classes and never sampled,
   instead of ending the run.
 * Re-extraction before clustering is an option (SpCL never re-extracts), as is the learning-rate
-  schedule (``milestones``; SpCL: step 20, the DM-OSNet recipe: every 10 epochs).
+  schedule (``milestones``; SpCL's ``StepLR(step_size=20)`` over 50 epochs is [20, 40], the DM-OSNet
+  recipe's decay every 10 of 30 epochs [10, 20]).
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from data.readers import ConcatShards, IndexedShards, SampleTally, collate
-from data.samplers import PKSampler
+from data.samplers import MultipleGallerySampler, PKSampler
 from data.shards import ShardError, load_manifest
 from data.transforms import Normalize, TransformConfig, build_transforms
 from pretrain.cfs import cfs_keep_indices
@@ -77,7 +87,7 @@ from shared.heads import build_pooling
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
 from shared.table import format_table
-from shared.weights import WeightsError, export_model, load_weights
+from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
 @dataclass
@@ -85,8 +95,10 @@ class EncoderConfig:
     backbone: str = "resnet50"
     options: dict[str, Any] = field(default_factory=dict)
     pooling: str = choice("avg", "gem")  # SpCL: average; OpenUnReID's SpCL+: GeM
-    weights: str = ""  # a local torchvision/timm state dict or an export to start from; "" = random init
-    weights_prefix: str = ""
+    # A local pretrained file (any layout shared/weights.py detects) or "none": random init on purpose.
+    # Left empty, the run stops at start: every recipe states how it begins.
+    weights: str = ""
+    allow_partial: bool = False  # accept a file that leaves some backbone tensors at their init
 
 
 @dataclass
@@ -120,13 +132,14 @@ class SpCLConfig:
     epochs: int = 50
     iters_per_epoch: int = 400
     cluster_features: str = choice("memory", "reextract")
+    sampler: str = choice("multiple_gallery", "pk")  # SpCL's RandomMultipleGallerySampler, or P x K
     samples_per_bn: int = 0  # split each process's batch into BatchNorm groups of this size; 0 = whole batch
     # Train-mode passes (no gradient) over pool images that set the BatchNorm running statistics before
     # the first extraction: a random init's (0, 1) statistics make eval-mode features meaningless.
     bn_calibration_batches: int = 0
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=lambda: [20])
+    milestones: list[int] = field(default_factory=lambda: [20, 40])  # SpCL: StepLR(step_size=20), 50 epochs
     gamma: float = 0.1
     amp: str = choice("no", "bf16", "fp16")
     eval_every: int = 10
@@ -166,17 +179,20 @@ class Encoder(nn.Module):
         return self._embed(images)
 
 
+SAMPLERS = {"multiple_gallery": MultipleGallerySampler, "pk": PKSampler}
+
+
 class PseudoIdentityBatches(Sampler[list[int]]):
     """``iters`` batches of P x K memory slots for this rank, cycling through P·world x K global batches.
 
-    Global batch b is the same on every rank (``PKSampler`` seeded by (seed, epoch, round)); rank r
-    takes its r-th slice of P x K, so the concatenation over ranks is the global batch.
+    Global batch b is the same on every rank (the ``sampler`` kind seeded by (seed, epoch, round)); rank
+    r takes its r-th slice of P x K, so the concatenation over ranks is the global batch.
     """
 
-    def __init__(self, labels: np.ndarray, p: int, k: int, iters: int, seed: int, epoch: int, rank: int,
-                 world_size: int, start: int = 0):
+    def __init__(self, labels: np.ndarray, camids: np.ndarray | None, p: int, k: int, iters: int, seed: int,
+                 epoch: int, rank: int, world_size: int, start: int = 0, sampler: str = "multiple_gallery"):
         super().__init__()
-        self.sampler = PKSampler(labels, p=p * world_size, k=k, seed=seed)
+        self.sampler = SAMPLERS[sampler](labels, camids, p=p * world_size, k=k, seed=seed)
         self.iters, self.epoch, self.rank, self.size, self.start = iters, epoch, rank, p * k, start
 
     def __len__(self) -> int:
@@ -245,15 +261,19 @@ class SpCLTrainer:
         if d.max_images > 0:
             self.slots = self.slots[:d.max_images]
         self.train_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=True)) for s in d.splits])
+        self.slot_camids = self.train_pool.camids[self.slots]  # -1 where the pool has none (LUPerson)
         self.test_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=False)) for s in d.splits])
         n = len(self.slots)
         if n < d.p * acc.num_processes:
             raise ConfigError(f"data: {n} pool images kept, fewer than p x processes = {d.p * acc.num_processes}")
 
         encoder = Encoder(cfg.encoder)
-        if cfg.encoder.weights:
-            load_weights(encoder.backbone, cfg.encoder.weights, prefix=cfg.encoder.weights_prefix,
-                         verbose=acc.is_main_process)
+        if cfg.encoder.weights != "none":
+            # The encoder is a bare backbone: the file's layout is mapped onto its own key names.
+            report = load_pretrained(encoder.backbone, cfg.encoder.weights, cfg.encoder.allow_partial,
+                                     self.run_dir / WEIGHTS_REPORT if acc.is_main_process else None,
+                                     partial_option="encoder.allow_partial")
+            acc.print(report.line())
         dtype = torch.float16 if cfg.memory.dtype == "float16" else torch.float32
         self.memory = HybridMemory(n, encoder.feature_dim, cfg.memory.temperature, cfg.memory.momentum,
                                    dtype=dtype).to(acc.device)
@@ -265,7 +285,7 @@ class SpCLTrainer:
         self.model, self.optimizer = acc.prepare(encoder, optimizer)
         self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
-        self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "history": [], "best_map": -1.0,
+        self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "history": [],
                                       "world_size": acc.num_processes}
         self.truth = true_identities(ConcatShards(parts), self.slots) if acc.is_main_process else None
         if resume:
@@ -280,6 +300,12 @@ class SpCLTrainer:
 
     def _check_inputs(self, resume: bool) -> None:
         """One-line errors for every input before any model is built or image read."""
+        weights = self.cfg.encoder.weights
+        if not weights:
+            raise ConfigError("encoder.weights is empty: give the pretrained file this recipe starts from "
+                              "(encoder.weights=FILE), or encoder.weights=none to train from random init")
+        if weights != "none" and not Path(weights).is_file():
+            raise WeightsError(f"weights file not found: {weights}")
         d = self.cfg.data
         if not d.splits:
             raise ConfigError("data.splits: give at least one pool split")
@@ -289,8 +315,6 @@ class SpCLTrainer:
             raise ConfigError("data.query and data.gallery go together: give both or neither")
         if d.cfs_ranking and not Path(d.cfs_ranking).is_file():
             raise FileNotFoundError(f"data.cfs_ranking: no such file {d.cfs_ranking}")
-        if self.cfg.encoder.weights and not Path(self.cfg.encoder.weights).is_file():
-            raise WeightsError(f"weights file not found: {self.cfg.encoder.weights}")
         if resume and Checkpoints(self.run_dir / "checkpoints", 1).latest() is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
 
@@ -410,8 +434,8 @@ class SpCLTrainer:
         cfg, acc = self.cfg, self.accelerator
         start, total = (partial["step"], partial["loss_sum"]) if partial else (0, 0.0)
         labels = self.memory.labels.cpu().numpy()
-        sampler = PseudoIdentityBatches(labels, cfg.data.p, cfg.data.k, cfg.iters_per_epoch, cfg.seed, epoch,
-                                        acc.process_index, acc.num_processes, start)
+        sampler = PseudoIdentityBatches(labels, self.slot_camids, cfg.data.p, cfg.data.k, cfg.iters_per_epoch,
+                                        cfg.seed, epoch, acc.process_index, acc.num_processes, start, cfg.sampler)
         # The loader draws its workers' base seed from its own generator, not the global RNG: a run resumed
         # mid-epoch then draws the same augmentations (restored global RNG) as the run it continues.
         loader = DataLoader(Subset(self.train_pool, self.slots.tolist()), batch_sampler=sampler,
@@ -455,10 +479,8 @@ class SpCLTrainer:
         metrics = evaluate(qf, gf, qp, gp, qc, gc) if acc.is_main_process else {"mAP": 0.0, "cmc": [0.0]}
         result = {"mAP": float(metrics["mAP"]), "R1": float(metrics["cmc"][0])}
         if acc.is_main_process:
-            acc.log({f"eval/{k}": v for k, v in result.items()}, step=self.state["iteration"])
-            if result["mAP"] > self.state["best_map"]:
-                self.state["best_map"] = result["mAP"]
-                self._export("backbone_best.safetensors")
+            # A monitor only: the pair is a target test set, so no backbone is chosen by it.
+            acc.log({f"test/{k}": v for k, v in result.items()}, step=self.state["iteration"])
         return result
 
     # -- state ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for the P x K identity samplers in data.samplers."""
+"""Tests for the identity batch samplers in data.samplers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.samplers import CameraAwarePKSampler, PKSampler
+from data.samplers import CameraAwarePKSampler, MultipleGallerySampler, PKSampler
 
 P, K = 4, 4
 SAMPLERS = [PKSampler, CameraAwarePKSampler]
+# Samplers whose global batch list is cut, sharded and resumed the same way.
+ALL_SAMPLERS = [*SAMPLERS, MultipleGallerySampler]
 
 
 def make_labels(seed: int = 0, n_ids: int = 60, n_outliers: int = 25) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +103,7 @@ def test_camera_aware_one_group_per_identity() -> None:
     assert len(group_pids) == len(set(group_pids)) == n_ids // P * P
 
 
-@pytest.mark.parametrize("cls", SAMPLERS)
+@pytest.mark.parametrize("cls", ALL_SAMPLERS)
 def test_deterministic_per_seed_epoch_rank(cls: type[PKSampler]) -> None:
     first = make_sampler(cls, seed=11, rank=1, world_size=2)
     again = make_sampler(cls, seed=11, rank=1, world_size=2)
@@ -135,7 +137,7 @@ def test_ranks_are_disjoint_and_cover_the_global_list(cls: type[PKSampler], worl
     assert interleaved == global_batches[: len(global_batches) // world_size * world_size]
 
 
-@pytest.mark.parametrize("cls", SAMPLERS)
+@pytest.mark.parametrize("cls", ALL_SAMPLERS)
 def test_resume_mid_epoch(cls: type[PKSampler]) -> None:
     sampler = make_sampler(cls, seed=2)
     sampler.set_epoch(3)
@@ -173,7 +175,7 @@ def test_resume_mid_epoch(cls: type[PKSampler]) -> None:
         ({"pids": [0.5, 1.5]}, "pids must be a 1-D array of integers"),
     ],
 )
-@pytest.mark.parametrize("cls", SAMPLERS)
+@pytest.mark.parametrize("cls", ALL_SAMPLERS)
 def test_invalid_arguments(cls: type[PKSampler], kwargs: dict, match: str) -> None:
     pids, camids = make_labels()
     args = {"pids": pids, "camids": camids, "p": P, "k": K, **kwargs}
@@ -212,7 +214,7 @@ class _IndexDataset(torch.utils.data.Dataset):
         return index, int(self.pids[index])
 
 
-@pytest.mark.parametrize("cls", SAMPLERS)
+@pytest.mark.parametrize("cls", ALL_SAMPLERS)
 def test_dataloader_smoke(cls: type[PKSampler]) -> None:
     pids, camids = make_labels()
     sampler = cls(pids, camids, p=P, k=K, seed=1)
@@ -228,7 +230,7 @@ def test_dataloader_smoke(cls: type[PKSampler]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", SAMPLERS)
+@pytest.mark.parametrize("cls", ALL_SAMPLERS)
 def test_epoch_construction_scales(cls: type[PKSampler]) -> None:
     rng = np.random.default_rng(0)
     pids = rng.integers(0, 250_000, 2_500_000)
@@ -238,3 +240,105 @@ def test_epoch_construction_scales(cls: type[PKSampler]) -> None:
     batches = sampler.global_batches(0)
     assert time.perf_counter() - start < 5.0
     assert batches.shape[1] == 64
+
+
+# (pid, camid) per index: pid 0 two images on camera 0 and one on camera 1; pid 1 a single image; pid 2
+# five images of one camera; pid 3 five cameras; pid 4 two images on camera 5, four on camera 6; two outliers.
+HAND = ([(0, 0), (0, 0), (0, 1), (1, 3)] + [(2, 2)] * 5 + [(3, c) for c in range(5)] + [(4, 5)] * 2
+        + [(4, 6)] * 4 + [(-1, 0), (-1, 1)])
+HAND_PIDS = np.array([pc[0] for pc in HAND])
+HAND_CAMS = np.array([pc[1] for pc in HAND])
+
+
+def _groups(flat: list[int], pids: np.ndarray) -> list[list[int]]:
+    """A pass's flat list split into its identities' groups (consecutive groups never share a pid)."""
+    groups: list[list[int]] = []
+    for i in flat:
+        if groups and pids[groups[-1][0]] == pids[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def test_multiple_gallery_groups_follow_spcl_rules() -> None:
+    sampler = MultipleGallerySampler(HAND_PIDS, HAND_CAMS, p=2, k=K, seed=0)
+    anchors: dict[int, set[int]] = {pid: set() for pid in range(5)}
+    for epoch in range(60):
+        flat = sampler.pass_indices(epoch).tolist()
+        groups = _groups(flat, HAND_PIDS)
+        # Every pseudo-class once per pass; outliers never; 4 + 1 + 4 + 4 + 4 images.
+        assert sorted(HAND_PIDS[g[0]] for g in groups) == [0, 1, 2, 3, 4] and len(flat) == 17
+        for anchor, *rest in groups:
+            pid, cam = HAND_PIDS[anchor], HAND_CAMS[anchor]
+            anchors[pid].add(anchor)
+            if pid == 0:  # other cameras first, with replacement when fewer than K-1
+                assert rest == [2, 2, 2] if cam == 0 else set(rest) <= {0, 1} and len(rest) == 3
+            elif pid == 1:
+                assert rest == []  # a single image takes one slot, not K
+            elif pid == 2:  # one camera: K-1 distinct other images
+                assert len(set(rest)) == 3 and anchor not in rest and (HAND_PIDS[rest] == 2).all()
+            elif pid == 3:
+                assert len(set(rest)) == 3 and cam not in HAND_CAMS[rest] and (HAND_PIDS[rest] == 3).all()
+            else:
+                assert (len(set(rest)) == 3 and set(rest) <= {16, 17, 18, 19} if cam == 5
+                        else len(rest) == 3 and set(rest) <= {14, 15})
+        # Batches are consecutive P*K slices of the pass; the incomplete rest is dropped.
+        assert sampler.global_batches(epoch).tolist() == [flat[:8], flat[8:16]]
+    assert anchors == {0: {0, 1, 2}, 1: {3}, 2: {4, 5, 6, 7, 8}, 3: set(range(9, 14)), 4: set(range(14, 20))}
+
+
+def test_multiple_gallery_without_camids_prefers_other_images() -> None:
+    sampler = MultipleGallerySampler(HAND_PIDS, None, p=2, k=K, seed=0)
+    for epoch in range(20):
+        for anchor, *rest in _groups(sampler.pass_indices(epoch).tolist(), HAND_PIDS):
+            members = set(np.flatnonzero(HAND_PIDS == HAND_PIDS[anchor]).tolist()) - {anchor}
+            assert set(rest) <= members
+            # pid 1 has none; pid 0 has 2, drawn with replacement; the others at least K-1: distinct
+            assert len(rest) == (K - 1 if members else 0) and (len(members) < K - 1 or len(set(rest)) == K - 1)
+
+
+def test_singletons_take_one_slot_instead_of_k_copies() -> None:
+    # 30 one-image pseudo-classes and 10 clusters of 6 images over 3 cameras.
+    pids = np.concatenate([np.arange(30), np.repeat(np.arange(30, 40), 6)])
+    camids = np.concatenate([np.zeros(30, np.int64), np.tile([0, 1, 2], 20)])
+    mg = MultipleGallerySampler(pids, camids, p=P, k=K, seed=4)
+    flat = mg.pass_indices(0)
+    assert len(flat) == 30 + 10 * K and sorted(Counter(pids[flat]).values()) == [1] * 30 + [K] * 10
+    assert len(set(flat[pids[flat] < 30].tolist())) == 30
+    pk = PKSampler(pids, camids, p=P, k=K, seed=4)
+    copies = Counter(i for batch in pk.global_batches(0).tolist() for i in batch if pids[i] < 30)
+    assert set(copies.values()) == {K}
+
+
+def test_distinct_images_per_batch_with_mostly_singletons() -> None:
+    """87 % of the pseudo-classes are un-clustered images: PK fills 64 slots with ~22 distinct images
+    (16 x (0.87 + 0.13 x 4) = 22.2 expected), SpCL's sampler with 64."""
+    rng = np.random.default_rng(0)
+    sizes = np.concatenate([np.ones(870, np.int64), rng.integers(K, 2 * K, 130)])  # one PK group each
+    pids = np.repeat(np.arange(len(sizes)), sizes)
+    camids = np.concatenate([np.arange(s) for s in sizes])  # every image of a cluster on its own camera
+    distinct = {cls.__name__: [len(set(b)) for e in range(5) for b in cls(pids, camids, p=16, k=K, seed=1)
+                               .global_batches(e).tolist()] for cls in (PKSampler, MultipleGallerySampler)}
+    assert set(distinct["MultipleGallerySampler"]) == {64}
+    assert 20.5 < np.mean(distinct["PKSampler"]) < 24
+
+
+def test_multiple_gallery_shards_global_batches_across_ranks() -> None:
+    pids, camids = make_labels(seed=3)
+    whole = MultipleGallerySampler(pids, camids, p=P, k=K, seed=9).global_batches(1).tolist()
+    ranks = [MultipleGallerySampler(pids, camids, p=P, k=K, seed=9, rank=r, world_size=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    per_rank = [list(sampler) for sampler in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(whole) // 2
+    assert [per_rank[r][i] for i in range(len(per_rank[0])) for r in range(2)] == whole[: len(whole) // 2 * 2]
+
+
+def test_multiple_gallery_joins_passes_shorter_than_a_batch() -> None:
+    sampler = MultipleGallerySampler(np.arange(20), p=16, k=K)  # 20 singletons: 20 images a pass, batch 64
+    batches = sampler.global_batches(0)
+    assert batches.shape == (1, 64)  # four passes (80 images) make one batch, the rest is dropped
+    for i in range(3):  # each whole pass inside it is a permutation of the 20 images
+        assert sorted(batches[0, 20 * i:20 * (i + 1)].tolist()) == list(range(20))
+    assert np.array_equal(batches, sampler.global_batches(0))

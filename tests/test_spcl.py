@@ -23,7 +23,7 @@ from finetune.models import build_model
 from pretrain.spcl import SpCLConfig
 from shared.config import load_config
 from conftest import killed_in_epoch
-from shared.weights import load_weights, read_export_metadata
+from shared.weights import load_pretrained, read_export_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,8 @@ def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _overrides(pool: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [f"run_name={name}", f"output_dir={out}", "encoder.backbone=osnet_x0_25", f"data.splits=[{pool / 'pool'}]",
+    return [f"run_name={name}", f"output_dir={out}", "encoder.backbone=osnet_x0_25", "encoder.weights=none",
+            f"data.splits=[{pool / 'pool'}]",
             "data.p=4", "data.k=4", "data.workers=0", "data.test_batch_size=64", "data.transform.height=64",
             "data.transform.width=32", "epochs=2", "iters_per_epoch=3", "log_every=1", "cluster.k1=10",
             "cluster.k2=3", *extra]
@@ -69,11 +70,13 @@ def test_pretrain_clusters_logs_and_exports_a_backbone_finetune_loads(
 
     meta = read_export_metadata(run / "backbone_final.safetensors")
     assert meta["kind"] == "backbone" and meta["architecture"] == "osnet_x0_25" and meta["input_size"] == [64, 32]
-    assert meta["provenance"]["memory_slots"] == 240 and (run / "backbone_best.safetensors").is_file()
+    assert meta["provenance"]["memory_slots"] == 240 and not (run / "backbone_best.safetensors").exists()
+    assert meta["provenance"]["weights"] == "none"
     # the fine-tuning stage takes it as its starting point: every backbone tensor lands
     model = build_model("osnet", 10, variant="osnet_x0_25")
-    report = load_weights(model, run / "backbone_final.safetensors", prefix="backbone.", verbose=False)
-    assert not [k for k in report.missing if k.startswith("backbone.")] and not report.unexpected
+    report = load_pretrained(model, run / "backbone_final.safetensors")
+    assert len(report.trunk_loaded) == report.trunk_total and not report.unused
+    assert report.layout.startswith("reidforge backbone export (osnet_x0_25)")
     exported = load_file(str(run / "backbone_final.safetensors"))
     assert all(torch.equal(model.state_dict()[f"backbone.{k}"], v) for k, v in exported.items())
 
@@ -101,6 +104,16 @@ def test_bad_input_fails_in_one_line(tiny_pool: Path, tmp_path: Path, capsys: py
     base = _overrides(tiny_pool, tmp_path, "bad")
     assert spcl.main([*base, f"encoder.weights={tmp_path / 'none.pth'}"]) == 2
     assert capsys.readouterr().err.strip() == f"error: weights file not found: {tmp_path / 'none.pth'}"
+    empty = ("error: encoder.weights is empty: give the pretrained file this recipe starts from "
+             "(encoder.weights=FILE), or encoder.weights=none to train from random init")
+    assert spcl.main([*base, "encoder.weights=''"]) == 2
+    assert capsys.readouterr().err.strip() == empty
+    # SpCL's Market-1501 recipe expects ImageNet weights: without them it stops before reading anything
+    market = ["--config", str(REPO / "launch" / "configs" / "spcl_resnet50_market.yaml"), f"output_dir={tmp_path}",
+              f"data.splits=[{tiny_pool / 'pool'}]", f"data.query={tiny_pool / 'query'}",
+              f"data.gallery={tiny_pool / 'gallery'}"]
+    assert spcl.main(market) == 2
+    assert capsys.readouterr().err.strip() == empty and not (tmp_path / "spcl_resnet50_market").exists()
     assert spcl.main([*base, f"data.splits=[{tmp_path / 'nowhere'}]"]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
     assert spcl.main([*base, f"data.query={tiny_pool / 'query'}"]) == 2
@@ -117,8 +130,14 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.Popen:
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pool: Path, tmp_path: Path) -> None:
-    """2 ranks x (P=4, K=4) against 1 process x (P=8, K=4) with BatchNorm groups of 16: same updates."""
-    deterministic = ["data.transform.flip=0", "data.transform.pad=0", "data.transform.random_erasing=0"]
+    """2 ranks x (P=4, K=4) against 1 process x (P=8, K=4) with BatchNorm groups of 16: same updates.
+
+    One step per epoch: Adam turns rounding noise in near-zero gradients into steps of about lr, and
+    random-init features amplify them within a few steps (after 3 steps in each of 2 epochs the memories
+    of the two runs differed by up to 0.3 for some seeds, with either sampler), while one step per epoch
+    stays at rounding level."""
+    deterministic = ["data.transform.flip=0", "data.transform.pad=0", "data.transform.random_erasing=0",
+                     "iters_per_epoch=1"]
     proc = _torchrun(_overrides(tiny_pool, tmp_path, "two", *deterministic), tmp_path)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
@@ -141,26 +160,30 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pool: P
 
 def test_a_run_killed_mid_epoch_resumes_from_its_iteration_checkpoint(
         tiny_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """checkpoint_every_iters: a kill after iteration 2 of epoch 2 loses nothing; the resumed run keeps
-    that epoch's labels, skips the batches it trained on and ends where the whole run ends."""
+    """checkpoint_every_iters: a kill after iteration 4 of epoch 2 loses nothing; the resumed run keeps
+    that epoch's labels, skips the batches it trained on and ends where the whole run ends.
+
+    The resumed memory rebuilds its cluster sums exactly where the whole run's are incremental (fp32
+    rounding); after one more step the runs agree to ~1e-7, while Adam would grow that rounding to
+    ~1e-4 within three steps (its first steps are about lr for any gradient sign), so the kill comes
+    one step before the end."""
     extra = ("checkpoint_every_iters=2", "iters_per_epoch=5")
     whole = spcl.pretrain(_config(tiny_pool, tmp_path, "whole", *extra))
     real = spcl.SpCLTrainer._checkpoint
 
-    def dies_after_iteration_2_of_epoch_2(self: spcl.SpCLTrainer, step: int = 0) -> None:
+    def dies_after_iteration_4_of_epoch_2(self: spcl.SpCLTrainer, step: int = 0) -> None:
         real(self, step)
-        if self.state["epoch"] == 1 and step == 2:
+        if self.state["epoch"] == 1 and step == 4:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", dies_after_iteration_2_of_epoch_2)
+    monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", dies_after_iteration_4_of_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra))
     monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", real)
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "epoch-0001-step-0000002"
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "epoch-0001-step-0000004"
     resumed = spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra), resume=True)
     assert resumed["iteration"] == whole["iteration"] == 10
     assert [r["clusters"] for r in resumed["history"]] == [r["clusters"] for r in whole["history"]]
-    # The resumed memory rebuilds its cluster sums exactly; the whole run's are incremental (fp32 rounding).
     assert np.allclose([r["loss"] for r in resumed["history"]], [r["loss"] for r in whole["history"]], atol=1e-4)
     a = load_file(str(tmp_path / "whole" / "backbone_final.safetensors"))
     b = load_file(str(tmp_path / "killed" / "backbone_final.safetensors"))
@@ -191,3 +214,59 @@ def test_spcl_from_random_init_raises_clustering_ari(tmp_path: Path) -> None:
         f"output_dir={tmp_path}", f"data.splits=[{tmp_path / 'pool'}]", "data.query=''", "data.gallery=''"]))
     ari = [row["ARI"] for row in state["history"]]
     assert len(ari) == 10 and np.mean(ari[-3:]) > ari[0] + 0.02, ari
+
+
+@pytest.mark.parametrize("sampler", ["multiple_gallery", "pk"])
+def test_global_batches_are_shared_by_the_ranks_and_resume_mid_epoch(sampler: str) -> None:
+    """Rank r's batches are slice r of the one-process batches of P x world; a resumed epoch continues
+    them; passes cycle with fresh draws while the epoch lasts."""
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.repeat(np.arange(30), 5), np.arange(30, 130), [-1] * 10])[rng.permutation(260)]
+    camids = rng.integers(0, 6, len(labels))
+
+    def batches(rank: int, world: int, start: int = 0, epoch: int = 2) -> list[list[int]]:
+        return list(spcl.PseudoIdentityBatches(labels, camids, 8 // world, 4, 40, 7, epoch, rank, world, start,
+                                               sampler))
+
+    one = batches(0, 1)
+    assert len(one) == 40 and all(len(b) == 32 for b in one) and all(labels[b].min() >= 0 for b in one)
+    two = [batches(r, 2) for r in range(2)]
+    assert [a + b for a, b in zip(*two)] == one
+    assert batches(1, 2, start=13) == two[1][13:]
+    assert batches(0, 1, epoch=3) != one
+    per_pass = len(spcl.SAMPLERS[sampler](labels, camids, p=8, k=4, seed=7).global_batches(2 << 16))
+    assert per_pass < 40 and one[per_pass] != one[0]  # the epoch outlasts one pass: the next pass is new
+
+
+def test_shipped_recipes_declare_their_start_and_spcl_schedule() -> None:
+    """Every SpCL recipe says how it starts: a required pretrained file ("") or random init ("none"),
+    and a random-init recipe calibrates BatchNorm; the Market-1501 recipe keeps SpCL's StepLR."""
+    recipes = {p.stem: load_config(SpCLConfig, p) for p in sorted((REPO / "launch" / "configs").glob("spcl_*.yaml"))}
+    assert {name: cfg.encoder.weights for name, cfg in recipes.items()} == {
+        "spcl_dm_osnet_lup": "none", "spcl_dm_osnet_synthetic": "none", "spcl_resnet50_market": "", "spcl_tiny": "none"}
+    assert all(cfg.bn_calibration_batches > 0 for cfg in recipes.values() if cfg.encoder.weights == "none")
+    assert all(cfg.sampler == "multiple_gallery" for cfg in recipes.values())
+    market = recipes["spcl_resnet50_market"]
+    step = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=market.lr)
+    multi = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=market.lr)
+    spcl_sched = torch.optim.lr_scheduler.StepLR(step, step_size=20, gamma=0.1)  # spcl_train_usl.py
+    ours = torch.optim.lr_scheduler.MultiStepLR(multi, market.milestones, market.gamma)
+    lrs = []
+    for _ in range(market.epochs):
+        lrs.append((spcl_sched.get_last_lr()[0], ours.get_last_lr()[0]))
+        step.step()
+        multi.step()
+        spcl_sched.step()
+        ours.step()
+    assert all(a == pytest.approx(b) for a, b in lrs) and lrs[39][1] == pytest.approx(3.5e-5)
+    assert lrs[40][1] == pytest.approx(3.5e-6) and market.epochs == 50
+
+
+def test_batchnorm_calibration_spreads_random_init_features(tiny_pool: Path, tmp_path: Path) -> None:
+    def mean_cosine(*extra: str) -> float:
+        memory = spcl.SpCLTrainer(_config(tiny_pool, tmp_path, f"cal{len(extra)}", *extra)).memory.features.float()
+        sim = torch.nn.functional.normalize(memory, dim=1) @ torch.nn.functional.normalize(memory, dim=1).T
+        return float((sim.sum() - sim.trace()) / (len(sim) * (len(sim) - 1)))
+
+    assert mean_cosine() > 0.9  # random init, (0, 1) running statistics: every image looks alike
+    assert mean_cosine("bn_calibration_batches=2") < 0.2
