@@ -16,6 +16,17 @@ random erasing fills with the mean pixel rounded to uint8 (BoT erases normalised
 mean: the difference is under half a grey level); colour jitter applies brightness, contrast and
 saturation in that fixed order. Randomness comes from torch's global generator, like torchvision's,
 so DataLoader worker seeding works as usual.
+
+AutoAugment and AugMix (``autoaugment``/``augmix``: probabilities, 0 = off) are torchvision v2's
+``AutoAugment`` (ImageNet policy) and ``AugMix`` on the uint8 tensor, placed as FastReID's
+``fastreid/data/transforms/build.py`` places ``INPUT.AUTOAUG`` (``RandomApply([AutoAugment()],
+p=PROB)`` first, on the decoded image before the resize; Base-SBS: ``ENABLED: True, PROB: 0.1``) and
+``INPUT.AUGMIX`` (after flip, pad-crop and colour jitter, before random erasing). Fill 128 for the
+geometric ops and AugMix's settings are FastReID's (``_FILL`` of ``autoaugment.py``; ``AugMix`` of
+``transforms.py``: severity 1, width 3, depth 1, Dirichlet/Beta coefficient 0.1, the nine ops of
+torchvision's ``all_ops=False``). Deviation: FastReID ports timm's AutoAugment, whose ops draw their own
+apply-probabilities and magnitudes from timm's tables; torchvision's follow the AutoAugment paper's
+ImageNet policy table.
 """
 
 from __future__ import annotations
@@ -24,7 +35,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from shared.config import ConfigError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -38,6 +52,8 @@ class TransformConfig:
     pad: int = 10  # pixels of padding before the random crop; 0 disables pad+crop
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 disables it
     random_erasing: float = 0.5  # probability of erasing one random rectangle
+    autoaugment: float = 0.0  # probability of AutoAugment's ImageNet policy (FastReID INPUT.AUTOAUG.PROB)
+    augmix: float = 0.0  # probability of AugMix (FastReID INPUT.AUGMIX.PROB)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
@@ -59,9 +75,16 @@ class ReIDTransform:
         self.cfg, self.train = cfg, train
         self.size = [cfg.height, cfg.width]
         self.fill = torch.tensor([round(255 * m) for m in cfg.mean], dtype=torch.uint8).view(3, 1, 1)
+        for name in ("autoaugment", "augmix"):
+            if not 0 <= getattr(cfg, name) <= 1:
+                raise ConfigError(f"data.transform.{name} is a probability in [0, 1], got {getattr(cfg, name)}")
+        self.autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=128)
+        self.augmix = v2.AugMix(severity=1, mixture_width=3, chain_depth=1, alpha=0.1, all_ops=False, fill=128)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
+        if self.train and cfg.autoaugment > 0 and float(torch.rand(())) < cfg.autoaugment:
+            image = self.autoaugment(image)
         image = F.resize_image(image, self.size, antialias=True)
         if not self.train:
             return image
@@ -74,6 +97,8 @@ class ReIDTransform:
             image = F.adjust_brightness_image(image, _uniform(max(0.0, 1 - s), 1 + s))
             image = F.adjust_contrast_image(image, _uniform(max(0.0, 1 - s), 1 + s))
             image = F.adjust_saturation_image(image, _uniform(max(0.0, 1 - s), 1 + s))
+        if cfg.augmix > 0 and float(torch.rand(())) < cfg.augmix:
+            image = self.augmix(image)
         if cfg.random_erasing > 0 and float(torch.rand(())) < cfg.random_erasing:
             image = _erase(image, self.fill)
         return image

@@ -1,6 +1,10 @@
 """Supervised re-ID losses and the criterion that routes a model's outputs to them.
 
-- ``ce``: cross-entropy with label smoothing (Szegedy et al. 2016; BoT §3.3, ε = 0.1), torch's own.
+- ``ce``: cross-entropy with label smoothing (Szegedy et al. 2016; BoT §3.3, ε = 0.1), torch's own: target
+  (1 - ε) one-hot + ε / C, averaged over the batch, as BoT's ``CrossEntropyLabelSmooth``
+  (reid-strong-baseline layers/triplet_loss.py) and MBR's ``nn.CrossEntropyLoss(label_smoothing=ε)``.
+  Deviation for the FastReID recipes that use it (DM-OSNet bag of tricks): FastReID's
+  ``cross_entropy_loss`` smooths as the ``circle`` term below does, ε / (C - 1) off the target.
 - ``triplet``: batch-hard triplet loss (Hermans et al. 2017) on Euclidean distances of the raw
   features, with a margin (BoT: 0.3) or the soft margin ``log(1 + exp(d_ap - d_an))`` (margin None).
 - ``center``: center loss (Wen et al., ECCV 2016) as BoT uses it: the squared distance of each feature
@@ -9,7 +13,13 @@
   BoT does (lr 0.5, finetune.optim.CenterSGD), else the main optimiser moves them.
 - ``circle``: circle-softmax classification (Sun et al., CVPR 2020, §3.3): cosine logits against class
   proxies with self-paced weights α_p = [1 + m - s_p]_+, α_n = [s_n + m]_+ and margins Δp = 1 - m,
-  Δn = m, scaled by γ; proxies belong to the criterion.
+  Δn = m, scaled by γ; proxies belong to the criterion. As in FastReID (``CircleSoftmax`` in
+  fastreid/layers/any_softmax.py feeds ``cls_outputs`` to ``cross_entropy_loss`` in
+  fastreid/modeling/losses/cross_entroy_loss.py, ε from ``MODEL.LOSSES.CE.EPSILON``, 0.1 in
+  configs/Base-SBS.yml), the scaled logits go to a cross-entropy smoothed by ``loss.label_smoothing`` with
+  FastReID's formula, not torch's: target 1 - ε, every other class ε / (C - 1) (torch puts 1 - ε + ε / C
+  and ε / C), and the row losses summed and divided by the number of non-zero rows (the batch size
+  whenever ε > 0). FastReID's adaptive smoothing (ε < 0) is not offered.
 
 A model declares ``loss_terms`` (finetune/models/base.py); :class:`Criterion` applies each term to the
 named output and returns the weighted total plus every term's value for logging.
@@ -25,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.models.base import LossTerm
+from shared.config import ConfigError
 
 
 @dataclass
@@ -48,6 +59,16 @@ def batch_hard_triplet(features: torch.Tensor, pids: torch.Tensor, margin: float
     return F.softplus(gap).mean() if margin is None else F.relu(gap + margin).mean()
 
 
+def fastreid_cross_entropy(logits: torch.Tensor, pids: torch.Tensor, eps: float) -> torch.Tensor:
+    """FastReID's ``cross_entropy_loss`` for ε >= 0: soft target 1 - ε, ε / (C - 1) on every other class."""
+    log_probs = F.log_softmax(logits, dim=1)
+    off_target = eps / max(logits.shape[1] - 1, 1)  # one class: log-probability 0, the loss is 0 either way
+    with torch.no_grad():
+        targets = torch.full_like(log_probs, off_target).scatter_(1, pids[:, None], 1 - eps)
+    rows = -(targets * log_probs).sum(dim=1)
+    return rows.sum() / max(int(rows.detach().count_nonzero()), 1)
+
+
 class CenterLoss(nn.Module):
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
@@ -59,11 +80,12 @@ class CenterLoss(nn.Module):
 
 
 class CircleSoftmax(nn.Module):
-    def __init__(self, num_classes: int, dim: int, margin: float = 0.25, scale: float = 64.0):
+    def __init__(self, num_classes: int, dim: int, margin: float = 0.25, scale: float = 64.0,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.normal_(self.weight, std=0.001)
-        self.margin, self.scale = margin, scale
+        self.margin, self.scale, self.label_smoothing = margin, scale, label_smoothing
 
     def forward(self, features: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         cos = F.linear(F.normalize(features), F.normalize(self.weight))
@@ -71,7 +93,7 @@ class CircleSoftmax(nn.Module):
         alpha_n = (cos.detach() + self.margin).clamp(min=0)
         target = F.one_hot(pids, cos.shape[1]).bool()
         logits = torch.where(target, alpha_p * (cos - (1 - self.margin)), alpha_n * (cos - self.margin))
-        return F.cross_entropy(self.scale * logits, pids)
+        return fastreid_cross_entropy(self.scale * logits, pids, self.label_smoothing)
 
 
 class Criterion(nn.Module):
@@ -86,6 +108,8 @@ class Criterion(nn.Module):
         unknown = [t.loss for t in terms if t.loss not in self.KINDS]
         if unknown:
             raise ValueError(f"unknown loss kind(s) {unknown}; valid: {', '.join(self.KINDS)}")
+        if not 0 <= cfg.label_smoothing < 1:  # FastReID's EPSILON -1 (adaptive smoothing) included
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
         self.terms, self.cfg = list(terms), cfg
         self.owned = nn.ModuleDict()
         for t in self.terms:
@@ -93,7 +117,8 @@ class Criterion(nn.Module):
             if t.loss == "center":
                 self.owned[key] = CenterLoss(num_classes, dims[t.input])
             elif t.loss == "circle":
-                self.owned[key] = CircleSoftmax(num_classes, dims[t.input], cfg.circle_margin, cfg.circle_scale)
+                self.owned[key] = CircleSoftmax(num_classes, dims[t.input], cfg.circle_margin, cfg.circle_scale,
+                                                cfg.label_smoothing)
 
     def centers(self) -> list[tuple[nn.Parameter, float]]:
         """The centres of every center-loss term, each with the term's weight."""

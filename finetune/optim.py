@@ -6,11 +6,44 @@
 - Schedule (per iteration, so a warm-up is smooth even over few epochs): linear warm-up from
   ``warmup_factor`` x lr to lr over ``warmup_epochs``, then either ×``gamma`` at each epoch in
   ``milestones`` (BoT: ×0.1 at 40 and 70) or a cosine decay to ``min_lr_factor`` x lr at the end.
-- Biases get no weight decay when ``bias_decay`` is off (BoT keeps it; the default follows BoT).
-- Backbone freezing for the first N iterations (MBR freezes its trunk for 10 epochs) sets the learning
-  rate of the backbone's parameter groups to 0 until then, instead of toggling ``requires_grad``: that
-  works unchanged under DistributedDataParallel, and with lr 0 no optimiser moves a weight (weight decay
-  included). The backbone is every parameter whose name starts with ``backbone``.
+- Delayed cosine (``delay_epochs`` > 0): FastReID's ``SOLVER.DELAY_EPOCHS`` with ``SCHED:
+  CosineAnnealingLR``, as ``fastreid/solver/build.py`` (``build_lr_scheduler``) and
+  ``fastreid/engine/hooks.py`` (``LRScheduler``) run it. The warm-up (``WarmupLR``, linear,
+  ``WARMUP_FACTOR``) steps after every iteration, ending at the base lr; torch's ``CosineAnnealingLR``
+  steps once per epoch, in ``after_epoch``, only once ``next_iter > WARMUP_ITERS`` and ``epoch + 1 >
+  DELAY_EPOCHS``, with ``T_max = MAX_EPOCH - max(ceil(WARMUP_ITERS / iters_per_epoch), DELAY_EPOCHS)``
+  and ``eta_min = ETA_MIN_LR``. So 0-based epoch e trains at
+  ``eta_min + (lr - eta_min) (1 + cos(pi k / T_max)) / 2`` with ``k = max(0, e - s)``,
+  ``s = max(floor(delay), ceil(warmup) - 1)`` (warm-up and delay in epochs here), constant within the
+  epoch. Base-SBS (``configs/Base-SBS.yml``: 60 epochs, ``DELAY_EPOCHS: 30``, ``WARMUP_ITERS: 2000``,
+  ``WARMUP_FACTOR: 0.1``, ``ETA_MIN_LR: 7e-7``) on Market (202 iterations an epoch) holds 3.5e-4 from
+  iteration 2000 to the end of epoch 30 and ends at k = 29 of T_max = 30. FastReID's warm-up is given
+  in iterations: ``warmup_epochs = WARMUP_ITERS / iters_per_epoch`` expresses it, where FastReID's epoch is
+  ``len(dataset) // IMS_PER_BATCH`` iterations whatever the sampler (``fastreid/engine/defaults.py``).
+- Trunk freezing (``freeze_backbone_iters`` / ``freeze_backbone_epochs`` of the engine): the parameters
+  of the model's trunk (:meth:`ReIDModel.trunk_map`) lose their gradient before each optimiser step
+  while frozen, so no optimiser moves them or keeps state for them (no momentum or Adam moments build
+  up, no weight decay): FastReID's ``_generate_optimizer_class_with_freeze_layer``
+  (``fastreid/solver/build.py``) sets ``p.grad = None`` the same way, and MBR's ``requires_grad =
+  False`` has that effect on its Adam. Unlike toggling ``requires_grad`` it works unchanged under
+  DistributedDataParallel. ``freeze_mode``:
+
+  - ``fastreid`` (``SOLVER.FREEZE_ITERS`` with ``MODEL.FREEZE_LAYERS: [backbone]``, Base-SBS: 1000):
+    every trunk tensor, branch copies included, is frozen for the first N iterations; the frozen
+    modules are in eval mode meanwhile (BatchNorm statistics held, ``LayerFreeze`` in
+    ``fastreid/engine/hooks.py``); the schedule runs as if nothing were frozen.
+  - ``mbr`` (vehicle_reid_itsc2023 ``main.py`` with ``config/config_BoT_Veri776.yaml``): the trunk
+    before the branches is frozen (``epoch_freeze_L1toL3``: ``model.modelup2L3``, stem to layer3; the
+    R50 branches, copies of layer4, train throughout), here the :meth:`ReIDModel.trunk_map` pairs onto
+    the backbone's root (``("backbone.", "")``), not the stage copies; its BatchNorm layers stay in
+    train mode. While frozen no scheduler exists, so every group trains at the constant base lr. At
+    the unfreeze (``if epoch == epoch_freeze_L1toL3 - 1``) the scheduler (``Warm_MultiStep``:
+    ``WarmupMultiStepLR`` of ``lr_scheduler/sche_optim.py``, ``warmup_iters: 10`` epochs,
+    ``warmup_factor: 0.0``, ``milestones: [40, 70, 100]``) is built anew at 0 and stepped once
+    before each epoch, so epoch j after the unfreeze trains at the schedule's value for epoch j + 1:
+    this mode evaluates the whole schedule, warm-up included, per epoch in the same way, from the
+    unfreeze. The code unfreezes at the start of 0-based epoch ``epoch_freeze_L1toL3 - 1``, so its
+    ``epoch_freeze_L1toL3: 10`` is ``freeze_backbone_epochs: 9`` here; 130 epochs (``num_epochs``).
 - Center-loss centres (``center_lr`` > 0): BoT's separate optimiser (§3.6; ``optimizer_center`` of the
   reid-strong-baseline code), :class:`CenterSGD`: plain SGD at ``center_lr`` (BoT: 0.5), no momentum, no
   weight decay, no schedule, stepped after the main optimiser on the gradient of the *unweighted* center
@@ -29,7 +62,8 @@ import torch
 from timm.optim import Lookahead
 from torch import nn
 
-from shared.config import choice
+from finetune.models.base import ReIDModel
+from shared.config import ConfigError, choice
 
 
 @dataclass
@@ -46,30 +80,28 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=lambda: [40, 70])
     gamma: float = 0.1
     min_lr_factor: float = 0.0
+    delay_epochs: float = 0.0  # cosine only: FastReID's SOLVER.DELAY_EPOCHS (held at lr, then per-epoch cosine)
+    freeze_mode: str = choice("fastreid", "mbr")  # how a trunk freeze runs (see the module docstring)
     clip_grad_norm: float = 0.0  # 0 disables clipping
     center_lr: float = 0.0  # > 0: center-loss centres get BoT's own SGD at this lr (BoT: 0.5); 0: main optimiser
 
 
-def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool, freeze_iters: int = 0,
+def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool,
                  exclude: Collection[nn.Parameter] = ()) -> list[dict]:
-    """Trainable parameters (but ``exclude``) grouped by (weight decay, frozen at the start); each group keeps
-    ``frozen_until``."""
+    """Trainable parameters (but ``exclude``) grouped by weight decay."""
     excluded = {id(p) for p in exclude}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in module.named_parameters():
+    groups: dict[bool, list[nn.Parameter]] = {}
+    for p in module.parameters():
         if p.requires_grad and id(p) not in excluded:
-            decays = bias_decay or p.ndim > 1
-            frozen = freeze_iters > 0 and name.startswith("backbone")
-            groups.setdefault((decays, frozen), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
-             "frozen_until": freeze_iters if frozen else 0}
-            for (decays, frozen), params in sorted(groups.items())]
+            groups.setdefault(bias_decay or p.ndim > 1, []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0}
+            for decays, params in sorted(groups.items())]
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig, freeze_iters: int = 0,
-                    exclude: Collection[nn.Parameter] = ()) -> torch.optim.Optimizer:
+def build_optimizer(module: nn.Module, cfg: OptimConfig, exclude: Collection[nn.Parameter] = ()
+                    ) -> torch.optim.Optimizer:
     """The optimiser ``cfg.name`` over the trainable parameters of ``module`` except ``exclude``."""
-    groups = param_groups(module, cfg.weight_decay, cfg.bias_decay, freeze_iters, exclude)
+    groups = param_groups(module, cfg.weight_decay, cfg.bias_decay, exclude)
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     if cfg.name == "adamw":
@@ -81,6 +113,70 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, freeze_iters: int = 0,
     if cfg.name == "ranger":
         return Lookahead(torch.optim.RAdam(groups, lr=cfg.lr), alpha=0.5, k=6)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def freeze_iterations(iters: int, epochs: float, iters_per_epoch: int) -> int:
+    """The freeze length in iterations from ``freeze_backbone_iters`` or ``freeze_backbone_epochs``."""
+    if iters < 0 or epochs < 0:
+        raise ConfigError(f"freeze_backbone_iters={iters} and freeze_backbone_epochs={epochs} must be >= 0")
+    if iters and epochs:
+        raise ConfigError(f"freeze_backbone_iters={iters} and freeze_backbone_epochs={epochs}: set at most one")
+    return iters or round(epochs * iters_per_epoch)
+
+
+def check_schedule(cfg: OptimConfig, total_epochs: int) -> None:
+    """One-line errors for schedule settings that cannot run, before any model is built."""
+    if cfg.delay_epochs < 0:
+        raise ConfigError(f"optim.delay_epochs={cfg.delay_epochs} must be >= 0")
+    if cfg.delay_epochs > 0 and cfg.schedule != "cosine":
+        raise ConfigError(f"optim.delay_epochs={cfg.delay_epochs} delays a cosine schedule; "
+                          f"optim.schedule is {cfg.schedule!r}")
+    if cfg.delay_epochs > 0 and total_epochs - max(math.ceil(cfg.warmup_epochs), cfg.delay_epochs) <= 0:
+        raise ConfigError(f"optim.delay_epochs={cfg.delay_epochs} with optim.warmup_epochs={cfg.warmup_epochs} "
+                          f"leaves no cosine epoch in epochs={total_epochs}")
+
+
+class TrunkFreeze:
+    """Keeps the trunk of ``model`` still for the first ``iterations`` optimiser steps (``mode`` as in
+    :class:`OptimConfig`): call :meth:`set_mode` before the forward pass and :meth:`drop_grads` between
+    backward and the optimiser step (and clipping) of every iteration."""
+
+    def __init__(self, model: ReIDModel, iterations: int, mode: str):
+        pairs = sorted(model.trunk_map(), key=lambda pair: -len(pair[0]))  # the longest prefix wins
+        # mbr freezes the trunk before the branches: the pairs onto the backbone's root, not stage copies
+        frozen = tuple(m for m, b in pairs if mode == "fastreid" or b == "")
+
+        def owner(name: str) -> str | None:
+            return next((m for m, _ in pairs if name.startswith(m)), None)
+
+        names = [name for name, p in model.named_parameters() if p.requires_grad and owner(name) in frozen]
+        if iterations > 0 and not names:
+            raise ConfigError(f"a trunk freeze of {iterations} iterations freezes no parameter of "
+                              f"{type(model).__name__} (trunk_map {model.trunk_map()})")
+        params = dict(model.named_parameters())
+        self.params = [params[name] for name in names] if iterations > 0 else []
+        self.iterations = iterations
+        self.modules: list[nn.Module] = []  # FastReID holds the frozen layers' BatchNorm statistics
+        if mode == "fastreid" and iterations > 0:
+            chosen: list[str] = []
+            for name, module in model.named_modules():
+                if (name + ".").startswith(frozen) and not any(name.startswith(c + ".") for c in chosen):
+                    chosen.append(name)
+                    self.modules.append(module)
+
+    def active(self, iteration: int) -> bool:
+        return iteration < self.iterations
+
+    def set_mode(self, iteration: int) -> None:
+        """Frozen modules in eval mode while frozen, back to train mode at the first free iteration."""
+        if iteration <= self.iterations:
+            for module in self.modules:
+                module.train(not self.active(iteration))
+
+    def drop_grads(self, iteration: int) -> None:
+        if self.active(iteration):
+            for p in self.params:
+                p.grad = None
 
 
 class CenterSGD(torch.optim.SGD):
@@ -110,25 +206,35 @@ def build_center_optimizer(centers: Sequence[tuple[nn.Parameter, float]], cfg: O
     return CenterSGD(centers, cfg.center_lr) if cfg.center_lr > 0 and centers else None
 
 
-def lr_factor(iteration: int, iters_per_epoch: int, total_epochs: int, cfg: OptimConfig) -> float:
-    """The learning-rate multiplier at ``iteration`` (0-based, counted over the whole run)."""
+def lr_factor(iteration: int, iters_per_epoch: int, total_epochs: float, cfg: OptimConfig,
+              freeze_iters: int = 0) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based, counted over the whole run).
+
+    ``freeze_iters`` matters in ``freeze_mode="mbr"`` only: 1 until then, then the schedule from its
+    start, per epoch (MBR's, see the module docstring), over the epochs left.
+    """
+    if cfg.freeze_mode == "mbr":
+        if iteration < freeze_iters:
+            return 1.0
+        iteration -= freeze_iters
+        total_epochs -= freeze_iters / iters_per_epoch
+        iteration = (iteration // iters_per_epoch + 1) * iters_per_epoch  # stepped before each epoch
     epoch = iteration / iters_per_epoch
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_factor + (1 - cfg.warmup_factor) * epoch / cfg.warmup_epochs
     if cfg.schedule == "multistep":
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    span = max(total_epochs - cfg.warmup_epochs, 1e-8)
-    progress = min(1.0, (epoch - cfg.warmup_epochs) / span)
+    if cfg.delay_epochs > 0:  # FastReID: one cosine step per epoch once warm-up and delay are over
+        start = max(math.floor(cfg.delay_epochs), math.ceil(cfg.warmup_epochs) - 1)
+        span = total_epochs - max(math.ceil(cfg.warmup_epochs), cfg.delay_epochs)
+        progress = min(1.0, max(0, iteration // iters_per_epoch - start) / span)
+    else:
+        progress = min(1.0, (epoch - cfg.warmup_epochs) / max(total_epochs - cfg.warmup_epochs, 1e-8))
     return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, iters_per_epoch: int,
-                    total_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration scheduler (call ``step()`` after every optimizer step); groups with
-    ``frozen_until`` > 0 stay at lr 0 until that iteration."""
-
-    def factor(frozen_until: int):  # one closure per group, so each sees its own freeze length
-        return lambda it: 0.0 if it < frozen_until else lr_factor(it, iters_per_epoch, total_epochs, cfg)
-
+                    total_epochs: int, freeze_iters: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration scheduler (call ``step()`` after every optimizer step) of :func:`lr_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [factor(g.get("frozen_until", 0)) for g in optimizer.param_groups])
+        optimizer, lambda it: lr_factor(it, iters_per_epoch, total_epochs, cfg, freeze_iters))

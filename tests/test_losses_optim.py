@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import CenterLoss, CircleSoftmax, Criterion, LossConfig, batch_hard_triplet
+from finetune.losses import CenterLoss, CircleSoftmax, Criterion, LossConfig, batch_hard_triplet, fastreid_cross_entropy
 from finetune.models.base import LossTerm
 from finetune.optim import OptimConfig, build_center_optimizer, build_optimizer, build_scheduler, lr_factor
+from shared.config import ConfigError
 
 PIDS = torch.tensor([0, 0, 1, 1])
 POINTS = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
@@ -49,6 +50,44 @@ def test_center_and_circle_by_hand() -> None:
     logit_p, logit_n = max(1 + m - sp, 0) * (sp - (1 - m)), max(sn + m, 0) * (sn - m)
     expected = -math.log(math.exp(logit_p) / (math.exp(logit_p) + math.exp(logit_n)))
     assert circle(feats, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_circle_term_smooths_its_labels_as_fastreid_does() -> None:
+    # Proxies at 0, 90 and 180 degrees from the feature: cosines 1, 0, -1 (target class 0), m = 0.25:
+    # alpha_p (1 - 0.75) = 0.25 x 0.25, alpha_n (0 - 0.25) = 0.25 x -0.25, alpha_n = [-1 + 0.25]_+ = 0; scale 2.
+    logits = [0.125, -0.125, 0.0]
+    log_z = math.log(sum(math.exp(x) for x in logits))
+    log_p = [x - log_z for x in logits]
+    fastreid = -(0.9 * log_p[0] + 0.05 * log_p[1] + 0.05 * log_p[2])  # cross_entroy_loss.py: eps / (C - 1)
+    torch_form = -((0.9 + 0.1 / 3) * log_p[0] + 0.1 / 3 * (log_p[1] + log_p[2]))  # (1 - eps) onehot + eps / C
+    cfg = LossConfig(label_smoothing=0.1, circle_margin=0.25, circle_scale=2.0)
+    crit = Criterion([LossTerm("circle", "x")], num_classes=3, dims={"x": 2}, cfg=cfg)
+    with torch.no_grad():
+        crit.owned["circle:x"].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 0.5], [-2.0, 0.0]]))
+    feats = torch.tensor([[2.0, 0.0], [1.0, 0.0]])  # the same direction twice: the batch mean is one row's loss
+    total, values = crit({"x": feats}, torch.tensor([0, 0]))
+    assert total.item() == pytest.approx(fastreid, rel=1e-6) and values["circle/x"] == pytest.approx(fastreid, rel=1e-6)
+    assert abs(fastreid - torch_form) > 1e-3  # the two smoothings differ at this size
+    plain = CircleSoftmax(3, 2, margin=0.25, scale=2.0)  # label_smoothing 0: plain cross-entropy
+    plain.weight.data.copy_(crit.owned["circle:x"].weight.data)
+    assert plain(feats, torch.tensor([0, 0])).item() == pytest.approx(-log_p[0], rel=1e-6)
+
+
+def test_fastreid_cross_entropy_formula() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    target = torch.tensor([0, 2])
+    eps = 0.2
+    q = torch.tensor([[0.8, 0.2 / 3, 0.2 / 3, 0.2 / 3], [0.2 / 3, 0.2 / 3, 0.8, 0.2 / 3]])
+    expected = -(q * logits.log_softmax(1)).sum(1).mean()
+    assert fastreid_cross_entropy(logits, target, eps).item() == pytest.approx(expected.item(), rel=1e-6)
+    # Torch's label_smoothing = eps C / (C - 1) gives the same soft target.
+    same = F.cross_entropy(logits, target, label_smoothing=eps * 4 / 3)
+    assert fastreid_cross_entropy(logits, target, eps).item() == pytest.approx(same.item(), rel=1e-6)
+    # Without smoothing a row whose loss is exactly 0 leaves the divisor: log 2 over one row, not two.
+    confident = torch.tensor([[200.0, 0.0], [0.0, 0.0]])  # exp(-200) underflows: p = 1 exactly
+    assert fastreid_cross_entropy(confident, torch.tensor([0, 0]), 0.0).item() == pytest.approx(math.log(2), rel=1e-6)
+    with pytest.raises(ConfigError, match=r"loss.label_smoothing must be in \[0, 1\), got -1.0"):
+        Criterion([LossTerm("circle", "x")], 3, {"x": 2}, LossConfig(label_smoothing=-1.0))
 
 
 def test_criterion_routes_and_weights_each_term() -> None:
@@ -92,21 +131,91 @@ def test_every_optimizer_descends_with_the_scheduler(name: str) -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr)
 
 
-def test_backbone_frozen_for_the_first_iterations() -> None:
-    torch.manual_seed(0)
-    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 1)})
-    cfg = OptimConfig(name="adam", lr=0.01, warmup_epochs=0)
-    opt = build_optimizer(model, cfg, freeze_iters=3)
-    sched = build_scheduler(opt, cfg, iters_per_epoch=10, total_epochs=1)
-    x = torch.randn(8, 4)
-    start = model["backbone"].weight.detach().clone()
-    for it in range(5):
-        opt.zero_grad()
-        model["head"](model["backbone"](x)).pow(2).mean().backward()
-        opt.step()
-        sched.step()
-        moved = not torch.equal(model["backbone"].weight, start)
-        assert moved == (it >= 3), it  # frozen during iterations 0..2, training from iteration 3
+# FastReID's delayed cosine: configs/Base-SBS.yml (MAX_EPOCH 60, BASE_LR 3.5e-4, DELAY_EPOCHS 30,
+# ETA_MIN_LR 7e-7, WARMUP_FACTOR 0.1, WARMUP_ITERS 2000, linear) at FastReID's Market epoch of
+# 12936 // 64 = 202 iterations. fastreid/solver/build.py build_lr_scheduler: T_max = 60 - max(ceil(2000 / 202),
+# 30) = 30; WarmupLR (lr_scheduler.py _get_warmup_factor_at_epoch) after every iteration: 0.1 (1 - i/2000) + i/2000;
+# hooks.py LRScheduler.after_epoch steps torch's CosineAnnealingLR once epoch e + 1 > 30 (and iteration > 2000),
+# so epoch e >= 30 trains at 7e-7 + (3.5e-4 - 7e-7) (1 + cos(pi (e - 30) / 30)) / 2.
+SBS = OptimConfig(name="adam", lr=3.5e-4, schedule="cosine", warmup_epochs=2000 / 202, warmup_factor=0.1,
+                  delay_epochs=30, min_lr_factor=7e-7 / 3.5e-4)
+SBS_LR = [(0, 3.5e-05),  # 0.1 x base
+          (1000, 1.925e-04),  # (0.1 x 0.5 + 0.5) x base
+          (1999, 3.498425e-04),  # (0.1 x 0.0005 + 0.9995) x base
+          (2000, 3.5e-04), (31 * 202 - 1, 3.5e-04),  # warm-up over; held through epoch 30
+          (31 * 202, 3.490432490260689e-04), (32 * 202 - 1, 3.490432490260689e-04),  # epoch 31: k = 1
+          (45 * 202, 1.7535e-04),  # k = 15: cos(pi / 2) = 0, halfway to eta_min
+          (60 * 202 - 1, 1.6567509739310505e-06)]  # last iteration, k = 29: the run ends one step short of eta_min
+# Warm-up past the delay (50 iterations an epoch: 2000 iterations = 40 epochs): T_max = 60 - max(40, 30) = 20 and
+# the first cosine step follows epoch 39, so epoch 40 trains at k = 1 and the last epoch, k = 20, at eta_min.
+LONG_WARMUP = OptimConfig(name="adam", lr=3.5e-4, schedule="cosine", warmup_epochs=40, warmup_factor=0.1,
+                          delay_epochs=30, min_lr_factor=7e-7 / 3.5e-4)
+LONG_WARMUP_LR = [(1950, 3.42125e-04), (1999, 3.498425e-04), (2000, 3.478497686849408e-04),
+                  (49 * 50, 1.7535e-04), (60 * 50 - 1, 7e-07)]  # epoch 49: k = 10 of 20
+
+
+@pytest.mark.parametrize("cfg, ipe, expected", [(SBS, 202, SBS_LR), (LONG_WARMUP, 50, LONG_WARMUP_LR)])
+def test_delayed_cosine_gives_fastreids_learning_rates(cfg: OptimConfig, ipe: int, expected: list) -> None:
+    for iteration, lr in expected:
+        assert cfg.lr * lr_factor(iteration, ipe, 60, cfg) == pytest.approx(lr, rel=1e-12, abs=0), iteration
+
+
+def _fastreid_curve(ipe: int, warmup_iters: int, delay: int, epochs: int, cfg: OptimConfig) -> list[float]:
+    """The lr of every iteration with torch's CosineAnnealingLR stepped as FastReID's LRScheduler hook steps it
+    (after_epoch, once next_iter > WARMUP_ITERS and epoch + 1 > DELAY_EPOCHS) beside its per-iteration warm-up."""
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    eta_min = cfg.lr * cfg.min_lr_factor
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs - max(math.ceil(warmup_iters / ipe), delay),
+                                                        eta_min)
+    opt.param_groups[0]["lr"] = cfg.lr * cfg.warmup_factor  # WarmupLR, built after it, starts at iteration 0
+    lrs, iteration = [], 0
+    for epoch in range(epochs):
+        for _ in range(ipe):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()  # no gradient: moves nothing, keeps torch's step-order check quiet
+            iteration += 1
+            if iteration <= warmup_iters:  # after_step: WarmupLR.step() while next_iter <= WARMUP_ITERS
+                alpha = iteration / warmup_iters
+                opt.param_groups[0]["lr"] = cfg.lr * (cfg.warmup_factor * (1 - alpha) + alpha)
+        if iteration + 1 > warmup_iters and epoch + 1 > delay:  # after_epoch
+            cosine.step()
+    return lrs
+
+
+@pytest.mark.parametrize("ipe, warmup_iters, delay", [(202, 2000, 30), (50, 2000, 30), (30, 45, 5)])
+def test_delayed_cosine_follows_torchs_scheduler_stepped_as_fastreid_steps_it(ipe: int, warmup_iters: int,
+                                                                              delay: int) -> None:
+    cfg = OptimConfig(lr=3.5e-4, schedule="cosine", warmup_epochs=warmup_iters / ipe, warmup_factor=0.1,
+                      delay_epochs=delay, min_lr_factor=0.002)
+    reference = _fastreid_curve(ipe, warmup_iters, delay, 60, cfg)
+    ours = [cfg.lr * lr_factor(i, ipe, 60, cfg) for i in range(len(reference))]
+    assert ours == pytest.approx(reference, rel=1e-12, abs=0)
+
+
+# MBR (vehicle_reid_itsc2023 main.py, config/config_BoT_Veri776.yaml): lr 1e-4, no scheduler while the trunk is
+# frozen (epochs 0..8 for epoch_freeze_L1toL3 = 10), then WarmupMultiStepLR (lr_scheduler/sche_optim.py;
+# warmup_factor 0.0, warmup_iters 10 epochs, milestones [40, 70, 100], gamma 0.1) built at 0 in epoch 9 and
+# stepped before each epoch: epoch 9 + j trains at last_epoch j + 1, warm-up (j + 1) / 10, x0.1 per milestone
+# <= j + 1. 130 epochs.
+MBR = OptimConfig(name="adam", lr=1e-4, warmup_epochs=10, warmup_factor=0.0, milestones=[40, 70, 100],
+                  freeze_mode="mbr")
+MBR_LR = [(0, 1e-4), (899, 1e-4),  # frozen trunk: constant base lr
+          (900, 1e-5), (999, 1e-5),  # epoch 9: last_epoch 1, warm-up 0.1
+          (1700, 9e-5), (1800, 1e-4),  # epoch 17: 0.9; epoch 18: warm-up over
+          (4799, 1e-4), (4800, 1e-5),  # epoch 48: last_epoch 40, the first milestone
+          (7800, 1e-6), (10800, 1e-7), (12999, 1e-7)]  # epochs 78, 108 and the last, 129
+
+
+def test_mbr_mode_holds_the_base_lr_then_restarts_the_schedule_per_epoch() -> None:
+    for iteration, lr in MBR_LR:
+        assert MBR.lr * lr_factor(iteration, 100, 130, MBR, freeze_iters=900) == pytest.approx(lr, rel=1e-12), iteration
+    # without a freeze MBR's scheduler exists from epoch 0 and is stepped before it: epoch 0 trains at 0.1
+    assert lr_factor(0, 100, 130, MBR) == pytest.approx(0.1) and lr_factor(99, 100, 130, MBR) == pytest.approx(0.1)
+
+
+def test_fastreid_mode_schedules_as_if_nothing_were_frozen() -> None:
+    for iteration in (0, 500, 999, 1000, 2000, 9000):
+        assert lr_factor(iteration, 202, 60, SBS, freeze_iters=1000) == lr_factor(iteration, 202, 60, SBS)
 
 
 def test_center_loss_centres_get_bots_own_sgd() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data.transforms import Normalize, TransformConfig, build_transforms
+from shared.config import ConfigError
 
 
 def _image() -> torch.Tensor:
@@ -64,3 +66,56 @@ def _shift(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     ys, xs = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
     out[:, ys, xs] = image[:, max(0, dy):min(h, h + dy), max(0, dx):min(w, w + dx)]
     return out
+
+
+def _scene() -> torch.Tensor:
+    """A structured image (gradients and a bright box) that every AutoAugment/AugMix op visibly changes."""
+    rows = torch.linspace(0, 200, 160).view(160, 1).expand(160, 70)
+    cols = torch.linspace(30, 120, 70).view(1, 70).expand(160, 70)
+    image = torch.stack([rows, cols, (rows + cols) / 2]).to(torch.uint8)
+    image[:, 40:90, 20:50] = 240
+    return image
+
+
+OFF = dict(height=128, width=64, flip=0.0, pad=0, random_erasing=0.0)
+
+
+def test_autoaugment_and_augmix_at_zero_draw_nothing_and_change_nothing() -> None:
+    train = build_transforms(TransformConfig(**OFF), train=True)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    out = train(_scene())
+    assert torch.equal(out, build_transforms(TransformConfig(**OFF), train=False)(_scene()))
+    assert torch.equal(torch.get_rng_state(), state)  # no draw: seeded runs reproduce runs without the options
+
+
+@pytest.mark.parametrize("name", ["autoaugment", "augmix"])
+def test_autoaugment_and_augmix_at_one_change_images_keep_uint8_and_size_and_follow_the_seed(name: str) -> None:
+    t = build_transforms(TransformConfig(**OFF, **{name: 1.0}), train=True)
+    plain = build_transforms(TransformConfig(**OFF), train=False)(_scene())
+    outs = []
+    for seed in range(16):
+        torch.manual_seed(seed)
+        outs.append(t(_scene()))
+    assert all(o.dtype == torch.uint8 and o.shape == (3, 128, 64) for o in outs)
+    assert sum(not torch.equal(o, plain) for o in outs) >= 10  # a sub-policy may skip both its ops now and then
+    assert len({o.numpy().tobytes() for o in outs}) >= 8  # seeds draw different augmentations
+    torch.manual_seed(3)
+    assert torch.equal(t(_scene()), outs[3])
+
+
+def test_autoaugment_runs_before_the_resize_and_augmix_after_the_flip() -> None:
+    """FastReID's order (fastreid/data/transforms/build.py): RandomApply(AutoAugment) first, AugMix after the flip."""
+    t = build_transforms(TransformConfig(**{**OFF, "flip": 1.0}, autoaugment=1.0, augmix=1.0), train=True)
+    seen = {}
+    t.autoaugment = lambda image: seen.setdefault("autoaugment", image)
+    t.augmix = lambda image: seen.setdefault("augmix", image)
+    t(_scene())
+    assert torch.equal(seen["autoaugment"], _scene())
+    resized = build_transforms(TransformConfig(**OFF), train=False)(_scene())
+    assert torch.equal(seen["augmix"], resized.flip(-1))
+
+
+def test_augmentation_probabilities_must_be_probabilities() -> None:
+    with pytest.raises(ConfigError, match="data.transform.augmix"):
+        build_transforms(TransformConfig(augmix=1.5), train=True)
