@@ -2,14 +2,22 @@
 
 Per epoch: P×K batches read by index from the train shards (each rank draws its own disjoint batches
 from the same seeded sampler), the model's declared loss terms, one optimiser step and one scheduler
-step per iteration. Every ``eval_every`` epochs the query and gallery splits are embedded (each rank
-embeds its share; features are gathered and de-duplicated by index), ranked with the Market protocol,
-and the best model by mAP is exported. Every ``checkpoint_every`` epochs the full state is saved
-atomically (accelerate's model/optimizer/RNG state plus the scheduler, sampler position, criterion and
-run history), so ``--resume`` continues a killed run where its last checkpoint left it.
+step per iteration. Every ``eval_every`` epochs the validation split (``data.val_query``/``val_gallery``)
+and the test split (``data.query``/``gallery``) are embedded (each rank embeds its share; features are
+gathered and de-duplicated by index) and ranked with ``eval_protocol``: Market-1501 (one query/gallery
+pair) or VehicleID (every ``{d}`` draw of a ``query_{d}``/``gallery_{d}`` pattern, averaged). Only the
+validation split selects: the epoch with its best mAP is exported as ``model_best``. Test results are
+reported, never used to pick a model; without a validation split no ``model_best`` is written and
+``model_final`` is the run's model. A test split without identity labels (CityFlow's challenge
+query/test) is ranked once, after the last epoch, into the AI City track-2 submission ``track2.txt``.
+Every ``checkpoint_every`` epochs the full state is saved atomically (accelerate's model/optimizer/RNG
+state plus the scheduler, sampler position, criterion and run history), so ``--resume`` continues a
+killed run where its last checkpoint left it.
 
 Run directory ``<output_dir>/<run_name>/``: ``config.yaml``, TensorBoard events, ``checkpoints/``,
-``metrics.json``, ``model_best.safetensors`` and ``model_final.safetensors`` (with metadata).
+``metrics.json`` (every evaluation, each row naming its split), ``model_final.safetensors`` and, with a
+validation split, ``model_best.safetensors`` (with metadata); with ``model.weights``, ``weights_report.json``
+(the detected layout and every trunk and head tensor's match, ``shared.weights.load_pretrained``).
 """
 
 from __future__ import annotations
@@ -24,31 +32,35 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.readers import ConcatShards, IndexedShards, SampleTally, collate
+from data.readers import ConcatShards, IndexedShards, Problem, SampleTally, collate
 from data.samplers import CameraAwarePKSampler, PKSampler
 from data.shards import load_manifest
 from data.transforms import Normalize, TransformConfig, build_transforms
 from finetune.losses import Criterion, LossConfig
 from finetune.models import build_model
 from finetune.models.base import ReIDModel
-from finetune.optim import OptimConfig, build_center_optimizer, build_optimizer, build_scheduler
+from finetune.optim import (OptimConfig, TrunkFreeze, build_center_optimizer, build_optimizer, build_scheduler,
+                            check_schedule, freeze_iterations)
+from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, lai_keep, write_submission
 from shared.checkpoints import Checkpoints
 from shared.config import ConfigError, choice, save_config
 from shared.io import atomic_write_json
-from shared.retrieval import evaluate, extract_features
+from shared.retrieval import evaluate, evaluate_draws
 from shared.table import format_table
-from shared.weights import WeightsError, export_model, load_weights
+from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
 @dataclass
 class ModelConfig:
     name: str = "bot_resnet50"
     options: dict[str, Any] = field(default_factory=dict)
-    weights: str = ""  # a local torchvision/timm state dict or a safetensors export; "" = random init
-    weights_prefix: str = ""  # prepended to the file's keys, e.g. "backbone." for a pretrain export
+    # A local pretrained file, its layout detected by structure (shared/weights.py: torchvision, timm, Cadene,
+    # IBN-Net, torchreid, FastReID, DM-OSNet authors', our exports); "" = random init.
+    weights: str = ""
+    allow_partial: bool = False  # accept a file that leaves some trunk tensors at their init
 
 
 @dataclass
@@ -56,6 +68,10 @@ class DataConfig:
     train: list[str] = field(default_factory=lambda: ["runs/demo/shards/synthetic_person/train"])
     query: str = "runs/demo/shards/synthetic_person/query"
     gallery: str = "runs/demo/shards/synthetic_person/gallery"
+    # The validation pair that alone chooses model_best ("" = none: model_final only), e.g. CityFlow's
+    # 100-id carve-out (FNC paper Table 1) or ids held out of train; same eval_protocol as query/gallery.
+    val_query: str = ""
+    val_gallery: str = ""
     sampler: str = choice("pk", "camera_aware")
     p: int = 16
     k: int = 4
@@ -74,9 +90,15 @@ class TrainConfig:
     eval_every: int = 10
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
+    # Trunk frozen for the first iterations (FastReID SOLVER.FREEZE_ITERS) or epochs (MBR's
+    # epoch_freeze_L1toL3); at most one non-zero; optim.freeze_mode says how (finetune/optim.py).
     freeze_backbone_iters: int = 0
+    freeze_backbone_epochs: float = 0.0
     amp: str = choice("no", "bf16", "fp16")
     flip_test: bool = False
+    # market: one query/gallery pair; vehicleid: data.query/gallery are patterns such as
+    # shards/vehicleid/query_{d}, every draw d = 0, 1, ... of the build is ranked and the metrics averaged.
+    eval_protocol: str = choice("market", "vehicleid")
     rerank: bool = False
     rerank_k1: int = 20
     rerank_k2: int = 6
@@ -88,6 +110,25 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+
+class KeptSamples(Dataset):
+    """The samples ``keep`` of a training set, ids relabelled 0..N-1 over them (MBR relabels after the drop)."""
+
+    def __init__(self, base: ConcatShards, keep: np.ndarray):
+        self.base, self.keep = base, keep
+        ids, self.pids = np.unique(base.pids[keep], return_inverse=True)
+        self.num_classes = len(ids)
+        self.camids = base.camids[keep]
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Problem:
+        sample = self.base[int(self.keep[index])]
+        if not isinstance(sample, Problem):
+            sample["pid"] = int(self.pids[index])
+        return sample
 
 
 def _output_dims(model: ReIDModel, input_size: tuple[int, int]) -> dict[str, int]:
@@ -117,33 +158,45 @@ class Trainer:
 
         d = cfg.data
         train_tf = build_transforms(d.transform, train=True)
-        self.train_set = ConcatShards([IndexedShards(path, train_tf) for path in d.train])
+        self.train_set: ConcatShards | KeptSamples = ConcatShards([IndexedShards(path, train_tf) for path in d.train])
         self.num_classes = int(self.train_set.pid_offsets[-1])
+        keep, missing = lai_keep(self.train_set, cfg.model.options)
+        self.train_dropped = int((~keep).sum())
+        if self.train_dropped:  # MBR drops the images LAI cannot embed, then relabels the ids left
+            self.train_set = KeptSamples(self.train_set, np.flatnonzero(keep))
+            self.num_classes = self.train_set.num_classes
+            acc.print(f"LAI: dropped {self.train_dropped} of {len(keep)} training images without the labels the "
+                      f"model embeds ({missing}); {self.num_classes} identities left")
         sampler_cls = CameraAwarePKSampler if d.sampler == "camera_aware" else PKSampler
         self.sampler = sampler_cls(self.train_set.pids, self.train_set.camids, p=d.p, k=d.k, seed=cfg.seed,
                                    rank=acc.process_index, world_size=acc.num_processes)
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=d.workers,
                                  collate_fn=collate, persistent_workers=d.workers > 0)
+        self.iters_per_epoch = len(self.sampler)
+        if cfg.max_iters_per_epoch > 0:
+            self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
+        freeze_iters = freeze_iterations(cfg.freeze_backbone_iters, cfg.freeze_backbone_epochs, self.iters_per_epoch)
+        check_schedule(cfg.optim, cfg.epochs)
 
         model = build_model(cfg.model.name, self.num_classes, **cfg.model.options)
         if cfg.model.weights:
-            load_weights(model, cfg.model.weights, prefix=cfg.model.weights_prefix, verbose=acc.is_main_process)
+            report = load_pretrained(model, cfg.model.weights, cfg.model.allow_partial,
+                                     self.run_dir / WEIGHTS_REPORT if acc.is_main_process else None)
+            acc.print(report.line())
         needs_dims = any(t.loss in ("center", "circle") for t in model.loss_terms)
         dims = _output_dims(model, model.input_size) if needs_dims else {}
         self.criterion = Criterion(model.loss_terms, self.num_classes, dims, cfg.loss)
         holder = torch.nn.ModuleDict({"model": model, "criterion": self.criterion})
         # BoT's centres get their own SGD (optim.center_lr > 0), outside the main optimiser and its schedule.
         centers = self.criterion.centers() if cfg.optim.center_lr > 0 else []
-        optimizer = build_optimizer(holder, cfg.optim, cfg.freeze_backbone_iters, exclude=[p for p, _ in centers])
+        optimizer = build_optimizer(holder, cfg.optim, exclude=[p for p, _ in centers])
+        self.freeze = TrunkFreeze(model, freeze_iters, cfg.optim.freeze_mode)
         center_optimizer = build_center_optimizer(centers, cfg.optim)
         if center_optimizer is not None and acc.scaler is not None:
             # accelerate updates the fp16 GradScaler after each optimiser's step, so the second optimiser's
             # gradients would be unscaled with a scale the first one's step may already have changed.
             raise ConfigError("optim.center_lr > 0 needs amp=no or amp=bf16, not fp16")
-        self.iters_per_epoch = len(self.sampler)
-        if cfg.max_iters_per_epoch > 0:
-            self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
-        self.scheduler = build_scheduler(optimizer, cfg.optim, self.iters_per_epoch, cfg.epochs)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.iters_per_epoch, cfg.epochs, freeze_iters)
         if center_optimizer is None:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         else:  # prepared too, so that checkpoints save and restore its state with the main optimiser's
@@ -152,7 +205,7 @@ class Trainer:
         self.criterion.to(acc.device)
         self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
-        self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "best_map": -1.0, "history": [],
+        self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "best_map": -1.0, "best_epoch": 0, "history": [],
                                       "world_size": acc.num_processes}
         if resume:
             self._resume()
@@ -163,8 +216,14 @@ class Trainer:
     def _check_inputs(self, resume: bool) -> None:
         """One-line errors for every input, before any model is built or data read."""
         d = self.cfg.data
-        for path in [*d.train, d.query, d.gallery]:
+        for path in d.train:
             load_manifest(path)
+        if bool(d.val_query) != bool(d.val_gallery):
+            raise ConfigError(f"data.val_query and data.val_gallery go together, got {d.val_query!r} and "
+                              f"{d.val_gallery!r}")
+        self.test_labelled = has_labels(eval_splits(self.cfg.eval_protocol, d.query, d.gallery)[0])
+        if d.val_query and not has_labels(eval_splits(self.cfg.eval_protocol, d.val_query, d.val_gallery)[0]):
+            raise ConfigError(f"data.val_query={d.val_query}: no identity labels, which a validation split needs")
         if self.cfg.model.weights and not Path(self.cfg.model.weights).is_file():
             raise WeightsError(f"weights file not found: {self.cfg.model.weights}")
         if resume and not (self.run_dir / "checkpoints" / "latest").is_file():
@@ -207,7 +266,10 @@ class Trainer:
         batches = itertools.islice(tally.wrap(self.loader), self.iters_per_epoch)
         bar = tqdm(batches, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    disable=not acc.is_local_main_process, leave=False)
+        if self.train_dropped and self.state["iteration"] == 0:
+            acc.log({"data/train_images_dropped": self.train_dropped}, step=0)
         for batch in bar:
+            self.freeze.set_mode(self.state["iteration"])
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
             pids = batch["pid"].to(acc.device)
             with acc.autocast():
@@ -218,6 +280,7 @@ class Trainer:
                 self.center_optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             self._average_criterion_grads()
+            self.freeze.drop_grads(self.state["iteration"])
             if self.cfg.optim.clip_grad_norm > 0:
                 acc.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
             self.optimizer.step()
@@ -252,29 +315,70 @@ class Trainer:
         return feats[order], index[order], dataset
 
     def _evaluate(self, epoch: int) -> None:
-        acc = self.accelerator
-        qf, qi, query = self._embed(self.cfg.data.query)
-        gf, gi, gallery = self._embed(self.cfg.data.gallery)
+        """Rank the validation split (its mAP alone picks model_best) and the test split (reported only)."""
+        acc, d = self.accelerator, self.cfg.data
+        rows = [("val", self._rank(d.val_query, d.val_gallery))] if d.val_query else []
+        if self.test_labelled:
+            rows.append(("test", self._rank(d.query, d.gallery)))
+        elif epoch == self.cfg.epochs:
+            self._submission()
         if acc.is_main_process:
-            start = time.perf_counter()
-            cfg = self.cfg
-            rerank = (cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda) if cfg.rerank else None
-            metrics = evaluate(qf, gf, query.pids[qi], gallery.pids[gi], query.camids[qi], gallery.camids[gi],
-                               cfg.distance, rerank)
-            row = {"epoch": epoch, "mAP": metrics["mAP"], "mINP": metrics["mINP"], "queries": len(qi),
-                   "gallery": len(gi),
-                   **{f"R{r}": float(metrics["cmc"][r - 1]) for r in (1, 5, 10) if r <= len(metrics["cmc"])},
-                   "eval_seconds": time.perf_counter() - start}
-            self.state["history"].append(row)
-            acc.log({f"eval/{k}": v for k, v in row.items() if k != "epoch"}, step=self.state["iteration"])
-            if row["mAP"] > self.state["best_map"]:
-                self.state["best_map"] = row["mAP"]
-                self._export("model_best.safetensors")
-            atomic_write_json(self.run_dir / "metrics.json", {"history": self.state["history"],
-                                                              "best_map": self.state["best_map"],
-                                                              "world_size": acc.num_processes})
-            acc.print(f"epoch {epoch}: mAP {row['mAP']:.4f}  R1 {row.get('R1', float('nan')):.4f}")
+            for split, row in rows:
+                row = {"epoch": epoch, "split": split, **row}
+                self.state["history"].append(row)
+                acc.log({f"{split}/{k}": v for k, v in row.items() if isinstance(v, float | int) and k != "epoch"},
+                        step=self.state["iteration"])
+                acc.print(f"epoch {epoch} {split}: mAP {row['mAP']:.4f}  R1 {row.get('R1', float('nan')):.4f}")
+                if split == "val" and row["mAP"] > self.state["best_map"]:
+                    self.state["best_map"], self.state["best_epoch"] = row["mAP"], epoch
+                    self._export("model_best.safetensors")
+            best = self.state.get("best_epoch", 0)
+            atomic_write_json(self.run_dir / "metrics.json", {
+                "history": self.state["history"],
+                "splits": {"val": {"query": d.val_query, "gallery": d.val_gallery} if d.val_query else None,
+                           "test": {"query": d.query, "gallery": d.gallery, "labelled": self.test_labelled}},
+                "eval_protocol": self.cfg.eval_protocol,
+                "selection": ("model_best: the epoch of the best validation mAP" if d.val_query else
+                              "none: no validation split, so no model_best; model_final is the run's model and "
+                              "test rows are reported, never used to choose"),
+                "model_best": {"epoch": best, "split": "val", "mAP": self.state["best_map"]} if best else None,
+                "world_size": acc.num_processes})
         acc.wait_for_everyone()
+
+    def _rank(self, query: str, gallery: str) -> dict[str, Any] | None:
+        """One split's metrics under ``eval_protocol`` (on the main process; None elsewhere)."""
+        cfg, acc = self.cfg, self.accelerator
+        rerank = (cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda) if cfg.rerank else None
+        pairs = eval_splits(cfg.eval_protocol, query, gallery)
+        if cfg.eval_protocol == "vehicleid":
+            feats, pids, draws = draw_features(self._embed, pairs)
+        else:
+            (qf, qi, q), (gf, gi, g) = self._embed(query), self._embed(gallery)
+        if not acc.is_main_process:
+            return None
+        start = time.perf_counter()
+        if cfg.eval_protocol == "vehicleid":
+            metrics = evaluate_draws(feats, pids, draws, cfg.distance, rerank)
+            per_draw = {"mAP_per_draw": metrics["mAP_per_draw"].tolist(),
+                        **{f"R{r}_per_draw": metrics["cmc_per_draw"][:, r - 1].tolist()
+                           for r in (1, 5) if r <= len(metrics["cmc"])}}
+            counts = {"queries": len(draws[0][0]), "gallery": len(draws[0][1]), "draws": len(draws)}
+        else:
+            metrics = evaluate(qf, gf, q.pids[qi], g.pids[gi], q.camids[qi], g.camids[gi], cfg.distance, rerank)
+            per_draw, counts = {}, {"queries": len(qi), "gallery": len(gi)}
+        return {"mAP": metrics["mAP"], "mINP": metrics["mINP"], **counts,
+                **{f"R{r}": float(metrics["cmc"][r - 1]) for r in (1, 5, 10) if r <= len(metrics["cmc"])},
+                **per_draw, "eval_seconds": time.perf_counter() - start}
+
+    def _submission(self) -> None:
+        """The unlabelled test split ranked into ``track2.txt`` (the AI City track-2 submission format)."""
+        cfg, acc = self.cfg, self.accelerator
+        (qf, qi, query), (gf, gi, gallery) = self._embed(cfg.data.query), self._embed(cfg.data.gallery)
+        if acc.is_main_process:
+            rerank = (cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda) if cfg.rerank else None
+            path = write_submission(self.run_dir / "track2.txt", qf, qi, query, gf, gi, gallery, cfg.distance, rerank)
+            acc.print(f"data.query has no identity labels (a challenge split): no metrics; ranked {len(qi)} queries "
+                      f"against {len(gi)} gallery images into {path} for the challenge server")
 
     def _export(self, name: str) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -292,22 +396,21 @@ class Trainer:
         })
 
     def results_table(self) -> str:
-        rows = [[r["epoch"], round(r["mAP"], 4), round(r.get("R1", 0.0), 4), round(r.get("R5", 0.0), 4),
-                 round(r.get("R10", 0.0), 4), round(r["mINP"], 4)] for r in self.state["history"]]
-        return format_table(["epoch", "mAP", "R1", "R5", "R10", "mINP"], rows)
-
-
-@torch.no_grad()
-def embed_split(model: ReIDModel, split_dir: str | Path, data: DataConfig, normalize: Normalize,
-                device: torch.device | str, flip: bool = False, rank: int = 0, world_size: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor, IndexedShards]:
-    """Features and indices of the samples ``rank, rank + world_size, ...`` of a split (test transforms)."""
-    dataset = IndexedShards(split_dir, build_transforms(data.transform, train=False))
-    mine = Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(mine, batch_size=data.test_batch_size, num_workers=data.workers, collate_fn=collate)
-    tally = SampleTally(len(mine), data.max_bad_fraction, f"embedding {split_dir}")
-    feats, index = extract_features(model, tally.wrap(loader), device, normalize, flip=flip)
-    return feats, index, dataset
+        """Every evaluation by epoch and split; the note marks model_best (chosen on validation only),
+        model_final, and the best test epoch, which is shown and never selected."""
+        history = self.state["history"]
+        tests = [r for r in history if r.get("split", "test") == "test"]
+        best_test = max(tests, key=lambda r: r["mAP"]) if len(tests) > 1 else None
+        rows = []
+        for r in history:
+            split = r.get("split", "test")
+            notes = [note for note, applies in (
+                ("model_best", split == "val" and r["epoch"] == self.state.get("best_epoch")),
+                ("model_final", split == "test" and r["epoch"] == self.state["epoch"]),
+                ("best on test (not for selection)", r is best_test)) if applies]
+            rows.append([r["epoch"], split, round(r["mAP"], 4), round(r.get("R1", 0.0), 4), round(r.get("R5", 0.0), 4),
+                         round(r.get("R10", 0.0), 4), round(r["mINP"], 4), ", ".join(notes)])
+        return format_table(["epoch", "split", "mAP", "R1", "R5", "R10", "mINP", "note"], rows)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:

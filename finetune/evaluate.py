@@ -1,12 +1,29 @@
 """Evaluate an exported re-ID model on a query and a gallery split, with pictures on request.
 
-    python finetune/evaluate.py --weights runs/bot_tiny/model_best.safetensors \
+    python finetune/evaluate.py --weights runs/bot_tiny/model_final.safetensors \
         --query runs/demo/shards/synthetic_person/query --gallery runs/demo/shards/synthetic_person/gallery \
-        [--flip] [--rerank] [--ap standard|trapezoid] [--pictures ranked,cmc,gradcam] [--out DIR]
+        [--flip] [--rerank [--rerank-k1 20 --rerank-k2 6 --rerank-lambda 0.3]] [--ap standard|trapezoid] \
+        [--pictures ranked,cmc,gradcam] [--device cuda|cpu] [--out DIR]
+    python finetune/evaluate.py --weights W --protocol vehicleid \
+        --query shards/vehicleid/query_{d} --gallery shards/vehicleid/gallery_{d}
+
+Protocols: ``market`` (default) ranks one query/gallery pair (Market-1501 rules: same identity and
+camera is junk). ``vehicleid`` ranks every draw of a VehicleID build (``{d}`` = 0, 1, ... for as long
+as ``query_<d>`` exists; ``data/build_shards.py vehicleid`` writes 10) and reports the mean and the
+per-draw mAP and CMC; each test image is embedded once, whatever the number of draws.
 
 Writes ``results.md`` and ``results.json`` (mAP, mINP, CMC) to ``--out`` (default: beside the weights),
-and the requested pictures: ``ranked.png`` (query + top-k, green = same identity, red = another,
-grey = junk), ``cmc.png`` and ``gradcam.png``.
+and the requested pictures (of the first draw under ``vehicleid``): ``ranked.png`` (query + top-k,
+green = same identity, red = another, grey = junk), ``cmc.png`` and ``gradcam.png``.
+
+A query or gallery split without identity labels (CityFlow-ReID's challenge_query/challenge_gallery:
+the AI City Challenge withholds them) has no metrics; it is ranked into ``track2.txt``, the track-2
+submission (one line per query, its top-100 gallery image ids), to score on the challenge server.
+A model that embeds camera or view ids (MBR-4B and LKA-ReID with LAI) is evaluated on the images that
+carry them: the others are dropped and counted per split, as MBR's test sets drop the VeRi images without
+an orientation (``CustomDataSet4Veri776_withviewpont``, data/triplet_sampler.py).
+Re-ranking: ``--rerank`` with k1/k2/lambda (defaults 20/6/0.3, Zhong et al. CVPR'17; FNC's are 75/10/0.1).
+Runs on the GPU when there is one (``--device``).
 """
 
 from __future__ import annotations
@@ -20,17 +37,19 @@ import torch
 
 from data.shards import ShardError
 from data.transforms import Normalize, TransformConfig
-from finetune.engine import DataConfig, embed_split
+from finetune.engine import DataConfig
 from finetune.models import load_exported_model
+from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, write_submission
 from shared.config import ConfigError
 from shared.io import atomic_write_json
 from shared.metrics import AP_FLAVOURS, rank_metrics
-from shared.retrieval import pairwise_distance
+from shared.retrieval import distance_matrix, evaluate_draws
 from shared.table import format_table
 from shared.visualize import cam_overlay, cmc_curve, grad_cam, ranked_grid
 from shared.weights import WeightsError
 
 PICTURES = ("ranked", "cmc", "gradcam")
+SUBMISSION_TOP = 100  # AI City Challenge track 2: the top 100 gallery images per query
 
 
 def _images(dataset, indices) -> list[np.ndarray]:
@@ -38,13 +57,29 @@ def _images(dataset, indices) -> list[np.ndarray]:
     return [dataset[int(i)]["image"].permute(1, 2, 0).numpy() for i in indices]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _device(name: str | None) -> torch.device:
+    """``name``, or cuda when present and else the CPU; a device this machine lacks is a one-line error."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r}: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True, help="a model_*.safetensors export")
-    parser.add_argument("--query", required=True, help="query split directory")
-    parser.add_argument("--gallery", required=True, help="gallery split directory")
+    parser.add_argument("--query", required=True, help="query split directory (vehicleid: a pattern with {d})")
+    parser.add_argument("--gallery", required=True, help="gallery split directory (vehicleid: a pattern with {d})")
+    parser.add_argument("--protocol", choices=("market", "vehicleid"), default="market",
+                        help="market: one query/gallery pair; vehicleid: every draw, averaged")
     parser.add_argument("--flip", action="store_true", help="add the flipped image's feature")
-    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
+    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking with the k1/k2/lambda below")
+    parser.add_argument("--rerank-k1", type=int, default=20, help="k1 (default 20; FNC: 75)")
+    parser.add_argument("--rerank-k2", type=int, default=6, help="k2 (default 6; FNC: 10)")
+    parser.add_argument("--rerank-lambda", type=float, default=0.3, help="lambda (default 0.3; FNC: 0.1)")
     parser.add_argument("--ap", choices=AP_FLAVOURS, default="standard")
     parser.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine")
     parser.add_argument("--pictures", default="", help=f"comma-separated: {', '.join(PICTURES)}")
@@ -52,46 +87,93 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", help="default: cuda when present, else cpu")
     parser.add_argument("--out", type=Path, help="output directory (default: the weights' directory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     pictures = [p for p in args.pictures.split(",") if p]
     if unknown := [p for p in pictures if p not in PICTURES]:
         parser.error(f"unknown picture(s) {', '.join(unknown)}; valid: {', '.join(PICTURES)}")
+    rerank = (args.rerank_k1, args.rerank_k2, args.rerank_lambda) if args.rerank else None
+    if rerank and (args.rerank_k1 < 1 or args.rerank_k2 < 1 or not 0 <= args.rerank_lambda <= 1):
+        parser.error(f"--rerank-k1 and --rerank-k2 must be >= 1 and --rerank-lambda in [0, 1], got {rerank}")
     try:
+        device = _device(args.device)
+        pairs = eval_splits(args.protocol, args.query, args.gallery)
+        labelled = has_labels(pairs[0])
+        if pictures and not labelled:
+            raise ConfigError(f"--pictures: {args.query} / {args.gallery} have no identity labels to colour them by")
         model, meta = load_exported_model(args.weights)
+        model.to(device)
         transform = TransformConfig(height=meta["input_size"][0], width=meta["input_size"][1], mean=meta["mean"],
                                     std=meta["std"])
         data = DataConfig(transform=transform, workers=args.workers, test_batch_size=args.batch_size)
-        normalize = Normalize(transform.mean, transform.std)
-        qf, qi, query = embed_split(model, args.query, data, normalize, "cpu", args.flip)
-        gf, gi, gallery = embed_split(model, args.gallery, data, normalize, "cpu", args.flip)
+        normalize = Normalize(transform.mean, transform.std).to(device)
+        embedded: dict[str, tuple] = {}
+
+        def embed(path: str) -> tuple:
+            if path not in embedded:
+                embedded[path] = embed_split(model, path, data, normalize, device, args.flip)
+            return embedded[path]
+
+        out = args.out or args.weights.parent
+        out.mkdir(parents=True, exist_ok=True)
+        if args.protocol == "vehicleid":
+            feats, pids, draws = draw_features(embed, pairs)
+        (qf, qi, query), (gf, gi, gallery) = embed(pairs[0][0]), embed(pairs[0][1])
+        if not labelled:
+            path = write_submission(out / "track2.txt", qf, qi, query, gf, gi, gallery, args.distance, rerank,
+                                    SUBMISSION_TOP)
     except (ShardError, WeightsError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    settings = {"weights": str(args.weights), "query": args.query, "gallery": args.gallery,
+                "protocol": args.protocol, "flip": args.flip, "ap": args.ap, "distance": args.distance,
+                "rerank": dict(zip(("k1", "k2", "lambda"), rerank)) if rerank else None, "device": str(device)}
+    if not labelled:
+        atomic_write_json(out / "results.json", {**settings, "submission": str(path), "queries": len(qi),
+                                                 "gallery": len(gi), "top": SUBMISSION_TOP})
+        print(f"{args.query} / {args.gallery} carry no identity labels (a challenge split such as CityFlow-ReID's), "
+              f"so there are no metrics: ranked {len(qi)} queries against {len(gi)} gallery images into {path} "
+              f"(AI City track-2 format: one line per query, its top-{SUBMISSION_TOP} gallery image ids); "
+              "score it on the challenge server")
+        return 0
+
     qi, gi = qi.numpy(), gi.numpy()
     q_pids, g_pids, q_cams, g_cams = query.pids[qi], gallery.pids[gi], query.camids[qi], gallery.camids[gi]
-    if args.rerank:
-        from shared.rerank import re_rank
-
-        unit = [torch.nn.functional.normalize(f, dim=1).numpy() for f in (qf, gf)]
-        distmat = re_rank(*unit) if args.distance == "cosine" else re_rank(qf.numpy(), gf.numpy())
+    distmat = None
+    if args.protocol == "vehicleid":
+        metrics = evaluate_draws(feats, pids, draws, args.distance, rerank, ap=args.ap)
+        ranks = [r for r in (1, 5, 10, 20) if r <= len(metrics["cmc"])]
+        per_draw = [{"draw": d, "query": q_dir, "gallery": g_dir, "queries": len(q), "gallery_images": len(g),
+                     "mAP": float(m), **{f"R{r}": float(cmc[r - 1]) for r in ranks}}
+                    for d, ((q_dir, g_dir), (q, g), m, cmc)
+                    in enumerate(zip(pairs, draws, metrics["mAP_per_draw"], metrics["cmc_per_draw"]))]
+        rows = [[f"draw {r['draw']}", r["queries"], r["gallery_images"], round(r["mAP"], 4),
+                 *[round(r[f"R{k}"], 4) for k in ranks]] for r in per_draw]
+        rows.append([f"mean of {len(draws)}", "", "", round(metrics["mAP"], 4),
+                     *[round(float(metrics["cmc"][r - 1]), 4) for r in ranks]])
+        table = format_table([meta["architecture"], "queries", "gallery", "mAP", *[f"R{r}" for r in ranks]], rows)
+        extra = {"draws": len(draws), "per_draw": per_draw}
     else:
-        distmat = pairwise_distance(qf, gf, args.distance)
-    metrics = rank_metrics(distmat, q_pids, g_pids, q_cams, g_cams, ap=args.ap)
-
-    out = args.out or args.weights.parent
-    out.mkdir(parents=True, exist_ok=True)
-    ranks = [r for r in (1, 5, 10, 20) if r <= len(metrics["cmc"])]
-    row = [meta["architecture"], len(qi), len(gi), round(metrics["mAP"], 4), round(metrics["mINP"], 4),
-           *[round(float(metrics["cmc"][r - 1]), 4) for r in ranks]]
-    table = format_table(["model", "queries", "gallery", "mAP", "mINP", *[f"R{r}" for r in ranks]], [row])
+        distmat = distance_matrix(qf, gf, args.distance, rerank)
+        metrics = rank_metrics(distmat, q_pids, g_pids, q_cams, g_cams, ap=args.ap)
+        ranks = [r for r in (1, 5, 10, 20) if r <= len(metrics["cmc"])]
+        row = [meta["architecture"], len(qi), len(gi), round(metrics["mAP"], 4), round(metrics["mINP"], 4),
+               *[round(float(metrics["cmc"][r - 1]), 4) for r in ranks]]
+        table = format_table(["model", "queries", "gallery", "mAP", "mINP", *[f"R{r}" for r in ranks]], [row])
+        extra = {"num_valid_queries": metrics["num_valid_queries"]}
     (out / "results.md").write_text(table + "\n")
-    atomic_write_json(out / "results.json", {
-        "weights": str(args.weights), "query": args.query, "gallery": args.gallery, "flip": args.flip,
-        "rerank": args.rerank, "ap": args.ap, "mAP": metrics["mAP"], "mINP": metrics["mINP"],
-        "cmc": [float(c) for c in metrics["cmc"]], "num_valid_queries": metrics["num_valid_queries"]})
+    atomic_write_json(out / "results.json", {**settings, "mAP": metrics["mAP"], "mINP": metrics["mINP"],
+                                             "cmc": [float(c) for c in metrics["cmc"]], **extra})
     shown = np.linspace(0, len(qi) - 1, min(args.num_queries, len(qi))).astype(int)
     if "ranked" in pictures:
+        if distmat is None:  # the first draw's distances, for its picture
+            distmat = distance_matrix(qf, gf, args.distance, rerank)
         ranked = np.argsort(distmat[shown], axis=1, kind="stable")[:, :args.topk]
         ranked_grid(_images(query, qi[shown]), _GalleryImages(gallery, gi), ranked, q_pids[shown], g_pids,
                     q_cams[shown], g_cams, out / "ranked.png")
@@ -99,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         cmc_curve({meta["architecture"]: metrics["cmc"]}, out / "cmc.png")
     if "gradcam" in pictures:
         samples = [query[int(i)] for i in qi[shown]]
-        batch = normalize(torch.stack([s["image"] for s in samples]))
-        meta_ids = {"camids": torch.tensor([s["camid"] for s in samples]),
-                    "viewids": torch.tensor([max(s["viewid"], 0) for s in samples])}
-        maps = grad_cam(model, model.cam_layer(), batch, **meta_ids)
+        batch = normalize(torch.stack([s["image"] for s in samples]).to(device))
+        meta_ids = {"camids": torch.tensor([s["camid"] for s in samples], device=device),
+                    "viewids": torch.tensor([max(s["viewid"], 0) for s in samples], device=device)}
+        maps = grad_cam(model, model.cam_layer(), batch, **meta_ids).cpu()
         cam_overlay([s["image"].permute(1, 2, 0).numpy() for s in samples], maps, out / "gradcam.png")
     print(table)
     print(f"results and pictures in {out}")

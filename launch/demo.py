@@ -122,7 +122,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                        f"data.gallery={split('synthetic_person', 'gallery')}", *cfg.pretrain],
               ("cfs",), runs / "spcl"),
         Stage("finetune", train(person, "dm_osnet_spcl", "synthetic_person",
-                                [*cfg.person, f"model.weights={backbone}", "model.weights_prefix=backbone."]),
+                                [*cfg.person, f"model.weights={backbone}"]),
               ("spcl",), runs / "dm_osnet_spcl"),
         Stage("fnc", train("fnc_tiny.yaml", "fnc_tiny", "synthetic_vehicle", cfg.vehicle), ("render",),
               runs / "fnc_tiny"),

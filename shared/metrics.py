@@ -228,17 +228,23 @@ def cuhk03_classic_metrics(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayL
 
 def vehicleid_draws(pids: ArrayLike, num_draws: int = 10, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """VehicleID test draws (Liu et al., CVPR 2016): per draw, one random image of each id forms the gallery
-    and the others are the queries. Returns ``(query indices, gallery indices)`` per draw, both ascending;
-    seeded with ``numpy.random.default_rng(seed)``, one permutation per draw."""
+    and the others are the queries. Returns ``(query indices, gallery indices)`` per draw, both ascending.
+
+    Draw ``d`` uses ``numpy.random.default_rng([seed, d])``: over the ids in ascending order, one
+    ``integers(0, n)`` per id picks among its n images in the order they come. A draw therefore depends
+    only on ``seed``, ``d`` and ``pids`` (the first k of 10 draws are the k draws), and
+    ``data/datasets/vehicleid.py`` writes exactly these partitions as ``query_<d>``/``gallery_<d>``.
+    """
     pids = np.asarray(pids).ravel()
-    if num_draws < 1:
-        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
-    rng = np.random.default_rng(seed)
+    if num_draws < 1 or seed < 0:
+        raise ValueError(f"num_draws must be >= 1 and seed >= 0, got {num_draws} and {seed}")
+    order = np.argsort(pids, kind="stable")
+    starts = np.flatnonzero(np.r_[True, pids[order][1:] != pids[order][:-1]]) if len(pids) else np.zeros(0, int)
+    counts = np.diff(np.r_[starts, len(pids)])
     draws = []
-    for _ in range(num_draws):
-        perm = rng.permutation(len(pids))
-        _, first = np.unique(pids[perm], return_index=True)
-        gallery = np.sort(perm[first])
+    for d in range(num_draws):
+        rng = np.random.default_rng([seed, d])
+        gallery = np.sort(order[starts + rng.integers(0, counts)])
         draws.append((np.setdiff1d(np.arange(len(pids)), gallery), gallery))
     return draws
 

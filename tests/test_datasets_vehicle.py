@@ -20,6 +20,7 @@ from data.datasets.veri776 import FileNameLabelWarning, read_label_xml
 from data.readers import IndexedShards
 from data.shards import load_index, load_manifest
 from data.source import CountMismatchWarning, DatasetError
+from shared.metrics import vehicleid_draws
 
 # Tiny fixtures never have the published counts; the tests that check those warnings record them anyway.
 pytestmark = pytest.mark.filterwarnings("ignore::data.source.CountMismatchWarning")
@@ -164,6 +165,10 @@ def test_vehicleid_seeded_draws(vehicleid: Path) -> None:
     assert _draws(vehicleid, "--draws", "2", "--seed", "7") == {k: v for k, v in splits.items() if not k.endswith("2")}
     other = _draws(vehicleid, "--draws", "3", "--seed", "8")
     assert [other[f"gallery_{d}"] for d in range(3)] != [splits[f"gallery_{d}"] for d in range(3)]
+    # the builder's draws are the metric's: shared.metrics.vehicleid_draws over the test list's vehicle ids
+    for d, (q, g) in enumerate(vehicleid_draws([vid for _, vid in VID_TEST], 3, seed=7)):
+        for split, rows in ((f"query_{d}", q), (f"gallery_{d}", g)):
+            assert [(k, p) for k, p, _ in splits[split]] == [(f"{VID_TEST[i][0]:07d}", VID_TEST[i][1]) for i in rows]
     small = _draws(vehicleid, "--test-size", "1600", "--draws", "1")
     assert sorted(k for k, *_ in small["query_0"] + small["gallery_0"]) == [f"{i:07d}" for i in range(11, 16)]
 

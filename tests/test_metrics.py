@@ -190,6 +190,14 @@ def test_vehicleid_draws_are_seeded_partitions_with_one_gallery_image_per_id() -
         assert sorted(pids[gallery].tolist()) == list(range(30))
         assert np.array_equal(np.sort(np.r_[query, gallery]), np.arange(len(pids)))
     assert not np.array_equal(draws[0][1], draws[1][1])
+    # draw d depends on (seed, d) only: fewer draws are a prefix, another seed other draws
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(vehicleid_draws(pids, 2, seed=1), draws))
+    assert not np.array_equal(vehicleid_draws(pids, 1, seed=2)[0][1], draws[0][1])
+    # pinned: shard builds written by data/build_shards.py vehicleid stay valid only while these hold
+    assert [(q.tolist(), g.tolist()) for q, g in vehicleid_draws([5, 3, 5, 3, 3, 9, 5], 3, seed=1)] == [
+        ([0, 1, 4, 6], [2, 3, 5]), ([1, 2, 4, 6], [0, 3, 5]), ([0, 1, 4, 6], [2, 3, 5])]
+    with pytest.raises(ValueError, match="num_draws must be >= 1 and seed >= 0, got 1 and -1"):
+        vehicleid_draws(pids, 1, seed=-1)
 
 
 def test_vehicleid_metrics_average_the_draws() -> None:

@@ -20,11 +20,17 @@ Test labels are withheld (the challenge server scores rank-100 mAP of submission
   as the FNC paper: 233 train / 100 validation), drawn with ``np.random.default_rng(--seed)``;
 * ``query`` / ``gallery``: the validation vehicles split Market-1501 style, one random image of every
   (vehicle, camera) in the query and the rest in the gallery (same random stream);
-* ``challenge_query`` / ``challenge_gallery``: image_query and image_test, with pid and camid None, to
-  rank for a submission.
+* ``challenge_query`` / ``challenge_gallery``: image_query and image_test in file-name order, with pid
+  and camid None, to rank for a submission.
 
-``--val-ids 0`` trains on all 333 vehicles and writes no query/gallery. Published: 333 train vehicles
-with 36,935 images, 1,052 query and 18,290 test images; other counts warn with both numbers.
+``--val-ids 0`` trains on all 333 vehicles and writes no query/gallery: the only test split is then the
+challenge one. ``finetune/evaluate.py --query <out>/cityflow/challenge_query --gallery
+<out>/cityflow/challenge_gallery`` (or training with those as ``data.query``/``data.gallery``) finds no
+labels there and writes ``track2.txt``, the AI City track-2 submission (one line per query image in
+name order, the ids of its 100 nearest test images), instead of metrics; the labelled carve-out
+(``query``/``gallery``) is the split to evaluate locally and, as ``data.val_query``/``data.val_gallery``,
+the one that selects ``model_best``. Published: 333 train vehicles with 36,935 images, 1,052 query and
+18,290 test images; other counts warn with both numbers.
 
 Deviations from the reference loaders and the FNC paper:
 

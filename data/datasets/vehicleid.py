@@ -10,11 +10,14 @@ Layout (``--root``)::
 Splits: ``train`` (train_list.txt) and, for the test list of ``--test-size`` (default 800), ``--draws``
 (default 10) random query/gallery partitions ``query_0``/``gallery_0`` ... ``query_{N-1}``/
 ``gallery_{N-1}``. The protocol: each draw puts one random image of every test vehicle in the gallery
-and every other image in the query; results are averaged over the draws. Draw ``d`` uses
-``np.random.default_rng([seed, d])`` over the test vehicles in ascending id order, so it depends only
-on ``--seed``, ``d`` and the list file: the same seed gives the same splits, and ``--draws 3`` gives
-the first three of ``--draws 10``. Within a split images keep their list-file order; pid is the raw
-vehicle id, keys are the image ids.
+and every other image in the query; results are averaged over the draws. The draws are
+:func:`shared.metrics.vehicleid_draws` of the test list's vehicle ids (draw ``d`` seeded with
+``np.random.default_rng([seed, d])``), the function the metric side uses too, so each depends only on
+``--seed``, ``d`` and the list file: the same seed gives the same splits, and ``--draws 3`` gives the
+first three of ``--draws 10``. Within a split images keep their list-file order; pid is the raw vehicle
+id, keys are the image ids. ``finetune/evaluate.py --protocol vehicleid --query <out>/vehicleid/query_{d}
+--gallery <out>/vehicleid/gallery_{d}`` (and ``eval_protocol: vehicleid`` in training) evaluates every
+draw and reports the mean and per-draw CMC and mAP.
 
 Counts come from the list files and warn against the paper's (train 110,178 images / 13,134 vehicles;
 test 800 / 1,600 / 2,400 vehicles with 7,332 / 12,995 / 20,038 images; test_list_13164 only by its
@@ -32,13 +35,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from data.datasets.folder import read_fields
 from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
+from shared.metrics import vehicleid_draws
 
 TEST_SIZES = (800, 1600, 2400, 13164)
 LAYOUT = ("<root>/image/<image id>.jpg + <root>/train_test_split/{train_list.txt,test_list_{800,1600,2400,13164}.txt} "
@@ -63,18 +64,6 @@ def _read_list(path: Path) -> list[tuple[str, int]]:
     return pairs
 
 
-def gallery_draw(pids: Sequence[int], seed: int, draw: int) -> np.ndarray:
-    """Boolean mask over ``pids``: one random image per identity, the gallery of draw ``draw``."""
-    rng = np.random.default_rng([seed, draw])
-    pids = np.asarray(pids)
-    order = np.argsort(pids, kind="stable")
-    starts = np.flatnonzero(np.r_[True, pids[order][1:] != pids[order][:-1]])
-    counts = np.diff(np.r_[starts, len(pids)])
-    mask = np.zeros(len(pids), bool)
-    mask[order[starts + rng.integers(0, counts)]] = True
-    return mask
-
-
 @register
 class VehicleIDAdapter(DatasetAdapter):
     name = "vehicleid"
@@ -94,8 +83,9 @@ class VehicleIDAdapter(DatasetAdapter):
         size, draws = self.args.test_size, self.args.draws
         train_list, test_list = "train_test_split/train_list.txt", f"train_test_split/test_list_{size}.txt"
         require(root, "image", train_list, test_list, dataset=self.name, layout=LAYOUT)
-        if draws < 1:
-            raise DatasetError(f"{self.name}: --draws must be at least 1, got {draws}")
+        if draws < 1 or self.args.seed < 0:
+            raise DatasetError(f"{self.name}: --draws must be at least 1 and --seed at least 0, got {draws} and "
+                               f"{self.args.seed}")
         image_dir = root / "image"
         on_disk = set(os.listdir(image_dir))
         lists = {}
@@ -117,8 +107,7 @@ class VehicleIDAdapter(DatasetAdapter):
         if len({pid for _, pid in test}) == len(test):
             raise DatasetError(f"{self.name}: every vehicle of {test_list} has one image, so no query is left")
         splits = {"train": source(lists["train"], TRAIN_CAMID)}
-        for d in range(draws):
-            gallery = gallery_draw([pid for _, pid in test], self.args.seed, d)
-            splits[f"query_{d}"] = source([p for p, g in zip(test, gallery) if not g], QUERY_CAMID)
-            splits[f"gallery_{d}"] = source([p for p, g in zip(test, gallery) if g], GALLERY_CAMID)
+        for d, (query, gallery) in enumerate(vehicleid_draws([pid for _, pid in test], draws, self.args.seed)):
+            splits[f"query_{d}"] = source([test[i] for i in query], QUERY_CAMID)
+            splits[f"gallery_{d}"] = source([test[i] for i in gallery], GALLERY_CAMID)
         return {self.name: splits}

@@ -31,8 +31,9 @@ Deviations:
 - d = 1024 follows the report's best embedding size (Table 4) and its code; the code's SE-ResNet18
   file once used 128. The ResNet-18 files of the code also disable the dropout, which the report's head
   (Table 9) has: the head here is the report's for every model.
-- SE-ResNeXt50: the code trains it with a plain GAP-2048 + linear classifier; here it gets the
-  report's head with d = 512 and keeps last stride 2, the head variant of models.md §4.
+- SE-ResNeXt50: the code (``src/models/seresnet.py`` ``CustomSEResNeXt``) puts Linear(2048, 512)-BN-ReLU
+  without dropout (``dropout_p = None``) under the Cadene trunk (last stride 2); d = 512 is the default
+  here, and ``launch/configs/seresnext50_veri.yaml`` sets ``dropout: 0.0`` and ``legacy: true`` to match.
 - The triplet loss takes the embedding after dropout, as the code does (the dropout is the head's last
   layer before the classifier).
 - Label smoothing is not stated by the report (the starter code makes it a flag); it is the engine's
