@@ -306,17 +306,8 @@ class MultipleGallerySampler(PKSampler):
     batches. A pass shorter than one batch is followed by as many more passes as fill one. ``camids`` None means one camera for all. Sharding and resume are PKSampler's.
     """
 
-    def __init__(
-        self,
-        pids: Sequence[int] | np.ndarray,
-        camids: Sequence[int] | np.ndarray | None = None,
-        p: int = 16,
-        k: int = 4,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__(pids, camids, p=p, k=k, seed=seed, rank=rank, world_size=world_size)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # PKSampler's arguments
+        super().__init__(*args, **kwargs)
         cams = np.zeros(len(self._order), np.int64) if self._camids is None else self._camids[self._order]
         # Camera-sorted identity blocks: the anchor's same-camera images are one run of its block.
         by = np.lexsort((cams, self._identity))
