@@ -1,7 +1,7 @@
 """Export a fine-tuned model to ONNX with its preprocessing, and check the graph against torch.
 
-    python finetune/export_onnx.py --weights runs/bot_tiny/model_best.safetensors \
-        [--out runs/bot_tiny/model_best.onnx] [--opset 18] [--tolerance 1e-4]
+    python finetune/export_onnx.py --weights runs/bot_tiny/model_final.safetensors \
+        [--out runs/bot_tiny/model_final.onnx] [--opset 18] [--tolerance 1e-4]
 
 The graph is ``finetune.deploy.FeaturePipeline``: input ``images``, uint8 RGB (N, 3, H, W) with N, H and W
 all dynamic; it resizes to the export's input size (bilinear, antialiased), normalises with the export's

@@ -1,6 +1,6 @@
 """Search a gallery folder for the images most like each query image, with a fine-tuned model.
 
-    python finetune/search.py --weights runs/bot_tiny/model_best.safetensors (or model_best.onnx) \
+    python finetune/search.py --weights runs/bot_tiny/model_final.safetensors (or model_best.onnx) \
         --gallery GALLERY_DIR --query QUERY_DIR_OR_IMAGE [--topk 5] [--index PATH] [--json] [--batch-size 32]
 
 Images are .jpg/.jpeg/.png/.bmp files found recursively under each folder, in sorted path order (the

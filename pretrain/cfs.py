@@ -36,7 +36,7 @@ any layout it detects (torchvision, timm, Cadene, IBN-Net, torchreid, FastReID, 
 SpCL, OpenUnReID, our exports), strict unless ``--allow-partial``; the detected layout and the match
 counts go into the summary.
 
-    python pretrain/cfs.py score SPLIT_DIR --arch osnet_x1_0 --pretrained A.pth --finetuned model_best.safetensors
+    python pretrain/cfs.py score SPLIT_DIR --arch osnet_x1_0 --pretrained A.pth --finetuned model_final.safetensors
     python pretrain/cfs.py select SPLIT_DIR [--ranking CFS_list.pkl] [--keep 0.5] [--out kept.npy]
 
 Deviations from the paper's setting:
@@ -397,7 +397,7 @@ def _parser() -> argparse.ArgumentParser:
                    help='backbone options as JSON, e.g. \'{"last_stride": 1}\'')
     p.add_argument("--pretrained", required=True, type=Path, help="A: the generic pre-trained weights")
     p.add_argument("--finetuned", required=True, type=Path,
-                   help="B: A after re-ID fine-tuning (e.g. model_best.safetensors)")
+                   help="B: A after re-ID fine-tuning (e.g. model_final.safetensors)")
     p.add_argument("--pooling", choices=("avg", "gem"), default="avg")
     p.add_argument("--allow-partial", type=_boolean, nargs="?", const=True, default=False, metavar="true|false",
                    help="accept weights that leave some backbone tensors at their init (default: an error)")
