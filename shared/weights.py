@@ -12,9 +12,10 @@ with safetensors. :func:`read_checkpoint` unwraps training checkpoints (``state_
   (``shared.checkpoint_layouts``: torchvision, timm, Cadene, IBN-Net, torchreid, FastReID, the DM-OSNet
   authors', SpCL / cluster-contrast-reid, OpenUnReID, our own exports), maps it onto the backbone's own
   key names and copies each backbone tensor into every model tensor that ``model.trunk_map()`` builds
-  from it (both FNC layer4 copies, both MBR R50 branches). It is strict: a trunk tensor the file leaves
-  at its init (BatchNorm's ``num_batches_tracked`` counters aside) or a trunk tensor of another shape is
-  an error naming the file, the layout and the first missing keys, unless ``allow_partial``; head
+  from it (every FNC branch's copy of layer3 and layer4, both MBR R50 branches). It is strict: a trunk
+  tensor the file leaves at its init (BatchNorm's ``num_batches_tracked`` counters aside) or a trunk
+  tensor of another shape is an error naming the file, the layout and the first missing keys, unless
+  ``allow_partial``; head
   tensors (BNNeck BN, classifier, GeM p) load where the file has them at the model's shape, and are
   skipped and reported otherwise (a classifier for another number of classes).
 - :func:`export_model` / :func:`read_export_metadata`: our safetensors exports and their JSON header.
