@@ -15,9 +15,8 @@ with safetensors. :func:`read_checkpoint` unwraps training checkpoints (``state_
   from it (every FNC branch's copy of layer3 and layer4, both MBR R50 branches). It is strict: a trunk
   tensor the file leaves at its init (BatchNorm's ``num_batches_tracked`` counters aside) or a trunk
   tensor of another shape is an error naming the file, the layout and the first missing keys, unless
-  ``allow_partial``; head
-  tensors (BNNeck BN, classifier, GeM p) load where the file has them at the model's shape, and are
-  skipped and reported otherwise (a classifier for another number of classes).
+  ``allow_partial``; head tensors (BNNeck BN, classifier, GeM p) load where the file has them at the
+  model's shape, and are skipped and reported otherwise (a classifier for another number of classes).
 - :func:`export_model` / :func:`read_export_metadata`: our safetensors exports and their JSON header.
 """
 
