@@ -94,12 +94,18 @@ def test_torchvision_resnet50_into_bot(shards: Path, tmp_path: Path) -> None:
 CADENE = (("conv1.", "layer0.conv1."), ("bn1.", "layer0.bn1."))
 
 
-def _cadene(key: str) -> str:
-    """Our timm-layout key -> its Cadene ``pretrainedmodels`` name (stem in ``layer0``, ``se_module``)."""
-    for ours, theirs in CADENE:
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return key.replace(".se.", ".se_module.")
+def _renamer(pairs: tuple[tuple[str, str], ...], se: tuple[str, str]):
+    """A key renaming between the timm and Cadene SE-ResNeXt layouts: stem prefixes, then the SE unit."""
+    def rename(key: str) -> str:
+        for src, dst in pairs:
+            if key.startswith(src):
+                return dst + key[len(src):]
+        return key.replace(*se)
+    return rename
+
+
+_cadene = _renamer(CADENE, (".se.", ".se_module."))  # our timm-layout key -> its Cadene name
+_timm_name = _renamer(tuple((b, a) for a, b in CADENE), (".se_module.", ".se."))  # and back
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -112,14 +118,6 @@ def test_cadene_seresnext50_into_the_coursework_model_either_layout(shards: Path
                      config="seresnext50_veri.yaml")
     assert rc == 0
     _assert_trunk_by_value(run, sd, _same if legacy else _cadene)
-
-
-def _timm_name(key: str) -> str:
-    """Our legacy (Cadene) key -> its name in timm's ``seresnext*`` layout."""
-    for ours, theirs in CADENE:
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
-    return key.replace(".se_module.", ".se.")
 
 
 @pytest.mark.parametrize("legacy", [False, True])
