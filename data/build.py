@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data.shards import ShardError, WriteOptions, check_writable_dir, write_split
+from data.shards import ShardError, WriteOptions, check_writable_dir, safe_name, write_split
 from data.source import Sources
 from shared.table import format_table
 
@@ -25,6 +25,11 @@ def select_splits(sources: Sources, splits: list[str] | None) -> Sources:
 def build_all(sources: Sources, out: str | Path, options: WriteOptions) -> list[dict[str, Any]]:
     """Write every split under ``out/<dataset>/<split>/``; train pids are relabelled 0..N-1."""
     out = check_writable_dir(out)
+    # Every name becomes one path component under ``out``: checked for all splits before any is written.
+    for dataset, splits in sources.items():
+        safe_name(dataset, "dataset name")
+        for split in splits:
+            safe_name(split, f"{dataset}: split name")
     out.mkdir(exist_ok=True)
     manifests = []
     for dataset, splits in sources.items():
@@ -37,7 +42,7 @@ def build_all(sources: Sources, out: str | Path, options: WriteOptions) -> list[
 def summary(manifests: list[dict[str, Any]]) -> str:
     rows = [
         [m["dataset"], m["split"], m["num_samples"], m["num_pids"], m["num_cameras"], len(m["shards"]),
-         round(sum(s["size"] for s in m["shards"]) / 2**20, 2), m.get("reused_shards", 0)]
+         round(sum(s["size"] for s in m["shards"]) / 2**20, 2), m.get("reused_shards", 0), len(m.get("skipped", []))]
         for m in manifests
     ]
-    return format_table(["dataset", "split", "images", "ids", "cameras", "shards", "MiB", "reused"], rows)
+    return format_table(["dataset", "split", "images", "ids", "cameras", "shards", "MiB", "reused", "skipped"], rows)

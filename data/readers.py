@@ -28,28 +28,30 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset, default_collate
-from torchvision.io import ImageReadMode, decode_image
 
-from data.shards import IMAGE_EXTS, ShardError, load_index, load_manifest
+from data.images import MAX_IMAGE_PIXELS, BadImage, decode, image_size  # noqa: F401  (part of this API)
+from data.shards import IMAGE_EXTS, ShardError, load_index, load_manifest, sample_crc
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Problem(NamedTuple):
-    """A sample (or a run of samples) that a pass could not deliver, or a warning about a shard."""
+    """A sample (or a run of samples) that a pass could not deliver, or a warning about a shard.
+
+    ``index`` is the sample's index in its split when the problem is one known sample, else -1.
+    """
 
     where: str
     reason: str
     lost: int = 1
+    index: int = -1
 
 
 class TooManyBadSamples(ShardError):
     pass
 
 
-def decode(data: bytes) -> torch.Tensor:
-    """Encoded JPEG/PNG bytes to a uint8 CHW RGB tensor (libjpeg-turbo via torchvision, no PIL)."""
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+CRC_MISMATCH = "checksum mismatch: corrupted sample (its bytes differ from the index's crc32)"
 
 
 def make_sample(data: bytes, labels: dict[str, Any], key: str, transform: Transform | None) -> dict[str, Any]:
@@ -88,6 +90,8 @@ class StreamingShards(IterableDataset):
                  seed: int = 0, verify: bool = True):
         self.split_dir = Path(split_dir)
         self.manifest = load_manifest(self.split_dir)
+        # Only the checksums are kept (4 bytes a sample): the stream finds its offsets in the tar itself.
+        self.crc32 = load_index(self.split_dir, self.manifest)["crc32"].copy() if verify else None
         self.transform, self.shuffle_shards, self.seed, self.verify = transform, shuffle_shards, seed, verify
         self.epoch = 0
 
@@ -127,14 +131,19 @@ class StreamingShards(IterableDataset):
 
     def _sample(self, group: dict[str, Any], path: Path) -> dict[str, Any] | Problem:
         key = group["__key__"]
+        index = -1
         try:
             labels = json.loads(group["json"])
+            index = int(labels["index"])
             data = next(group[ext] for ext in IMAGE_EXTS if ext in group)
+            if self.crc32 is not None and not (0 <= index < len(self.crc32)
+                                               and sample_crc(data, group["json"]) == self.crc32[index]):
+                return Problem(f"{path}:{key}", CRC_MISMATCH, index=index)
             return make_sample(data, labels, key, self.transform)
         except StopIteration:
-            return Problem(f"{path}:{key}", "no image member")
+            return Problem(f"{path}:{key}", "no image member", index=index)
         except Exception as e:
-            return Problem(f"{path}:{key}", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return Problem(f"{path}:{key}", str(e).splitlines()[0] if str(e) else type(e).__name__, index=index)
 
 
 class IndexedShards(Dataset):
@@ -143,7 +152,7 @@ class IndexedShards(Dataset):
     def __init__(self, split_dir: str | Path, transform: Transform | None = None):
         self.split_dir = Path(split_dir)
         self.manifest = load_manifest(self.split_dir)
-        self.index = load_index(self.split_dir)
+        self.index = load_index(self.split_dir, self.manifest)
         if len(self.index) != self.manifest["num_samples"]:
             raise ShardError(f"{self.split_dir}: index has {len(self.index)} rows, manifest {self.manifest['num_samples']}")
         self.paths = [self.split_dir / s["name"] for s in self.manifest["shards"]]
@@ -170,11 +179,13 @@ class IndexedShards(Dataset):
         return self._fds[shard]
 
     def read_bytes(self, index: int) -> tuple[bytes, bytes]:
-        """The stored image bytes and json bytes of sample ``index``."""
+        """The stored image bytes and json bytes of sample ``index``, checked against its crc32."""
         row = self.index[index]
         fd = self._fd(int(row["shard"]))
         image = os.pread(fd, int(row["image_size"]), int(row["image_offset"]))
         meta = os.pread(fd, int(row["json_size"]), int(row["json_offset"]))
+        if sample_crc(image, meta) != int(row["crc32"]):
+            raise BadImage(CRC_MISMATCH)
         return image, meta
 
     def __getitem__(self, index: int) -> dict[str, Any] | Problem:
@@ -187,9 +198,9 @@ class IndexedShards(Dataset):
             labels = json.loads(meta)
             return make_sample(data, labels, labels["key"], self.transform)
         except OSError as e:
-            return Problem(where, f"cannot read: {e.strerror or e}")
+            return Problem(where, f"cannot read: {e.strerror or e}", index=index)
         except Exception as e:
-            return Problem(where, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return Problem(where, str(e).splitlines()[0] if str(e) else type(e).__name__, index=index)
 
 
 def collate(items: Sequence[dict[str, Any] | Problem]) -> dict[str, Any]:
@@ -206,19 +217,29 @@ def collate(items: Sequence[dict[str, Any] | Problem]) -> dict[str, Any]:
 
 
 class SampleTally:
-    """Counts delivered and lost samples over a pass; aborts when too many are lost."""
+    """Counts delivered and lost samples over a pass; aborts when too many are lost.
+
+    ``expected`` is the number of distinct samples the pass can draw. A sample is counted lost once
+    however often a sampler draws it (a P x K sampler may draw one bad image many times an epoch);
+    problems that are not one known sample (a broken run of a shard) count their ``lost`` each time.
+    """
 
     def __init__(self, expected: int, max_bad_fraction: float = 0.01, name: str = "pass"):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.expected, self.max_bad_fraction, self.name = expected, max_bad_fraction, name
+        self.expected, self.max_bad_fraction, self.name = max(expected, 1), max_bad_fraction, name
         self.delivered = 0
         self.lost = 0
         self.problems: list[Problem] = []
+        self._bad: set[int] = set()
 
     def update(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.delivered += len(batch.get("index", ()))
         for problem in batch["problems"]:
+            if problem.index >= 0:
+                if problem.index in self._bad:
+                    continue
+                self._bad.add(problem.index)
             self.lost += problem.lost
             self.problems.append(problem)
         if self.lost > self.max_bad_fraction * self.expected:
@@ -282,7 +303,7 @@ class ConcatShards(Dataset):
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
         sample = self.parts[k][index - int(self.offsets[k])]
         if isinstance(sample, Problem):
-            return sample
+            return sample._replace(index=index) if sample.index >= 0 else sample
         sample["index"], sample["pid"], sample["camid"] = index, int(self._pids[index]), int(self._camids[index])
         return sample
 

@@ -6,7 +6,8 @@ Layout of one split (``<out>/<dataset>/<split>/``)::
                              + ``<key>.json`` ({"index", "pid", "camid", "viewid", "dataset", "source", ...})
     manifest.json            schema version, status, counts, pid map, cameras, shards with size and sha256
     index.npy                one row per sample, in ``index`` order: shard, byte offsets and sizes of the
-                             image and json members, pid, camid, viewid (structured array, no pickle)
+                             image and json members, pid, camid, viewid and the crc32 of the two members
+                             (structured array, no pickle); its sha256 is in the manifest
     index.wids.json          the same shard list in the wids shard-index format
 
 ``index`` is the sample's position 0..N-1 in its split: the same on every rank and run.
@@ -17,16 +18,28 @@ skips the rest. A shard is written to a hidden temporary file and renamed when c
 is rewritten (atomically) after each shard, so an interrupted build leaves only whole, vouched-for
 shards visible. Tar headers are normalised (mtime 0, root owner, mode 0444), so the same source gives
 byte-identical shards.
+
+Trust: every output path stays under the split directory (dataset, split and sample-key names are
+single path components, checked before anything is written); a build holds an exclusive lock on its
+split directory; cleanup deletes only shard names of the split's own numbering. The index is vouched
+for by its sha256 in the manifest (checked on open) and every sample by its crc32 (checked on read),
+so a shifted label or a flipped image bit is found without hashing whole shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import sys
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +49,10 @@ import numpy as np
 from tqdm import tqdm
 
 from data.source import RecordSource
+from shared.text import printable
 from shared.io import atomic_open, atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-sample crc32 in the index, the index's sha256 in the manifest
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
 WIDS_INDEX = "index.wids.json"
@@ -55,8 +69,24 @@ INDEX_DTYPE = np.dtype(
         ("camid", "<i4"),
         ("viewid", "<i4"),
         ("ext", "<u1"),
+        ("crc32", "<u4"),  # zlib.crc32 of the json member's bytes, continued from that of the image's
     ]
 )
+# A name that becomes one path component (dataset, split) or a tar member stem (sample key).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")
+
+
+def safe_name(name: str, what: str) -> str:
+    """``name`` when it is one harmless path component; else a one-line ShardError naming it."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ShardError(f"{what} {name!r} is not a plain name (letters, digits, _ . = + -, no leading dot, "
+                         "no '..' or slash): it would write outside the output directory")
+    return name
+
+
+def sample_crc(image: bytes, meta: bytes) -> int:
+    """The checksum the index keeps for one sample's two stored members."""
+    return zlib.crc32(meta, zlib.crc32(image))
 
 
 class ShardError(RuntimeError):
@@ -107,6 +137,42 @@ def _label(value: Any) -> int:
     return -1 if value is None else int(value)
 
 
+class _Kept:
+    """The records of a source that its ``problem`` screen let through, renumbered 0..n-1."""
+
+    def __init__(self, source: RecordSource, keep: Sequence[int]):
+        self.source, self.keep, self.dataset = source, list(keep), source.dataset
+        self.fingerprint = getattr(source, "fingerprint", "")
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def key(self, i: int) -> str:
+        return self.source.key(self.keep[i])
+
+    def meta(self, i: int) -> dict[str, Any]:
+        return self.source.meta(self.keep[i])
+
+    def image(self, i: int) -> tuple[bytes, str]:
+        return self.source.image(self.keep[i])
+
+
+def _screen(source: RecordSource, progress: bool) -> tuple[RecordSource, list[list[str]]]:
+    """The source without the records its ``problem`` method rejects, and ``[source, reason]`` of each."""
+    problem = getattr(source, "problem", None)
+    if problem is None:
+        return source, []
+    keep, skipped = [], []
+    for i in tqdm(range(len(source)), desc=f"{source.dataset}: checking images", unit="img", disable=not progress,
+                  leave=False):
+        reason = problem(i)
+        if reason is None:
+            keep.append(i)
+        else:
+            skipped.append([str(source.meta(i).get("source", source.key(i))), reason])
+    return (source if not skipped else _Kept(source, keep)), skipped
+
+
 def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[str, Any]], list[bytes], dict[str, Any]]:
     """Read every record's meta (cheap) and derive the stored json (encoded once) and the split facts."""
     metas = []
@@ -126,7 +192,7 @@ def _plan(source: RecordSource, split: str, relabel: bool) -> tuple[list[dict[st
                 m["raw_pid"] = m["pid"]
                 m["pid"] = pid_map[str(m["pid"])]
     for i, m in enumerate(metas):
-        m["index"], m["key"] = i, source.key(i)
+        m["index"], m["key"] = i, safe_name(source.key(i), f"{source.dataset}/{split}: sample key")
     pids = {m["pid"] for m in metas if m["pid"] is not None}
     cams = sorted({m["camid"] for m in metas if m["camid"] is not None})
     encoded = [encode_json(m) for m in metas]
@@ -161,7 +227,7 @@ def _encode_range(bounds: tuple[int, int], job: tuple[RecordSource, Sequence[byt
     """
     source, encoded = job if job is not None else _worker
     parts: list[bytes] = []
-    rows = np.empty((bounds[1] - bounds[0], 5), dtype=np.int64)
+    rows = np.empty((bounds[1] - bounds[0], 6), dtype=np.int64)
     offset = 0
     for row, i in enumerate(range(*bounds)):
         data, ext = source.image(i)
@@ -174,7 +240,7 @@ def _encode_range(bounds: tuple[int, int], job: tuple[RecordSource, Sequence[byt
         meta_at = image_at + len(data) + len(image_pad) + len(meta_header)
         parts += (image_header, data, image_pad, meta_header, meta, meta_pad)
         offset = meta_at + len(meta) + len(meta_pad)
-        rows[row] = image_at, len(data), meta_at, len(meta), IMAGE_EXTS.index(ext)
+        rows[row] = image_at, len(data), meta_at, len(meta), IMAGE_EXTS.index(ext), sample_crc(data, meta)
     return b"".join(parts), rows
 
 
@@ -282,20 +348,24 @@ def _vouched(split_dir: Path, facts: dict[str, Any], samples_per_shard: int) -> 
 
 
 def _scan_shard(path: Path, num_samples: int) -> np.ndarray:
-    """Member offsets of a shard written by an earlier run, from its headers (no data is read)."""
-    rows = np.zeros((num_samples, 5), dtype=np.int64)
+    """Member offsets and checksums of a shard written by an earlier run (its sha256 was just checked)."""
+    rows = np.zeros((num_samples, 6), dtype=np.int64)
     i = 0
+    image = b""
     with tarfile.open(path, "r:") as tar:
         for member in tar:
             ext = member.name.rpartition(".")[2]
             if i >= num_samples:
                 break
+            data = tar.extractfile(member).read()
             if ext == "json":
                 rows[i, 2:4] = member.offset_data, member.size
+                rows[i, 5] = sample_crc(image, data)
                 i += 1
             else:
                 rows[i, 0:2] = member.offset_data, member.size
                 rows[i, 4] = IMAGE_EXTS.index(ext)
+                image = data
     if i != num_samples:
         raise ShardError(f"{path}: holds {i} samples, the manifest says {num_samples}")
     return rows
@@ -305,7 +375,7 @@ def _build_index(shards: list[dict[str, Any]], offsets: list[np.ndarray], metas:
     index = np.zeros(len(metas), dtype=INDEX_DTYPE)
     rows = np.concatenate(offsets)
     index["shard"] = np.repeat(np.arange(len(shards)), [s["num_samples"] for s in shards])
-    for column, name in enumerate(("image_offset", "image_size", "json_offset", "json_size", "ext")):
+    for column, name in enumerate(("image_offset", "image_size", "json_offset", "json_size", "ext", "crc32")):
         index[name] = rows[:, column]
     index["pid"] = [_label(m["pid"]) for m in metas]
     index["camid"] = [_label(m["camid"]) for m in metas]
@@ -317,6 +387,7 @@ def write_split(source: RecordSource, split_dir: str | Path, split: str, *, rela
                 options: WriteOptions = WriteOptions()) -> dict[str, Any]:
     """Write ``source`` as the shards of one split; return the manifest. Skips shards already vouched for."""
     split_dir = Path(split_dir)
+    safe_name(split, "split name")
     if options.samples_per_shard < 1:
         raise ShardError(f"samples_per_shard must be >= 1, got {options.samples_per_shard}")
     if len(source) == 0:
@@ -327,9 +398,44 @@ def write_split(source: RecordSource, split_dir: str | Path, split: str, *, rela
         raise ShardError(f"cannot create {split_dir}: {e.strerror or e}") from None
     if not os.access(split_dir, os.W_OK | os.X_OK):
         raise ShardError(f"output directory is not writable: {split_dir}")
+    with _locked(split_dir):
+        return _write_locked(source, split_dir, split, relabel, options)
+
+
+@contextlib.contextmanager
+def _locked(split_dir: Path) -> Iterator[None]:
+    """Hold the split directory's build lock; a second build into it fails at once, in one line."""
+    fd = os.open(split_dir, os.O_RDONLY)  # flock on the directory itself: nothing is left behind
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShardError(f"{split_dir}: another build is writing this split; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    try:
+        atomic_write_json(path, obj)
+    except OSError as e:
+        raise ShardError(f"cannot write {path}: {e.strerror or e}; the split stays resumable") from None
+
+
+def _write_locked(source: RecordSource, split_dir: Path, split: str, relabel: bool, options: WriteOptions
+                  ) -> dict[str, Any]:
     for leftover in split_dir.glob(".*.tmp"):  # temporaries of a build that was killed outright
         leftover.unlink()
+    source, skipped = _screen(source, options.progress)
+    for where, reason in skipped[:10]:
+        print(f"skipped {printable(where)}: {reason}", file=sys.stderr)
+    if len(skipped) > 10:
+        print(f"... and {len(skipped) - 10} more images skipped (listed in {split_dir / MANIFEST})", file=sys.stderr)
+    if len(source) == 0:
+        raise ShardError(f"{split_dir}: every image of the split was skipped (first: {skipped[0][0]}: {skipped[0][1]})")
     metas, encoded, facts = _plan(source, split, relabel)
+    facts["skipped"] = skipped
     n, size = len(metas), options.samples_per_shard
     done = _vouched(split_dir, facts, size)
     manifest = {"schema_version": SCHEMA_VERSION, "status": "partial", "samples_per_shard": size, **facts}
@@ -350,24 +456,31 @@ def write_split(source: RecordSource, split_dir: str | Path, split: str, *, rela
             shards.append(entry)
             offsets.append(rows)
             # Vouch for what is finished so far: a crash after this line never loses this shard.
-            atomic_write_json(split_dir / MANIFEST, {**manifest, "shards": shards})
+            _write_json(split_dir / MANIFEST, {**manifest, "shards": shards})
     finally:
         encoder.close()
         bar.close()
-    for stale in split_dir.glob(f"{split}-*.tar"):
-        if stale.name not in {s["name"] for s in shards}:
+    # Only this split's own numbering beyond the new shard count: a smaller rebuild's leftovers.
+    numbered = re.compile(re.escape(split) + r"-(\d{6})\.tar")
+    for stale in split_dir.iterdir():
+        match = numbered.fullmatch(stale.name)
+        if match and int(match.group(1)) >= len(shards) and stale.is_file():
             stale.unlink()
     index = _build_index(shards, offsets, metas)
-    with atomic_open(split_dir / INDEX, "wb") as f:
-        np.save(f, index, allow_pickle=False)
-    atomic_write_json(split_dir / WIDS_INDEX, {
+    try:
+        with atomic_open(split_dir / INDEX, "wb") as f:
+            np.save(f, index, allow_pickle=False)
+    except OSError as e:
+        raise ShardError(f"cannot write {split_dir / INDEX}: {e.strerror or e}; the split stays resumable") from None
+    manifest["index_sha256"] = sha256_file(split_dir / INDEX)
+    _write_json(split_dir / WIDS_INDEX, {
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
         "name": f"{source.dataset}/{split}",
         "shardlist": [{"url": s["name"], "nsamples": s["num_samples"]} for s in shards],
     })
     manifest.update(status="complete", shards=shards, reused_shards=len(done))
-    atomic_write_json(split_dir / MANIFEST, manifest)
+    _write_json(split_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -378,30 +491,68 @@ def load_manifest(split_dir: str | Path) -> dict[str, Any]:
         raise ShardError(f"no {MANIFEST} in {split_dir}: not a shard split directory (build it with data/build_shards.py)")
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: a manifest is a JSON object, this holds a {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        hint = "; re-run the build command (vouched shards are reused)" if isinstance(version, int) else ""
+        raise ShardError(f"{path}: schema_version {version!r}, expected {SCHEMA_VERSION}{hint}")
     if manifest.get("status") != "complete":
         raise ShardError(f"{path}: the build of this split did not finish; re-run the same build command to complete it")
+    _check_shape(manifest, path)
     return manifest
 
 
-def load_index(split_dir: str | Path) -> np.ndarray:
+# The keys a complete manifest must hold, with their JSON types.
+_MANIFEST_KEYS = {"dataset": str, "split": str, "num_samples": int, "num_pids": int, "num_cameras": int,
+                  "cameras": list, "pid_map": dict, "shards": list, "index_sha256": str}
+_SHARD_KEYS = {"name": str, "num_samples": int, "first_index": int, "size": int, "sha256": str}
+
+
+def _check_shape(manifest: dict[str, Any], path: Path) -> None:
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ShardError(f"{path}: key '{key}' missing or not a {kind.__name__}")
+    for k, entry in enumerate(manifest["shards"]):
+        bad = [key for key, kind in _SHARD_KEYS.items() if not isinstance(entry, dict)
+               or not isinstance(entry.get(key), kind)]
+        if bad:
+            raise ShardError(f"{path}: shards[{k}] key '{bad[0]}' missing or of the wrong type")
+        safe_name(entry["name"], f"{path}: shard name")
+
+
+def load_index(split_dir: str | Path, manifest: dict[str, Any] | None = None) -> np.ndarray:
+    """The split's index, checked against the manifest's sha256 and shard count (one line when not)."""
+    manifest = manifest if manifest is not None else load_manifest(split_dir)
     path = Path(split_dir) / INDEX
     if not path.is_file():
         raise ShardError(f"no {INDEX} in {split_dir}; re-run the build command to write it")
-    index = np.load(path, allow_pickle=False)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read ({e.strerror or e})") from None
+    if hashlib.sha256(raw).hexdigest() != manifest["index_sha256"]:
+        raise ShardError(f"{path}: sha256 differs from the manifest (tampered or corrupted index)")
+    index = np.load(io.BytesIO(raw), allow_pickle=False)
     if index.dtype != INDEX_DTYPE:
         raise ShardError(f"{path}: unexpected index layout {index.dtype}")
+    shards = index["shard"]
+    if len(index) and (shards.min() < 0 or shards.max() >= len(manifest["shards"])):
+        raise ShardError(f"{path}: shard numbers outside 0..{len(manifest['shards']) - 1}")
     return index
 
 
 def verify_split(split_dir: str | Path) -> list[str]:
-    """Check every shard's size and sha256 against the manifest; return one line per problem."""
+    """Check the index and every shard's size and sha256 against the manifest; one line per problem."""
     split_dir = Path(split_dir)
     manifest = load_manifest(split_dir)
     problems = []
+    try:
+        load_index(split_dir, manifest)
+    except ShardError as e:
+        problems.append(str(e))
     for entry in manifest["shards"]:
         shard = split_dir / entry["name"]
         if not shard.is_file():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import stat
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from PIL import Image
+
+from data.images import MAX_IMAGE_PIXELS, header_problem
 
 
 @runtime_checkable
@@ -35,7 +38,9 @@ class RecordSource(Protocol):
     the encoded bytes exactly as they are to be stored and their extension (``"jpg"`` or ``"png"``).
 
     A source may also have a ``fingerprint`` string naming whatever its images depend on beyond
-    their meta (a renderer version, a config): a resumed build reuses shards only when it matches.
+    their meta (a renderer version, a config): a resumed build reuses shards only when it matches,
+    and a ``problem(i)`` method that says (cheaply, from the file's first bytes) why record ``i``
+    cannot be stored, or None: the writer then skips that record and names it in the manifest.
     """
 
     dataset: str
@@ -165,6 +170,25 @@ class FileSource:
             source = source[len(self._prefix):]
         return {"pid": r.pid, "camid": r.camid, "viewid": r.viewid, "source": source, **r.attributes}
 
+    def problem(self, i: int) -> str | None:
+        """Why record ``i`` cannot be stored (unreadable, not a regular file, empty, not its suffix's
+        format, over the pixel limit), from ``stat`` and its first 64 KiB; None when it can."""
+        path = self.records[i].path
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return "not a regular file"
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            if path.suffix.lower() not in (*JPEG_SUFFIXES, ".png"):
+                with Image.open(path) as image:  # reads the header only
+                    if image.width * image.height > MAX_IMAGE_PIXELS:
+                        return f"image of {image.width}x{image.height} pixels is over the limit"
+        except OSError as e:
+            return f"cannot read: {e.strerror or e}"
+        except (Image.DecompressionBombError, SyntaxError, ValueError) as e:
+            return f"not an image PIL can read ({str(e).splitlines()[0]})"
+        return header_problem(head, path.suffix)
+
     def image(self, i: int) -> tuple[bytes, str]:
         path = self.records[i].path
         data = read_file(path)
@@ -180,9 +204,13 @@ class FileSource:
 
 def read_file(path: Path) -> bytes:
     """A whole file's bytes: one ``os.read`` of the size ``fstat`` gives (half the cost of ``read_bytes``)."""
-    fd = os.open(path, os.O_RDONLY)
+    # O_NONBLOCK: opening a FIFO named like an image must not wait for a writer (no effect on files).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        size = info.st_size
         data = os.read(fd, size)
         while len(data) < size:  # a short read (rare on local files)
             chunk = os.read(fd, size - len(data))

@@ -55,10 +55,13 @@ import argparse
 import csv
 import os
 import re
+import stat
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, register
+from shared.text import printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TREE_LAYOUT = "<root>/<split>/<pid>/<camid>/*.jpg (integer pid and camid folders)"
@@ -71,8 +74,32 @@ _NOT_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name so that every build lists them alike."""
-    return sorted(folder / name for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
+    """The image files directly in ``folder``, sorted by name so that every build lists them alike.
+
+    An entry with an image name that is not a regular file (a FIFO, socket, device or directory, which
+    reading would hang on or fail) is named in one line on stderr and skipped.
+    """
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            if entry.is_file():  # follows symlinks: a link to a regular file is kept
+                found.append(folder / entry.name)
+            else:
+                print(f"skipped {printable(str(folder / entry.name))}: {_kind(folder / entry.name)}, not an image file",
+                      file=sys.stderr)
+    return sorted(found)
+
+
+def _kind(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a dangling link"
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def key_of(relative: Path) -> str:
@@ -128,7 +155,7 @@ def _read_csv(path: Path, name: str) -> dict[str, list[FileRecord]]:
             where = f"{path}:{reader.line_num}"
             cell = {c: (row.get(c) or "").strip() for c in columns}  # short rows read as empty cells
             image = base / cell["path"]
-            if not cell["path"] or not image.is_file():
+            if not cell["path"] or not image.is_file():  # is_file: a FIFO or directory is refused too
                 raise DatasetError(f"{where}: image {image} not found (paths are relative to the CSV's folder)")
             record = FileRecord(
                 path=image, key=key_of(Path(cell["path"])), pid=_label(cell["pid"], where),
