@@ -18,7 +18,8 @@ kept in ``<out>/logs/<stage>.log``:
 
 A stage whose outputs a previous run finished (same command, same upstream stages) is skipped; a
 training stage that was killed resumes from its last checkpoint (``--resume``), so a killed demo run
-again ends with the same table. A changed setting reruns the stage it reaches and every stage after it.
+again ends with the same table. A changed setting reruns the stage it reaches and every stage after it;
+a training stage rerun from the start replaces its old run directory (``--overwrite``).
 
 CFS's model A is "a generic pre-trained model" and B "the same model after re-ID fine-tuning". With
 nothing downloadable, the demo's A is DM-OSNet's seeded initialisation and B the scratch fine-tuning
@@ -31,7 +32,6 @@ import argparse
 import hashlib
 import json
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -69,7 +69,7 @@ class Stage:
     name: str
     command: list[str]
     after: tuple[str, ...] = ()
-    run_dir: Path | None = None  # a training run that resumes from its checkpoints
+    run_dir: Path | None = None  # a training run: resumed from its checkpoints, else replaced by a fresh one
 
 
 @dataclass
@@ -108,7 +108,8 @@ def stages(cfg: DemoConfig) -> list[Stage]:
     result = [
         Stage("render", [*py, "data/build_shards.py", "synthetic", "--out", str(shards), "--config",
                          str(CONFIGS / "synthetic.yaml"), "--workers", "2", f"seed={cfg.seed}", *cfg.world]),
-        Stage("init", train(person, "dm_osnet_init", "synthetic_person", [*cfg.person, "epochs=0"]), ("render",)),
+        Stage("init", train(person, "dm_osnet_init", "synthetic_person", [*cfg.person, "epochs=0"]), ("render",),
+              runs / "dm_osnet_init"),
         Stage("scratch", train(person, "dm_osnet_scratch", "synthetic_person", cfg.person), ("render",),
               runs / "dm_osnet_scratch"),
         Stage("cfs", [*py, "pretrain/cfs.py", "score", split("synthetic_lup", "pool"), "--arch", "dm_osnet",
@@ -170,10 +171,10 @@ class Runner:
         command = list(stage.command)
         if stage.run_dir is not None:
             resumable = started.is_file() and started.read_text() == fingerprint
-            if resumable and (stage.run_dir / "checkpoints" / "latest").is_file():
+            if resumable and any((stage.run_dir / "checkpoints").glob("epoch-*")):
                 command.append("--resume")
-            elif stage.run_dir.exists():  # a run of other settings: its checkpoints must not be resumed
-                shutil.rmtree(stage.run_dir)
+            elif stage.run_dir.exists():  # other settings, or killed before its first checkpoint: start afresh
+                command.append("--overwrite")
         with atomic_open(started, "w") as f:
             f.write(fingerprint)
         print(f"[{number}/{total}] {stage.name}: {' '.join(_shown(command))}", flush=True)

@@ -102,20 +102,25 @@ def save_config(cfg: Any, path: str | Path) -> None:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def config_main(schema: type[T], run: Callable[[T, bool], Any], argv: Sequence[str] | None, description: str,
+def config_main(schema: type[T], run: Callable[[T, bool, bool], Any], argv: Sequence[str] | None, description: str,
                 errors: tuple[type[Exception], ...] = ()) -> int:
-    """The command line of a training script: ``--config FILE [--resume] [key=value ...]``.
+    """The command line of a training script: ``--config FILE [--resume | --overwrite] [key=value ...]``.
 
-    Runs ``run(config, resume)``; a bad config, missing file or any of ``errors`` prints one line and
+    Runs ``run(config, resume, overwrite)``; a bad config, missing file or any of ``errors`` prints one line and
     returns exit status 2.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="recipe YAML (launch/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run directory that holds a previous run, deleting its outputs")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        print("error: --resume continues the run in the directory, --overwrite deletes it: give one", file=sys.stderr)
+        return 2
     try:
-        run(load_config(schema, args.config, args.overrides), args.resume)
+        run(load_config(schema, args.config, args.overrides), args.resume, args.overwrite)
     except (ConfigError, FileNotFoundError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
