@@ -41,6 +41,14 @@ Deviations from the sources:
   than K. SpCL draws the K-1 images among other-camera images only, with replacement whenever there
   are fewer than K of them, and gives an identity with a single image one slot, not K.
 * The camera-aware sampler drops the last incomplete batch (SpCL leaves batching to the loader).
+* ``replacement=True`` (the P x K samplers; used for pseudo labels, whose class count is not known in
+  advance): an epoch with fewer than P identities still yields batches of P x K images, each batch
+  drawing its P identities uniformly with replacement (an identity drawn twice gives its next group of
+  K, cycling through its groups), ``max(groups // P, 1)`` batches; with at least P identities nothing
+  changes. The sources stop with fewer than P identities. ``MultipleGallerySampler`` never needs P
+  distinct identities (its batches are cut from whole passes) and only needs one.
+* ``keyed()`` yields each batch with its key ``(epoch, global batch number)``, which
+  ``data/draws.py`` turns into per-sample augmentation seeds.
 """
 
 from __future__ import annotations
@@ -105,6 +113,22 @@ def _draw_identity_batches(groups_per_identity: np.ndarray, p: int, rng: np.rand
     return np.asarray(out, dtype=np.int64).reshape(-1, p)
 
 
+def _draw_with_replacement(groups_per_identity: np.ndarray, p: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of P group ids for fewer than P identities: identities drawn uniformly with replacement.
+
+    ``max(groups // P, 1)`` rows; the n-th draw of an identity takes its group ``n mod groups``, so its
+    groups are used in turn before any repeats.
+    """
+    n_batches = max(int(groups_per_identity.sum()) // p, 1)
+    ident = (rng.random(n_batches * p) * len(groups_per_identity)).astype(np.int64)
+    order = np.argsort(ident, kind="stable")
+    ranked = ident[order]
+    occurrence = np.empty_like(ident)
+    occurrence[order] = np.arange(len(ident)) - np.searchsorted(ranked, ranked)
+    first_group = np.cumsum(groups_per_identity) - groups_per_identity
+    return (first_group[ident] + occurrence % groups_per_identity[ident]).reshape(n_batches, p)
+
+
 class PKSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of P identities x K images, torchreid ``RandomIdentitySampler`` style.
 
@@ -119,7 +143,12 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
     ``set_epoch`` resumes mid-epoch. Progress counts batches handed to the DataLoader, which runs
     ahead of the training step when workers prefetch; a trainer checkpointing mid-epoch there should
     store its own step count as ``consumed``.
+
+    ``replacement``: with fewer than P identities, batches draw identities with replacement (module
+    docstring) instead of the constructor raising ValueError.
     """
+
+    needs_p_identities = True  # False where a batch is not P distinct identities (MultipleGallerySampler)
 
     def __init__(
         self,
@@ -130,6 +159,7 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        replacement: bool = False,
     ) -> None:
         super().__init__()
         if p < 1:
@@ -151,8 +181,9 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         # Dataset indices grouped by identity: identity i owns order[starts[i] : starts[i] + counts[i]].
         self._order = valid[np.argsort(pid_arr[valid], kind="stable")]
         _, self._starts, self._counts = np.unique(pid_arr[self._order], return_index=True, return_counts=True)
-        if len(self._counts) < p:
-            raise ValueError(f"need at least p={p} identities with pid >= 0, got {len(self._counts)}")
+        if len(self._counts) < (p if self.needs_p_identities and not replacement else 1):
+            need = f"p={p} identities" if self.needs_p_identities and not replacement else "one identity"
+            raise ValueError(f"need at least {need} with pid >= 0, got {len(self._counts)}")
         self._identity = np.repeat(np.arange(len(self._counts)), self._counts)
         self._identity_key = self._identity.astype(np.uint64) << np.uint64(32)
         self._camids = cam_arr
@@ -181,7 +212,10 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         offsets = nth[:, None] * self.k + np.arange(self.k)
         offsets = _within_identity_offsets(offsets, self._counts[owner][:, None], rng)
         groups = shuffled[self._starts[owner][:, None] + offsets]
-        rows = _draw_identity_batches(groups_per_identity, self.p, rng)
+        if self.num_identities < self.p:  # only with replacement=True
+            rows = _draw_with_replacement(groups_per_identity, self.p, rng)
+        else:
+            rows = _draw_identity_batches(groups_per_identity, self.p, rng)
         return groups[rows].reshape(len(rows), self.p * self.k)
 
     def global_batches(self, epoch: int) -> np.ndarray:
@@ -201,13 +235,18 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
             self.epoch = epoch
             self._consumed = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def keyed(self) -> Iterator[tuple[tuple[int, int], list[int]]]:
+        """As iterating, with each batch's key ``(epoch, global batch number)``."""
         epoch = self.epoch
         batches = self.rank_batches(epoch)
         for i in range(self._consumed, len(batches)):
             self._consumed = i + 1
-            yield batches[i].tolist()
+            yield (epoch, self.rank + i * self.world_size), batches[i].tolist()
         self.epoch, self._consumed = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, batch in self.keyed():
+            yield batch
 
     def __len__(self) -> int:
         return len(self.rank_batches(self.epoch))
@@ -241,10 +280,12 @@ class CameraAwarePKSampler(PKSampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        replacement: bool = False,
     ) -> None:
         if camids is None:
             raise ValueError("CameraAwarePKSampler requires camids")
-        super().__init__(pids, camids, p=p, k=k, seed=seed, rank=rank, world_size=world_size)
+        super().__init__(pids, camids, p=p, k=k, seed=seed, rank=rank, world_size=world_size,
+                         replacement=replacement)
         # Dense camera codes keep the (identity, camera) sort key small.
         codes = np.unique(self._camids[self._order], return_inverse=True)[1].reshape(-1)
         self._cam_code, self._num_cams = codes, int(codes.max()) + 1
@@ -271,7 +312,11 @@ class CameraAwarePKSampler(PKSampler):
 
         offsets = np.broadcast_to(np.arange(self.k), (self.num_identities, self.k))
         offsets = _within_identity_offsets(offsets, self._counts[:, None], rng)
-        groups = ranked[self._starts[:, None] + offsets][rng.permutation(self.num_identities)]
+        groups = ranked[self._starts[:, None] + offsets]
+        if self.num_identities < self.p:  # only with replacement=True
+            rows = _draw_with_replacement(np.ones(self.num_identities, dtype=np.int64), self.p, rng)
+            return groups[rows].reshape(len(rows), self.p * self.k)
+        groups = groups[rng.permutation(self.num_identities)]
         n_batches = self.num_identities // self.p
         return groups[: n_batches * self.p].reshape(n_batches, self.p * self.k)
 
@@ -303,8 +348,11 @@ class MultipleGallerySampler(PKSampler):
     among its other images when all share the anchor's camera (distinct when there are at least K-1
     candidates, with replacement otherwise). The pass's flat index list is cut into batches of P*K
     consecutive indices and the last incomplete batch is dropped; an identity's images may straddle two
-    batches. A pass shorter than one batch is followed by as many more passes as fill one. ``camids`` None means one camera for all. Sharding and resume are PKSampler's.
+    batches. A pass shorter than one batch is followed by as many more passes as fill one, so one
+    identity is enough. ``camids`` None means one camera for all. Sharding and resume are PKSampler's.
     """
+
+    needs_p_identities = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # PKSampler's arguments
         super().__init__(*args, **kwargs)

@@ -35,6 +35,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data.draws import SeededBatches, SeededDraws
 from data.readers import ConcatShards, IndexedShards, Problem, SampleTally, collate
 from data.samplers import CameraAwarePKSampler, PKSampler
 from data.shards import load_manifest
@@ -49,6 +50,7 @@ from shared.checkpoints import Checkpoints
 from shared.config import ConfigError, choice, save_config
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, evaluate_draws
+from shared.rundir import claim_run_dir
 from shared.table import format_table
 from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
@@ -143,10 +145,10 @@ def _output_dims(model: ReIDModel, input_size: tuple[int, int]) -> dict[str, int
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
-        self._check_inputs(resume)
+        self._check_inputs()
         cuda = torch.cuda.is_available()
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg.amp if cuda else "no",
                                        log_with="tensorboard", project_dir=str(self.run_dir))
@@ -154,6 +156,10 @@ class Trainer:
         if cfg.amp != "no" and not cuda:
             acc.print(f"amp={cfg.amp} needs a GPU; training in float32 on the CPU")
         set_seed(cfg.seed)
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
+        claim_run_dir(self.run_dir, cfg, resume, overwrite, acc.is_main_process)
+        self.resume_from = self.checkpoints.resume_point(acc.print) if resume else None
+        acc.wait_for_everyone()  # every rank has checked the directory before the main one writes to it
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         d = cfg.data
@@ -170,8 +176,11 @@ class Trainer:
         sampler_cls = CameraAwarePKSampler if d.sampler == "camera_aware" else PKSampler
         self.sampler = sampler_cls(self.train_set.pids, self.train_set.camids, p=d.p, k=d.k, seed=cfg.seed,
                                    rank=acc.process_index, world_size=acc.num_processes)
-        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=d.workers,
-                                 collate_fn=collate, persistent_workers=d.workers > 0)
+        # Each image's augmentation is seeded by (seed, epoch, batch, position) (data/draws.py), and the loader's
+        # own generator keeps its worker seeds off the global RNG: any worker count resumes bit for bit.
+        self.loader = DataLoader(SeededDraws(self.train_set), batch_sampler=SeededBatches(self.sampler, cfg.seed),
+                                 num_workers=d.workers, collate_fn=collate, persistent_workers=d.workers > 0,
+                                 generator=torch.Generator().manual_seed(cfg.seed))
         self.iters_per_epoch = len(self.sampler)
         if cfg.max_iters_per_epoch > 0:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
@@ -204,16 +213,15 @@ class Trainer:
         self.center_optimizer = center_optimizer
         self.criterion.to(acc.device)
         self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
         self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "best_map": -1.0, "best_epoch": 0, "history": [],
                                       "world_size": acc.num_processes}
-        if resume:
-            self._resume()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
         acc.init_trackers("tensorboard")
 
-    def _check_inputs(self, resume: bool) -> None:
+    def _check_inputs(self) -> None:
         """One-line errors for every input, before any model is built or data read."""
         d = self.cfg.data
         for path in d.train:
@@ -226,11 +234,9 @@ class Trainer:
             raise ConfigError(f"data.val_query={d.val_query}: no identity labels, which a validation split needs")
         if self.cfg.model.weights and not Path(self.cfg.model.weights).is_file():
             raise WeightsError(f"weights file not found: {self.cfg.model.weights}")
-        if resume and not (self.run_dir / "checkpoints" / "latest").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
 
-    def _resume(self) -> None:
-        path, self.state = self.checkpoints.restore(self.accelerator)
+    def _resume(self, checkpoint: Path) -> None:
+        path, self.state = self.checkpoints.restore(self.accelerator, checkpoint)
         self.sampler.load_state_dict(self.state["sampler"])
         self.scheduler.load_state_dict(self.state["scheduler"])
         self.criterion.load_state_dict(Checkpoints.tensors(path, "criterion"), strict=False)
@@ -239,7 +245,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
-        tally = SampleTally(self.iters_per_epoch * cfg.data.p * cfg.data.k * cfg.epochs, cfg.data.max_bad_fraction,
+        tally = SampleTally(len(self.train_set), cfg.data.max_bad_fraction,
                             "training")
         for epoch in range(self.state["epoch"], cfg.epochs):
             self.sampler.set_epoch(epoch)
@@ -413,6 +419,7 @@ class Trainer:
         return format_table(["epoch", "split", "mAP", "R1", "R5", "R10", "mINP", "note"], rows)
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` and return the run's state (history, best mAP)."""
-    return Trainer(cfg, resume).fit()
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` and return the run's state (history, best mAP); ``resume``
+    and ``overwrite`` as in ``shared.rundir.claim_run_dir``."""
+    return Trainer(cfg, resume, overwrite).fit()

@@ -21,9 +21,12 @@ The reference forms the B x N similarity to every slot, index_adds it into a C x
 exponentiates and normalises; its backward multiplies the B x N gradient by the N x d memory. Here:
 
 * Clusters (classes with >= 2 member slots) keep an fp32 ``sum`` of their member vectors (K x d) and a
-  count. They are recomputed exactly by :meth:`initialize`, :meth:`set_labels`, :meth:`rebuild` and on
-  ``load_state_dict``; the momentum update adds ``new - old`` (the stored, i.e. rounded, values) of each
-  touched slot to its cluster's sum: O(B d) per step. A cluster logit is ``(f . sum) / (n tau)``.
+  count. They are recomputed exactly by :meth:`initialize`, :meth:`set_labels` and :meth:`rebuild`; the
+  momentum update adds ``new - old`` (the stored, i.e. rounded, values) of each touched slot to its
+  cluster's sum: O(B d) per step. A cluster logit is ``(f . sum) / (n tau)``. The sums are saved in
+  ``state_dict`` (``cluster_sums``) and restored as they were, not recomputed: a recompute differs
+  from the incremental sums in the last bits, so a run resumed from a checkpoint taken between two
+  clusterings would otherwise not continue bit for bit.
 * Singleton classes have ``mu = v`` itself: their logits are taken straight from the slot vectors
   (gathered in chunks through a reused buffer), so no C x d centroid copy of the bank is held.
 * Classes are scanned in chunks of ``chunk_size``, exponentials taken relative to the target logit
@@ -87,8 +90,6 @@ multi-GB bank from rank 0 on every forward; do not pass it to ``accelerator.prep
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,8 +139,10 @@ class HybridMemory(nn.Module):
     """SpCL's hybrid memory with the unified contrastive loss (see the module docstring).
 
     Buffers (saved in ``state_dict``): ``features`` (num_samples, dim) in ``dtype``, ``labels``
-    (num_samples,) int64. Derived, not saved, rebuilt on load: per-cluster fp32 sums and counts, the
-    slot -> cluster map and the list of singleton slots.
+    (num_samples,) int64, and ``cluster_sums`` (clusters, dim) fp32, the incrementally kept sums. Derived
+    from the labels, not saved, rebuilt on load: cluster counts, the slot -> cluster map and the list of
+    singleton slots. A state without ``cluster_sums``, or whose features have another dtype than this
+    store (they are rounded on load), gets its sums recomputed.
     """
 
     def __init__(self, num_samples: int, dim: int, temperature: float = 0.05, momentum: float = 0.2,
@@ -215,12 +218,6 @@ class HybridMemory(nn.Module):
         self.labels.copy_(labels.to(self.labels.device, torch.long))
         self.rebuild()
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Features and labels from a checkpoint; the derived class index and sums are rebuilt from them."""
-        result = super().load_state_dict(state_dict, strict, assign)
-        self.rebuild()
-        return result
-
     @torch.no_grad()
     def rebuild(self) -> None:
         """Recompute the derived class index and cluster sums exactly from ``features`` and ``labels``."""
@@ -277,13 +274,27 @@ class HybridMemory(nn.Module):
                 f"classes={self.num_classes}")
 
     # -- state -----------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "cluster_sums"] = self._cluster_sums if keep_vars else self._cluster_sums.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        sums = state_dict.pop(prefix + "cluster_sums", None)
+        features = state_dict.get(prefix + "features")
         before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) == before:
-            self.rebuild()
+        if len(error_msgs) != before:
+            return
+        self.rebuild()
+        if sums is None or not isinstance(features, Tensor) or features.dtype != self.dtype:
+            return
+        if tuple(sums.shape) != tuple(self._cluster_sums.shape):
+            error_msgs.append(f"size mismatch for {prefix}cluster_sums: the labels give "
+                              f"{tuple(self._cluster_sums.shape)}, the state has {tuple(sums.shape)}")
+            return
+        self._cluster_sums = sums.to(self._cluster_sums.device, torch.float32).clone()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -47,6 +47,24 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
   minutes while the other ranks wait.
 * Images whose bytes cannot be decoded are left out of the memory's classes and never sampled,
   instead of ending the run.
+* An epoch whose clustering leaves fewer pseudo-classes than P x processes (a collapsed clustering, or
+  ``cluster.drop_outliers`` on a small pool) keeps training instead of stopping: ``multiple_gallery``
+  needs no P distinct classes (its batches are cut from repeated passes over the classes there are),
+  and ``pk`` draws each batch's P classes with replacement (``data/samplers.py``, ``replacement``);
+  the epoch prints one line saying so and logs ``cluster/below_p`` (1) beside ``cluster/pseudo_classes``.
+  A clustering that leaves no class at all (every image an outlier, dropped) trains that epoch on the
+  images' instance classes (each image its own class, as when outliers are kept), with a printed line.
+  A resumed epoch builds its batches from the restored labels through the same path.
+* Exact resume (bit-identical with ``OMP_NUM_THREADS=1``), also mid-epoch and with DataLoader workers:
+  each drawn image's augmentation is seeded by (seed, epoch, batch number, rank, position in the batch)
+  (``data/draws.py``), so it does not depend on worker count, worker assignment or the batches a resumed
+  epoch skips; the memory's incrementally kept cluster sums are checkpointed (``pretrain/memory.py``).
+* With several processes every rank's BatchNorm buffers are overwritten with rank 0's before each
+  feature extraction, checkpoint and export. DDP itself (``broadcast_buffers``) gives every rank
+  rank 0's buffers at the start of each forward, so rank 0's are the run's statistics, the ones
+  checkpointed and the ones a resumed run starts from; broadcasting them (rather than averaging the
+  ranks') makes the ranks embed their shares of the pool alike and a resumed run equal to a whole one.
+  SpCL leaves each GPU's statistics as they are.
 * Re-extraction before clustering is an option (SpCL never re-extracts), as is the learning-rate
   schedule (``milestones``; SpCL's ``StepLR(step_size=20)`` over 50 epochs is [20, 40], the DM-OSNet
   recipe's decay every 10 of 30 epochs [10, 20]).
@@ -58,6 +76,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +92,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
+from data.draws import SeededBatches, SeededDraws
 from data.readers import ConcatShards, IndexedShards, SampleTally, collate
 from data.samplers import MultipleGallerySampler, PKSampler
 from data.shards import ShardError, load_manifest
@@ -86,6 +106,7 @@ from shared.config import ConfigError, choice, config_main, save_config
 from shared.heads import build_pooling
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
+from shared.rundir import claim_run_dir
 from shared.table import format_table
 from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
@@ -186,24 +207,31 @@ class PseudoIdentityBatches(Sampler[list[int]]):
     """``iters`` batches of P x K memory slots for this rank, cycling through P·world x K global batches.
 
     Global batch b is the same on every rank (the ``sampler`` kind seeded by (seed, epoch, round)); rank
-    r takes its r-th slice of P x K, so the concatenation over ranks is the global batch.
+    r takes its r-th slice of P x K, so the concatenation over ranks is the global batch. Fewer
+    pseudo-classes than P·world are drawn with replacement (``pk``) or from repeated passes.
     """
 
     def __init__(self, labels: np.ndarray, camids: np.ndarray | None, p: int, k: int, iters: int, seed: int,
                  epoch: int, rank: int, world_size: int, start: int = 0, sampler: str = "multiple_gallery"):
         super().__init__()
-        self.sampler = SAMPLERS[sampler](labels, camids, p=p * world_size, k=k, seed=seed)
+        self.sampler = SAMPLERS[sampler](labels, camids, p=p * world_size, k=k, seed=seed, replacement=True)
         self.iters, self.epoch, self.rank, self.size, self.start = iters, epoch, rank, p * k, start
 
     def __len__(self) -> int:
         return self.iters - self.start
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, batch in self.keyed():
+            yield batch
+
+    def keyed(self) -> Iterator[tuple[tuple[int, int, int], list[int]]]:
+        """As iterating, with each batch's key ``(epoch, iteration in the epoch, rank)`` (``data/draws.py``)."""
         done, rounds = 0, 0
         while done < self.iters:
             for batch in self.sampler.global_batches((self.epoch << 16) + rounds):
                 if done >= self.start:  # a resumed epoch skips the batches its checkpoint had trained on
-                    yield batch[self.rank * self.size:(self.rank + 1) * self.size].tolist()
+                    mine = batch[self.rank * self.size:(self.rank + 1) * self.size]
+                    yield (self.epoch, done, self.rank), mine.tolist()
                 done += 1
                 if done == self.iters:
                     return
@@ -241,10 +269,10 @@ def true_identities(pool: ConcatShards, samples: np.ndarray) -> np.ndarray | Non
 
 
 class SpCLTrainer:
-    def __init__(self, cfg: SpCLConfig, resume: bool = False):
+    def __init__(self, cfg: SpCLConfig, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
-        self._check_inputs(resume)
+        self._check_inputs()
         cuda = torch.cuda.is_available()
         self.accelerator = Accelerator(
             cpu=not cuda, mixed_precision=cfg.amp if cuda else "no", log_with="tensorboard",
@@ -252,6 +280,10 @@ class SpCLTrainer:
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
         acc = self.accelerator
         set_seed(cfg.seed)
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
+        claim_run_dir(self.run_dir, cfg, resume, overwrite, acc.is_main_process)
+        resume_from = self.checkpoints.resume_point(acc.print) if resume else None
+        acc.wait_for_everyone()  # every rank has checked the directory before the main one writes to it
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         d = cfg.data
@@ -284,12 +316,11 @@ class SpCLTrainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
         self.model, self.optimizer = acc.prepare(encoder, optimizer)
         self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
         self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "history": [],
                                       "world_size": acc.num_processes}
         self.truth = true_identities(ConcatShards(parts), self.slots) if acc.is_main_process else None
-        if resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
         else:
             if cfg.bn_calibration_batches > 0:
                 self._calibrate_batchnorm()
@@ -298,7 +329,7 @@ class SpCLTrainer:
             save_config(cfg, self.run_dir / "config.yaml")
         acc.init_trackers("tensorboard")
 
-    def _check_inputs(self, resume: bool) -> None:
+    def _check_inputs(self) -> None:
         """One-line errors for every input before any model is built or image read."""
         weights = self.cfg.encoder.weights
         if not weights:
@@ -315,8 +346,6 @@ class SpCLTrainer:
             raise ConfigError("data.query and data.gallery go together: give both or neither")
         if d.cfs_ranking and not Path(d.cfs_ranking).is_file():
             raise FileNotFoundError(f"data.cfs_ranking: no such file {d.cfs_ranking}")
-        if resume and Checkpoints(self.run_dir / "checkpoints", 1).latest() is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
 
     # -- features --------------------------------------------------------------------------------
     def _extract(self, dataset: Any, samples: np.ndarray, name: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -326,6 +355,7 @@ class SpCLTrainer:
         and the positions (into ``samples``) they belong to.
         """
         acc, d = self.accelerator, self.cfg.data
+        self._sync_batchnorm()
         bounds = np.linspace(0, len(samples), acc.num_processes + 1).astype(int)
         lo, hi = bounds[acc.process_index], bounds[acc.process_index + 1]
         loader = DataLoader(Subset(dataset, samples[lo:hi].tolist()), batch_size=d.test_batch_size,
@@ -339,6 +369,15 @@ class SpCLTrainer:
         position = acc.gather(acc.pad_across_processes(position.to(acc.device), dim=0, pad_index=-1)).cpu()
         keep = position >= 0
         return feats[keep], position[keep].numpy()
+
+    @torch.no_grad()
+    def _sync_batchnorm(self) -> None:
+        """Every rank's buffers (BatchNorm running statistics) := rank 0's, which DDP also hands every rank
+        at each forward (module docstring: broadcast, not a mean)."""
+        if self.accelerator.num_processes == 1:
+            return
+        for buffer in self.accelerator.unwrap_model(self.model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
     @torch.no_grad()
     def _calibrate_batchnorm(self) -> None:
@@ -400,6 +439,10 @@ class SpCLTrainer:
                 acc.get_tracker("tensorboard", unwrap=True).add_histogram("cluster/sizes", sizes,
                                                                           self.state["iteration"])
         labels = broadcast(labels, from_process=0)
+        if not (labels >= 0).any():  # cluster.drop_outliers and no cluster at all: nothing would be trained
+            valid = self.valid.to(labels.device)
+            labels = torch.where(valid, torch.arange(len(labels), device=labels.device), labels)
+            acc.print(f"epoch {epoch + 1}: no cluster and outliers dropped: every image is its own class this epoch")
         self.memory.set_labels(labels)
         return row
 
@@ -422,6 +465,7 @@ class SpCLTrainer:
                 acc.print(self._row_line(row))
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
                 self._checkpoint()
+        self._sync_batchnorm()
         if acc.is_main_process:
             self._export("backbone_final.safetensors")
             acc.print(self.results_table())
@@ -436,12 +480,13 @@ class SpCLTrainer:
         labels = self.memory.labels.cpu().numpy()
         sampler = PseudoIdentityBatches(labels, self.slot_camids, cfg.data.p, cfg.data.k, cfg.iters_per_epoch,
                                         cfg.seed, epoch, acc.process_index, acc.num_processes, start, cfg.sampler)
-        # The loader draws its workers' base seed from its own generator, not the global RNG: a run resumed
-        # mid-epoch then draws the same augmentations (restored global RNG) as the run it continues.
-        loader = DataLoader(Subset(self.train_pool, self.slots.tolist()), batch_sampler=sampler,
-                            num_workers=cfg.data.workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed((cfg.seed << 20) + epoch))
-        tally = SampleTally(len(sampler) * cfg.data.p * cfg.data.k, cfg.data.max_bad_fraction, "training")
+        self._log_pseudo_classes(epoch, labels)
+        # Each image's augmentation is seeded by its draw (data/draws.py); the loader's own generator keeps
+        # its worker base seed off the global RNG, which the training loop alone consumes.
+        loader = DataLoader(SeededDraws(Subset(self.train_pool, self.slots.tolist())),
+                            batch_sampler=SeededBatches(sampler, cfg.seed), num_workers=cfg.data.workers,
+                            collate_fn=collate, generator=torch.Generator().manual_seed((cfg.seed << 20) + epoch))
+        tally = SampleTally(len(self.slots), cfg.data.max_bad_fraction, "training")
         self.model.train()
         bar = tqdm(tally.wrap(loader), total=cfg.iters_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    leave=False, disable=not acc.is_local_main_process)
@@ -466,6 +511,16 @@ class SpCLTrainer:
                 self._checkpoint(step)
                 del self.state["partial"]
         return total / max(cfg.iters_per_epoch, 1)
+
+    def _log_pseudo_classes(self, epoch: int, labels: np.ndarray) -> None:
+        """Say when the epoch has fewer pseudo-classes than a global batch has identity slots (P x processes)."""
+        acc, p = self.accelerator, self.cfg.data.p * self.accelerator.num_processes
+        classes = len(np.unique(labels[labels >= 0]))
+        if classes < p:
+            how = "draws its classes with replacement" if self.cfg.sampler == "pk" else "cycles passes over them"
+            acc.print(f"epoch {epoch + 1}: {classes} pseudo-classes, fewer than p x processes = {p}: "
+                      f"each batch {how}")
+        acc.log({"cluster/pseudo_classes": classes, "cluster/below_p": int(classes < p)}, step=self.state["iteration"])
 
     def _evaluate(self) -> dict[str, float]:
         acc, d = self.accelerator, self.cfg.data
@@ -503,13 +558,14 @@ class SpCLTrainer:
     def _checkpoint(self, step: int = 0) -> None:
         """End of epoch (``step`` 0) or after iteration ``step`` of the epoch in progress."""
         self._check_replicas()
+        self._sync_batchnorm()
         self.state["scheduler"] = self.scheduler.state_dict()
         self.state["clustering"] = self.clustering.state_dict()
         self.checkpoints.save(self.accelerator, self.state["epoch"], self.state,
                               {"memory": {**self.memory.state_dict(), "valid": self.valid}}, step)
 
-    def _resume(self) -> None:
-        path, self.state = self.checkpoints.restore(self.accelerator)
+    def _resume(self, checkpoint: Path) -> None:
+        path, self.state = self.checkpoints.restore(self.accelerator, checkpoint)
         tensors = Checkpoints.tensors(path, "memory")
         self.valid = tensors.pop("valid").bool()
         if len(self.valid) != len(self.slots):
@@ -550,9 +606,10 @@ class SpCLTrainer:
         return format_table(shown, rows)
 
 
-def pretrain(cfg: SpCLConfig, resume: bool = False) -> dict[str, Any]:
-    """Run SpCL on ``cfg.data`` and return the run's state (per-epoch history)."""
-    return SpCLTrainer(cfg, resume).fit()
+def pretrain(cfg: SpCLConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run SpCL on ``cfg.data`` and return the run's state (per-epoch history); ``resume`` and
+    ``overwrite`` as in ``shared.rundir.claim_run_dir``."""
+    return SpCLTrainer(cfg, resume, overwrite).fit()
 
 
 def main(argv: list[str] | None = None) -> int:

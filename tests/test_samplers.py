@@ -171,7 +171,6 @@ def test_resume_mid_epoch(cls: type[PKSampler]) -> None:
         ({"rank": -1}, r"rank must be in \[0, 1\), got -1"),
         ({"world_size": 0}, "world_size must be >= 1"),
         ({"camids": [0, 1]}, "camids has 2 entries but pids has"),
-        ({"p": 61}, "need at least p=61 identities with pid >= 0, got 60"),
         ({"pids": [0.5, 1.5]}, "pids must be a 1-D array of integers"),
     ],
 )
@@ -181,6 +180,45 @@ def test_invalid_arguments(cls: type[PKSampler], kwargs: dict, match: str) -> No
     args = {"pids": pids, "camids": camids, "p": P, "k": K, **kwargs}
     with pytest.raises(ValueError, match=match):
         cls(**args)
+
+
+@pytest.mark.parametrize("cls", SAMPLERS)
+def test_fewer_than_p_identities_raise_unless_drawn_with_replacement(cls: type[PKSampler]) -> None:
+    pids, camids = make_labels()
+    with pytest.raises(ValueError, match="need at least p=61 identities with pid >= 0, got 60"):
+        cls(pids, camids, p=61, k=K)
+    # 3 identities for P=4: every batch is P x K images of those identities, each identity's groups in turn
+    few = np.repeat([5, 9, 2], [9, 1, 4])
+    sampler = cls(few, np.arange(len(few)) % 3, p=P, k=K, seed=2, replacement=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) >= 1
+    groups = 4 if cls is PKSampler else 3  # PK: 9 // K + 1 + 1 groups; camera-aware: one per identity
+    assert len(batches) == max(groups // P, 1)
+    for batch in batches:
+        assert len(batch) == P * K and set(few[batch]) <= {5, 9, 2}
+        counts = Counter(few[batch].tolist())
+        assert all(c % K == 0 for c in counts.values())
+    assert list(cls(few, np.arange(len(few)) % 3, p=P, k=K, seed=2, replacement=True)) == batches
+    # with at least P identities replacement changes nothing
+    assert list(cls(pids, camids, p=P, k=K, seed=3, replacement=True)) == list(cls(pids, camids, p=P, k=K, seed=3))
+
+
+def test_multiple_gallery_needs_one_identity_not_p() -> None:
+    few = np.repeat([5, 9], [6, 3])
+    batches = list(MultipleGallerySampler(few, None, p=P, k=K, seed=1))
+    assert batches and all(len(b) == P * K and set(few[b]) <= {5, 9} for b in batches)
+    with pytest.raises(ValueError, match="need at least one identity with pid >= 0, got 0"):
+        MultipleGallerySampler([-1, -1], None, p=P, k=K)
+
+
+@pytest.mark.parametrize("cls", ALL_SAMPLERS)
+def test_keyed_batches_carry_epoch_and_global_batch_number(cls: type[PKSampler]) -> None:
+    rank1 = make_sampler(cls, seed=4, rank=1, world_size=2)
+    rank1.set_epoch(3)
+    keyed = list(rank1.keyed())
+    assert [b for _, b in keyed] == rank1.rank_batches(3).tolist()
+    assert [key for key, _ in keyed] == [(3, 1 + 2 * i) for i in range(len(keyed))]
+    assert rank1.epoch == 4  # a completed pass moves on, as iterating does
 
 
 def test_camera_aware_requires_camids() -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -158,36 +161,139 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pool: P
     assert max((b1[k] - b2[k]).abs().max().item() for k in weights) <= 1e-3
 
 
-def test_a_run_killed_mid_epoch_resumes_from_its_iteration_checkpoint(
-        tiny_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """checkpoint_every_iters: a kill after iteration 4 of epoch 2 loses nothing; the resumed run keeps
-    that epoch's labels, skips the batches it trained on and ends where the whole run ends.
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Exact means bit-identical with one intra-op thread (floating-point reductions keep their order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
-    The resumed memory rebuilds its cluster sums exactly where the whole run's are incremental (fp32
-    rounding); after one more step the runs agree to ~1e-7, while Adam would grow that rounding to
-    ~1e-4 within three steps (its first steps are about lr for any gradient sign), so the kill comes
-    one step before the end."""
-    extra = ("checkpoint_every_iters=2", "iters_per_epoch=5")
-    whole = spcl.pretrain(_config(tiny_pool, tmp_path, "whole", *extra))
+
+def _assert_identical(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)}/{len(ta)} tensors of {a.name} differ, first {differ[0]}"
+
+
+@contextmanager
+def _killed_after(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> Iterator[None]:
+    """Within the block, the run dies right after writing the checkpoint of iteration ``step`` of 0-based ``epoch``."""
     real = spcl.SpCLTrainer._checkpoint
 
-    def dies_after_iteration_4_of_epoch_2(self: spcl.SpCLTrainer, step: int = 0) -> None:
-        real(self, step)
-        if self.state["epoch"] == 1 and step == 4:
+    def dies(self: spcl.SpCLTrainer, at: int = 0) -> None:
+        real(self, at)
+        if self.state["epoch"] == epoch and at == step:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", dies_after_iteration_4_of_epoch_2)
+    monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", dies)
     with pytest.raises(KeyboardInterrupt):
-        spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra))
+        yield
     monkeypatch.setattr(spcl.SpCLTrainer, "_checkpoint", real)
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "epoch-0001-step-0000004"
+
+
+def _assert_resumed_run_is_the_whole_run(run: Path, whole: Path, resumed: dict, reference: dict) -> None:
+    def timeless(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in history]
+
+    assert resumed["iteration"] == reference["iteration"]
+    assert timeless(resumed["history"]) == timeless(reference["history"])  # clusters, losses, ARI: equal
+    _assert_identical(whole / "backbone_final.safetensors", run / "backbone_final.safetensors")
+    last = max(p.name for p in (whole / "checkpoints").iterdir() if p.name.startswith("epoch-"))
+    for name in ("memory.safetensors", "model.safetensors"):
+        _assert_identical(whole / "checkpoints" / last / name, run / "checkpoints" / last / name)
+
+
+def test_two_processes_resume_to_the_whole_run_with_one_set_of_batchnorm_statistics(
+        tiny_pool: Path, tmp_path: Path) -> None:
+    """2 ranks re-extracting before every clustering: rank 1's BatchNorm statistics (its own after the
+    epoch's last forward) are replaced by rank 0's before extraction and checkpoints, so the run resumed
+    from its epoch-1 checkpoint (which holds rank 0's) re-extracts the same memory and ends equal to
+    the whole run, tensor for tensor."""
+    args = ("cluster_features=reextract", "iters_per_epoch=2")
+    proc = _torchrun(_overrides(tiny_pool, tmp_path, "whole", *args), tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    # the same run killed after its epoch-1 checkpoint: a copy of the directory as it then was
+    shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "epoch-0002")
+    (tmp_path / "killed" / "checkpoints" / "latest").write_text("epoch-0001")
+    proc = _torchrun([*_overrides(tiny_pool, tmp_path, "killed", *args), "--resume"], tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    state = json.loads((tmp_path / "killed" / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text())
+    reference = json.loads((tmp_path / "whole" / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text())
+    assert state["replicas_identical"] is True and state["world_size"] == 2
+    assert [r["outliers"] for r in state["history"]] == [r["outliers"] for r in reference["history"]]
+    _assert_identical(tmp_path / "whole" / "backbone_final.safetensors", tmp_path / "killed" / "backbone_final.safetensors")
+    for name in ("memory.safetensors", "model.safetensors"):
+        _assert_identical(tmp_path / "whole" / "checkpoints" / "epoch-0002" / name,
+                          tmp_path / "killed" / "checkpoints" / "epoch-0002" / name)
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_iteration_checkpoint_bit_for_bit(
+        tiny_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """checkpoint_every_iters with 2 DataLoader workers: a kill after iteration 2 of epoch 2 loses nothing;
+    the resumed run keeps that epoch's labels, skips the batches it trained on, draws the same
+    augmentations for the rest and continues the memory's incremental cluster sums, so it ends with
+    every tensor equal to the whole run's."""
+    extra = ("checkpoint_every_iters=2", "iters_per_epoch=4", "data.workers=2")
+    whole = spcl.pretrain(_config(tiny_pool, tmp_path, "whole", *extra))
+    with _killed_after(monkeypatch, 1, 2):
+        spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra))
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "epoch-0001-step-0000002"
     resumed = spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra), resume=True)
-    assert resumed["iteration"] == whole["iteration"] == 10
-    assert [r["clusters"] for r in resumed["history"]] == [r["clusters"] for r in whole["history"]]
-    assert np.allclose([r["loss"] for r in resumed["history"]], [r["loss"] for r in whole["history"]], atol=1e-4)
-    a = load_file(str(tmp_path / "whole" / "backbone_final.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "backbone_final.safetensors"))
-    assert all((a[k].float() - b[k].float()).abs().max() <= 1e-5 for k in a)
+    assert resumed["iteration"] == 8
+    _assert_resumed_run_is_the_whole_run(tmp_path / "killed", tmp_path / "whole", resumed, whole)
+
+
+def _scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for events in sorted((run / "tensorboard").rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values += [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    return values
+
+
+@pytest.mark.parametrize("sampler", ["pk", "multiple_gallery"])
+def test_fewer_pseudo_classes_than_p_keep_training_and_resume_alike(
+        tiny_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        one_thread: None, sampler: str) -> None:
+    """A 64-image pool whose clustering (outliers dropped) leaves 6, then 2 classes for P=16: both epochs
+    train (pk: classes drawn with replacement; multiple_gallery: repeated passes), say so in a line and
+    in TensorBoard, and a run killed mid-epoch 2 resumes through the same path to the same tensors."""
+    extra = ("data.max_images=64", "cluster.drop_outliers=true", "data.p=16", f"sampler={sampler}",
+             "checkpoint_every_iters=2", "iters_per_epoch=3")
+    whole = spcl.pretrain(_config(tiny_pool, tmp_path, "whole", *extra))
+    assert [(r["clusters"], r["outliers"] > 0) for r in whole["history"]] == [(6, False), (2, True)]
+    out = capsys.readouterr().out
+    how = "draws its classes with replacement" if sampler == "pk" else "cycles passes over them"
+    for epoch, classes in ((1, 6), (2, 2)):
+        assert f"epoch {epoch}: {classes} pseudo-classes, fewer than p x processes = 16: each batch {how}" in out
+    assert _scalars(tmp_path / "whole", "cluster/below_p") == [(0, 1.0), (3, 1.0)]
+    assert _scalars(tmp_path / "whole", "cluster/pseudo_classes") == [(0, 6.0), (3, 2.0)]
+    with _killed_after(monkeypatch, 1, 2):
+        spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra))
+    resumed = spcl.pretrain(_config(tiny_pool, tmp_path, "killed", *extra), resume=True)
+    assert "epoch 2: 2 pseudo-classes, fewer than p x processes = 16" in capsys.readouterr().out
+    _assert_resumed_run_is_the_whole_run(tmp_path / "killed", tmp_path / "whole", resumed, whole)
+
+
+def test_a_clustering_without_any_class_trains_on_instance_classes(
+        tiny_pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """min_samples above the pool size: every image is noise, and dropped; the epochs still train."""
+    state = spcl.pretrain(_config(tiny_pool, tmp_path, "none", "data.max_images=64", "cluster.drop_outliers=true",
+                                  "cluster.min_samples=70", "cluster.self_paced=false"))
+    assert [(r["clusters"], r["outliers"]) for r in state["history"]] == [(0, 64), (0, 64)]
+    assert all(r["loss"] > 0 for r in state["history"])
+    out = capsys.readouterr().out
+    for epoch in (1, 2):
+        assert f"epoch {epoch}: no cluster and outliers dropped: every image is its own class this epoch" in out
 
 
 def test_a_dying_rank_stops_the_other_instead_of_hanging(tiny_pool: Path, tmp_path: Path) -> None:
