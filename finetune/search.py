@@ -4,7 +4,9 @@
         --gallery GALLERY_DIR --query QUERY_DIR_OR_IMAGE [--topk 5] [--index PATH] [--json] [--batch-size 32]
 
 Images are .jpg/.jpeg/.png/.bmp files found recursively under each folder, in sorted path order (the
-query may also be one image file). Each is decoded to uint8 RGB with PIL and resized on the host to the
+query may also be one image file). Each is decoded to uint8 RGB (JPEG and PNG of any mode, 16-bit
+included, by ``data.readers.decode``; BMP by PIL; over ``MAX_IMAGE_PIXELS`` refused from the header)
+and resized on the host to the
 model's input size with the training pipeline's test transform (``data.transforms``: antialiased
 bilinear, rounded to uint8), so that images of any size batch together and get the features
 ``finetune/evaluate.py`` would give them; the model's own resize is then the identity. A ``.safetensors``
@@ -20,7 +22,12 @@ similarity}]}``.
 ``--index PATH`` saves the gallery index to PATH and its description to PATH.json: the gallery files
 in index order, the images skipped, and a fingerprint of the weights (sha256) and of the gallery's file
 list with sizes and modification times. The next run with the same weights and an unchanged gallery
-reuses it ("reused" on stderr) without decoding the gallery; anything else rebuilds it.
+reuses it ("reused" on stderr) without decoding the whole gallery; anything else rebuilds it. The
+description is not trusted: its file list must be the gallery's own (every listed image either indexed
+or skipped, in order), and the stored features of ``SPOT_CHECKS`` gallery images, drawn at random
+each run, must match those images' features (cosine >= ``SPOT_TOLERANCE``); an index that fails either
+check is rebuilt, with one line saying why. A forged index must therefore plant vectors the model
+gives to the images themselves, or hope that none of its planted rows is drawn.
 
 An unreadable image is skipped with a warning naming it; a missing or empty folder, or an unusable
 weights file, is a one-line error (exit status 2) before any model is loaded.
@@ -40,12 +47,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data.readers import MAX_IMAGE_PIXELS, decode
 from data.shards import sha256_file
 from data.transforms import TransformConfig, build_transforms
 from finetune.deploy import Embedder, load_embedder
 from shared.config import ConfigError
 from shared.io import atomic_open, atomic_write_json
 from shared.table import format_table
+from shared.text import printable
 from shared.weights import WeightsError
 
 try:
@@ -54,7 +63,9 @@ except ImportError:  # an optional dependency (faiss-cpu or faiss-gpu): main() s
     faiss = None
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-INDEX_FORMAT = 1  # bump when the description or the features change meaning, so old indexes are rebuilt
+INDEX_FORMAT = 2  # bump when the description or the features change meaning, so old indexes are rebuilt
+SPOT_CHECKS = 8  # gallery images re-embedded to check a reused index
+SPOT_TOLERANCE = 0.999  # cosine between a stored and a fresh feature (float noise of batching is < 1e-5)
 
 
 def list_images(path: Path) -> list[Path]:
@@ -72,9 +83,14 @@ def list_images(path: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """uint8 (3, H, W) RGB; ``OSError``/``ValueError`` for a file PIL cannot decode."""
+    """uint8 (3, H, W) RGB; ``OSError``/``ValueError`` for a file that cannot or must not be decoded."""
+    if path.suffix.lower() != ".bmp":
+        return decode(path.read_bytes()).numpy()
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image of {image.width}x{image.height} pixels is over the "
+                                 f"{MAX_IMAGE_PIXELS:,}-pixel limit")
             rgb = np.asarray(image.convert("RGB"))
     except (Image.DecompressionBombError, SyntaxError) as e:  # PIL's other ways of rejecting a file
         raise ValueError(str(e)) from None
@@ -103,7 +119,7 @@ def embed_images(embedder: Embedder, paths: Sequence[Path], batch_size: int,
             # PIL's message for a file it does not recognise repeats the path, which the warning names already.
             reason = ("not an image PIL can decode" if isinstance(e, UnidentifiedImageError)
                       else str(e).splitlines()[0] if str(e) else type(e).__name__)
-            warn(f"warning: {path}: unreadable image, skipped ({reason})")
+            warn(f"warning: {printable(str(path))}: unreadable image, skipped ({reason})")
             skipped.append((i, reason))
             continue
         batch.append(resize(torch.from_numpy(image)).numpy())
@@ -125,8 +141,9 @@ def gallery_fingerprint(weights_sha256: str, root: Path, paths: Sequence[Path]) 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_index(path: Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | None:
-    """The saved index and its description when both are intact and match ``fingerprint``, else None."""
+def load_index(path: Path, fingerprint: str, gallery: Sequence[str]) -> tuple[Any, dict[str, Any]] | None:
+    """The saved index and its description when both are intact, match ``fingerprint`` and list exactly
+    the ``gallery`` files (relative paths, in order), else None."""
     description_path = path.with_name(path.name + ".json")
     if not (path.is_file() and description_path.is_file()):
         return None
@@ -134,11 +151,26 @@ def load_index(path: Path, fingerprint: str) -> tuple[Any, dict[str, Any]] | Non
         description = json.loads(description_path.read_text())
         if description.get("fingerprint") != fingerprint or description.get("index_sha256") != sha256_file(path):
             return None
+        files, skipped = description["files"], dict(description["skipped"])
+        if len(files) + len(skipped) != len(gallery) or files != [f for f in gallery if f not in skipped]:
+            return None  # the description's file list is not this gallery's
         index = faiss.read_index(str(path))
-        intact = index.ntotal == len(description["files"]) and isinstance(description["skipped"], list)
+        intact = index.ntotal == len(files) and index.d > 0
     except (OSError, ValueError, RuntimeError, KeyError, TypeError):  # a damaged description or index
         return None
     return (index, description) if intact else None
+
+
+def spot_check(index: Any, files: Sequence[str], root: Path, embedder: Embedder, batch_size: int) -> str | None:
+    """None when the stored features of a random draw of ``SPOT_CHECKS`` indexed images match the images'
+    own; else the first mismatching file, one line."""
+    draw = np.random.default_rng().choice(len(files), size=min(SPOT_CHECKS, len(files)), replace=False)
+    fresh, kept, _ = embed_images(embedder, [root / files[i] for i in draw], batch_size, lambda _: None)
+    for row, position in enumerate(draw):
+        stored = index.reconstruct(int(position))
+        if row not in kept or float(fresh[kept.index(row)] @ stored) < SPOT_TOLERANCE:
+            return f"{printable(files[position])}: its stored feature is not the image's"
+    return None
 
 
 def save_index(index: Any, path: Path, description: dict[str, Any]) -> None:
@@ -201,12 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     cached = None
     if args.index is not None:
         fingerprint = gallery_fingerprint(sha256_file(args.weights), args.gallery, gallery_paths)
-        cached = load_index(args.index, fingerprint)
+        cached = load_index(args.index, fingerprint,
+                            [p.relative_to(args.gallery).as_posix() for p in gallery_paths])
+        if cached is not None and (mismatch := spot_check(cached[0], cached[1]["files"], args.gallery, embedder,
+                                                          args.batch_size)):
+            warn(f"index: {args.index} does not match the gallery ({mismatch}); rebuilding it")
+            cached = None
     if cached is not None:
         index, description = cached
         gallery_files = description["files"]
         for name, reason in description["skipped"]:
-            warn(f"warning: {args.gallery / name}: unreadable image, skipped ({reason})")
+            warn(f"warning: {printable(str(args.gallery / name))}: unreadable image, skipped ({printable(reason)})")
         warn(f"index: reused {args.index} ({len(gallery_files)} gallery images)")
     else:
         features, kept, skipped = embed_images(embedder, gallery_paths, args.batch_size, warn)
@@ -235,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        rows = [[q["query"], m["rank"], m["path"], round(m["similarity"], 4)] for q in results for m in q["matches"]]
+        rows = [[printable(q["query"]), m["rank"], printable(m["path"]), round(m["similarity"], 4)]
+                for q in results for m in q["matches"]]
         print(format_table(["query", "rank", "match", "similarity"], rows))
     return 0
 

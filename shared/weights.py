@@ -23,7 +23,6 @@ with safetensors. :func:`read_checkpoint` unwraps training checkpoints (``state_
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,11 +30,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from shared.checkpoint_layouts import NAMINGS, Naming, collapse_dsbn, head_candidates, prefixes, strip_module
-from shared.io import atomic_write_json
+from shared.io import atomic_open, atomic_write_json
 
 # Container keys that hold the state dict of a training checkpoint, in the order they are tried.
 NESTING_KEYS = ("state_dict", "model", "net", "module", "model_state_dict", "network")
@@ -65,10 +64,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         metadata = _header(path)
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # a sound header over truncated or overlapping data
+            raise WeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
         container = "safetensors state dict"
         if METADATA_KEY in metadata:
-            meta = json.loads(metadata[METADATA_KEY])
+            meta = _export_json(path, metadata)
             container = f"reidforge {meta.get('kind', 'model')} export ({meta.get('architecture', '?')})"
         ckpt = Checkpoint(tensors, metadata, container)
     else:
@@ -235,10 +237,13 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_partial: bool = Fa
 def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> None:
     """Write ``model``'s state as safetensors with ``metadata`` (JSON) in the header, atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    os.replace(tmp, path)
+    blob = save(state, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    try:
+        with atomic_open(path, "wb") as f:
+            f.write(blob)
+    except OSError as e:  # a full disk: atomic_open has removed its temporary, the old export is intact
+        raise WeightsError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def read_export_metadata(path: str | Path) -> dict[str, Any]:
@@ -248,7 +253,17 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     header = _header(path)
     if METADATA_KEY not in header:
         raise WeightsError(f"{path}: not a reidforge export (no '{METADATA_KEY}' metadata)")
-    return json.loads(header[METADATA_KEY])
+    return _export_json(path, header)
+
+
+def _export_json(path: str | Path, header: dict[str, str]) -> dict[str, Any]:
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: the '{METADATA_KEY}' metadata is not a JSON object")
+    return meta
 
 
 def _header(path: str | Path) -> dict[str, str]:

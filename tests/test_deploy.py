@@ -194,6 +194,66 @@ def test_search_finds_copies_and_reuses_its_index(resnet18: tuple[Path, Path, di
     assert rc == 0 and "index: reused" in err and "broken.jpg: unreadable image" in err
 
 
+def _forge(index_path: Path, change) -> None:
+    """Edit a saved index and/or its description, then recompute the hash that ties them together."""
+    description_path = index_path.with_name(index_path.name + ".json")
+    description = json.loads(description_path.read_text())
+    index = search.faiss.read_index(str(index_path))
+    index, description = change(index, description)
+    data = search.faiss.serialize_index(index).tobytes()
+    index_path.write_bytes(data)
+    description["index_sha256"] = hashlib.sha256(data).hexdigest()
+    description_path.write_text(json.dumps(description))
+
+
+def test_search_never_trusts_a_forged_index(resnet18: tuple[Path, Path, dict[str, Any]],
+                                            folders: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    weights = resnet18[0]
+    gallery, query = folders
+    index_path = tmp_path / "g.faiss"
+    common = ("--weights", weights, "--gallery", gallery, "--query", query / "q04.png", "--topk", 2,
+              "--index", index_path, "--json")
+    rc, out, err = run_search(capsys, *common)
+    assert rc == 0 and "index: built" in err
+    honest = json.loads(out)
+
+    def plant(index: Any, description: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        # Every stored row becomes the query's own feature: any gallery image would rank first.
+        target = index.reconstruct(description["files"].index("g04.png"))
+        forged = search.faiss.IndexFlatIP(index.d)
+        forged.add(np.tile(target, (index.ntotal, 1)))
+        return forged, description
+
+    _forge(index_path, plant)
+    rc, out, err = run_search(capsys, *common)
+    assert rc == 0 and "its stored feature is not the image's); rebuilding it" in err and "index: built" in err
+    assert json.loads(out) == honest
+
+    def rename(index: Any, description: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        files = description["files"]
+        files[0], files[1] = files[1], files[0]  # the ranking would name the wrong image
+        return index, description
+
+    _forge(index_path, rename)
+    rc, out, err = run_search(capsys, *common)
+    assert rc == 0 and "index: built" in err and json.loads(out) == honest
+    rc, _, err = run_search(capsys, *common)
+    assert rc == 0 and "index: reused" in err
+
+
+def test_search_prints_names_with_control_characters_escaped(resnet18: tuple[Path, Path, dict[str, Any]],
+                                                             folders: tuple[Path, Path],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    gallery, query = folders
+    (gallery / "g04.png").rename(gallery / "evil\x1b[2J.png")
+    (gallery / "bad\x07.jpg").write_bytes(b"")
+    rc, out, err = run_search(capsys, "--weights", resnet18[0], "--gallery", gallery, "--query", query / "q04.png",
+                              "--topk", 1)
+    assert rc == 0 and "\x1b" not in out + err and "\x07" not in err
+    assert "evil\\x1b[2J.png" in out and "bad\\x07.jpg: unreadable image, skipped (empty image (0 bytes))" in err
+
+
 def test_search_table_single_query_and_errors(resnet18: tuple[Path, Path, dict[str, Any]],
                                               folders: tuple[Path, Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
