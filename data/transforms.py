@@ -38,7 +38,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from shared.config import ConfigError
+from shared.config import ConfigError, bounded
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -46,14 +46,14 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @dataclass
 class TransformConfig:
-    height: int = 256
-    width: int = 128
-    flip: float = 0.5  # probability of a horizontal flip
-    pad: int = 10  # pixels of padding before the random crop; 0 disables pad+crop
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 disables it
-    random_erasing: float = 0.5  # probability of erasing one random rectangle
-    autoaugment: float = 0.0  # probability of AutoAugment's ImageNet policy (FastReID INPUT.AUTOAUG.PROB)
-    augmix: float = 0.0  # probability of AugMix (FastReID INPUT.AUGMIX.PROB)
+    height: int = bounded(256, 1)
+    width: int = bounded(128, 1)
+    flip: float = bounded(0.5, 0, 1)  # probability of a horizontal flip
+    pad: int = bounded(10, 0)  # pixels of padding before the random crop; 0 disables pad+crop
+    color_jitter: float = bounded(0.0, 0)  # brightness/contrast/saturation strength; 0 disables it
+    random_erasing: float = bounded(0.5, 0, 1)  # probability of erasing one random rectangle
+    autoaugment: float = bounded(0.0, 0, 1)  # probability of AutoAugment's ImageNet policy (FastReID INPUT.AUTOAUG.PROB)
+    augmix: float = bounded(0.0, 0, 1)  # probability of AugMix (FastReID INPUT.AUGMIX.PROB)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 

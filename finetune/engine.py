@@ -47,7 +47,7 @@ from finetune.optim import (OptimConfig, TrunkFreeze, build_center_optimizer, bu
                             check_schedule, freeze_iterations)
 from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, lai_keep, write_submission
 from shared.checkpoints import Checkpoints
-from shared.config import ConfigError, choice, save_config
+from shared.config import ConfigError, bounded, choice, save_config
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, evaluate_draws
 from shared.rundir import claim_run_dir
@@ -75,11 +75,11 @@ class DataConfig:
     val_query: str = ""
     val_gallery: str = ""
     sampler: str = choice("pk", "camera_aware")
-    p: int = 16
-    k: int = 4
-    workers: int = 2
-    test_batch_size: int = 128
-    max_bad_fraction: float = 0.01
+    p: int = bounded(16, 1)
+    k: int = bounded(4, 1)
+    workers: int = bounded(2, 0)
+    test_batch_size: int = bounded(128, 1)
+    max_bad_fraction: float = bounded(0.01, 0, 1)
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -88,26 +88,26 @@ class TrainConfig:
     run_name: str = "finetune"
     output_dir: str = "runs"
     seed: int = 0
-    epochs: int = 120
-    eval_every: int = 10
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2
+    epochs: int = bounded(120, 0)
+    eval_every: int = bounded(10, 1)
+    checkpoint_every: int = bounded(1, 1)
+    keep_checkpoints: int = bounded(2, 1)
     # Trunk frozen for the first iterations (FastReID SOLVER.FREEZE_ITERS) or epochs (MBR's
     # epoch_freeze_L1toL3); at most one non-zero; optim.freeze_mode says how (finetune/optim.py).
-    freeze_backbone_iters: int = 0
-    freeze_backbone_epochs: float = 0.0
+    freeze_backbone_iters: int = bounded(0, 0)
+    freeze_backbone_epochs: float = bounded(0.0, 0)
     amp: str = choice("no", "bf16", "fp16")
     flip_test: bool = False
     # market: one query/gallery pair; vehicleid: data.query/gallery are patterns such as
     # shards/vehicleid/query_{d}, every draw d = 0, 1, ... of the build is ranked and the metrics averaged.
     eval_protocol: str = choice("market", "vehicleid")
     rerank: bool = False
-    rerank_k1: int = 20
-    rerank_k2: int = 6
-    rerank_lambda: float = 0.3
+    rerank_k1: int = bounded(20, 1)
+    rerank_k2: int = bounded(6, 1)
+    rerank_lambda: float = bounded(0.3, 0, 1)
     distance: str = choice("cosine", "euclidean")
-    max_iters_per_epoch: int = 0  # 0 = every P×K batch of the epoch; > 0 caps it (tiny and smoke runs)
-    log_every: int = 20
+    max_iters_per_epoch: int = bounded(0, 0)  # 0 = every P×K batch of the epoch; > 0 caps it (tiny and smoke runs)
+    log_every: int = bounded(20, 1)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -173,6 +173,10 @@ class Trainer:
             self.num_classes = self.train_set.num_classes
             acc.print(f"LAI: dropped {self.train_dropped} of {len(keep)} training images without the labels the "
                       f"model embeds ({missing}); {self.num_classes} identities left")
+        identities = int(np.unique(self.train_set.pids[self.train_set.pids >= 0]).size)
+        if d.p > identities:
+            raise ConfigError(f"data.p={d.p}: the training data holds {identities} identities, and a P x K batch "
+                              f"needs p distinct ones (p <= {identities})")
         sampler_cls = CameraAwarePKSampler if d.sampler == "camera_aware" else PKSampler
         self.sampler = sampler_cls(self.train_set.pids, self.train_set.camids, p=d.p, k=d.k, seed=cfg.seed,
                                    rank=acc.process_index, world_size=acc.num_processes)
@@ -188,6 +192,9 @@ class Trainer:
         check_schedule(cfg.optim, cfg.epochs)
 
         model = build_model(cfg.model.name, self.num_classes, **cfg.model.options)
+        if d.k < 2 and any(t.loss == "triplet" for t in model.loss_terms):
+            raise ConfigError(f"data.k={d.k}: {cfg.model.name}'s triplet loss needs k >= 2 images per identity "
+                              "(an anchor without a positive gives a zero loss)")
         if cfg.model.weights:
             report = load_pretrained(model, cfg.model.weights, cfg.model.allow_partial,
                                      self.run_dir / WEIGHTS_REPORT if acc.is_main_process else None)

@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.models.base import LossTerm
-from shared.config import ConfigError
+from shared.config import ConfigError, bounded
 
 
 @dataclass
 class LossConfig:
-    label_smoothing: float = 0.1
+    label_smoothing: float = bounded(0.1, 0, 1)
     triplet_margin: float = 0.3  # <= 0 selects the soft margin
-    circle_margin: float = 0.25
-    circle_scale: float = 64.0
+    circle_margin: float = bounded(0.25, 0)
+    circle_scale: float = bounded(64.0, 0, None, lo_open=True)
 
 
 def batch_hard_triplet(features: torch.Tensor, pids: torch.Tensor, margin: float | None) -> torch.Tensor:

@@ -63,27 +63,27 @@ from timm.optim import Lookahead
 from torch import nn
 
 from finetune.models.base import ReIDModel
-from shared.config import ConfigError, choice
+from shared.config import ConfigError, bounded, choice
 
 
 @dataclass
 class OptimConfig:
     name: str = choice("adam", "adamw", "sgd", "rmsprop", "ranger")
-    lr: float = 3.5e-4
-    weight_decay: float = 5e-4
-    momentum: float = 0.9  # SGD and RMSprop
+    lr: float = bounded(3.5e-4, 0, None, lo_open=True)
+    weight_decay: float = bounded(5e-4, 0)
+    momentum: float = bounded(0.9, 0, 1)  # SGD and RMSprop
     nesterov: bool = False
     bias_decay: bool = True
     schedule: str = choice("multistep", "cosine")
-    warmup_epochs: float = 10.0
-    warmup_factor: float = 0.01
+    warmup_epochs: float = bounded(10.0, 0)
+    warmup_factor: float = bounded(0.01, 0, 1)
     milestones: list[int] = field(default_factory=lambda: [40, 70])
-    gamma: float = 0.1
-    min_lr_factor: float = 0.0
-    delay_epochs: float = 0.0  # cosine only: FastReID's SOLVER.DELAY_EPOCHS (held at lr, then per-epoch cosine)
+    gamma: float = bounded(0.1, 0, 1, lo_open=True)
+    min_lr_factor: float = bounded(0.0, 0, 1)
+    delay_epochs: float = bounded(0.0, 0)  # cosine only: FastReID's SOLVER.DELAY_EPOCHS (held at lr, then per-epoch cosine)
     freeze_mode: str = choice("fastreid", "mbr")  # how a trunk freeze runs (see the module docstring)
-    clip_grad_norm: float = 0.0  # 0 disables clipping
-    center_lr: float = 0.0  # > 0: center-loss centres get BoT's own SGD at this lr (BoT: 0.5); 0: main optimiser
+    clip_grad_norm: float = bounded(0.0, 0)  # 0 disables clipping
+    center_lr: float = bounded(0.0, 0)  # > 0: center-loss centres get BoT's own SGD at this lr (BoT: 0.5); 0: main optimiser
 
 
 def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool,

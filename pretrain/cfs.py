@@ -137,8 +137,8 @@ def load_embedder(path: str | Path, arch: str, options: dict[str, Any] | None = 
     options = dict(options or {})
     try:
         backbone = build_backbone(arch, **options)
-    except TypeError as e:
-        raise CFSError(f"backbone {arch!r} does not take the options {options} ({e})") from None
+    except ConfigError as e:  # an option the backbone does not take, named with the ones it does
+        raise CFSError(str(e)) from None
     try:
         model = Embedder(backbone, pooling, mean, std)
     except ValueError as e:

@@ -149,7 +149,7 @@ import torch
 from scipy.sparse import csgraph
 from sklearn.cluster import DBSCAN
 
-from shared.config import choice
+from shared.config import bounded, choice
 
 _MARGIN = 8  # candidates per row beyond k, so that the float32 boundary is settled among them
 _WIDE_MARGIN = 120  # second search for the rows the first could not certify
@@ -177,17 +177,17 @@ class ClusterConfig:
     """Clustering hyper-parameters; the defaults are SpCL's."""
 
     method: str = choice("dbscan", "hdbscan")
-    eps: float = 0.6
-    eps_gap: float = 0.02  # tight = eps - gap, loose = eps + gap
-    min_samples: int = 4
-    k1: int = 30
-    k2: int = 6
+    eps: float = bounded(0.6, 0, None, lo_open=True)
+    eps_gap: float = bounded(0.02, 0)  # tight = eps - gap, loose = eps + gap
+    min_samples: int = bounded(4, 1)
+    k1: int = bounded(30, 1)
+    k2: int = bounded(6, 1)
     knn: str = choice("exact", "int8", "ivf", "hnsw")  # kNN search (module docstring); GPU faiss when available
-    ivf_nprobe: int = _IVF_NPROBE  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
-    independence_quantile: float = 0.9  # SpCL: threshold fixed at the first clustering
+    ivf_nprobe: int = bounded(_IVF_NPROBE, 1)  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
+    independence_quantile: float = bounded(0.9, 0, 1)  # SpCL: threshold fixed at the first clustering
     self_paced: bool = True  # False = plain DBSCAN labels (no reliability criteria)
     drop_outliers: bool = False  # cluster-contrast style: un-clustered -> label -1 instead of singleton ids
-    hdbscan_min_cluster_size: int = 4
+    hdbscan_min_cluster_size: int = bounded(4, 2)
     hdbscan_cluster_selection: str = choice("eom", "leaf")
 
 

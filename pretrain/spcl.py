@@ -102,7 +102,7 @@ from pretrain.clustering import ClusterConfig, SelfPacedClustering
 from pretrain.memory import HybridMemory
 from shared.backbones import build_backbone
 from shared.checkpoints import Checkpoints
-from shared.config import ConfigError, choice, config_main, save_config
+from shared.config import ConfigError, bounded, choice, config_main, save_config
 from shared.heads import build_pooling
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
@@ -126,13 +126,13 @@ class EncoderConfig:
 class PoolConfig:
     splits: list[str] = field(default_factory=lambda: ["runs/demo/shards/synthetic_lup/pool"])
     cfs_ranking: str = ""  # ranking file (pretrain/cfs.py output or the released CFS_list.pkl); "" keeps all
-    cfs_keep: float = 0.5  # fraction of each split's ranked images kept when a ranking is given
-    max_images: int = 0  # > 0: only the first this many kept images of the pool (smoke and CPU runs)
-    p: int = 16  # pseudo-identities per process and iteration
-    k: int = 4  # images per pseudo-identity
-    workers: int = 2
-    test_batch_size: int = 128
-    max_bad_fraction: float = 0.01
+    cfs_keep: float = bounded(0.5, 0, 1, lo_open=True)  # fraction of each split's ranked images kept when a ranking is given
+    max_images: int = bounded(0, 0)  # > 0: only the first this many kept images of the pool (smoke and CPU runs)
+    p: int = bounded(16, 1)  # pseudo-identities per process and iteration
+    k: int = bounded(4, 1)  # images per pseudo-identity
+    workers: int = bounded(2, 0)
+    test_batch_size: int = bounded(128, 1)
+    max_bad_fraction: float = bounded(0.01, 0, 1)
     transform: TransformConfig = field(default_factory=TransformConfig)
     query: str = ""  # optional labelled query/gallery splits for retrieval checks during pretraining
     gallery: str = ""
@@ -140,8 +140,8 @@ class PoolConfig:
 
 @dataclass
 class MemoryConfig:
-    temperature: float = 0.05
-    momentum: float = 0.2
+    temperature: float = bounded(0.05, 0, None, lo_open=True)
+    momentum: float = bounded(0.2, 0, 1)
     dtype: str = choice("float32", "float16")  # float16 halves the memory of a LUPerson-size bank
 
 
@@ -150,27 +150,27 @@ class SpCLConfig:
     run_name: str = "spcl"
     output_dir: str = "runs"
     seed: int = 1
-    epochs: int = 50
-    iters_per_epoch: int = 400
+    epochs: int = bounded(50, 0)
+    iters_per_epoch: int = bounded(400, 1)
     cluster_features: str = choice("memory", "reextract")
     sampler: str = choice("multiple_gallery", "pk")  # SpCL's RandomMultipleGallerySampler, or P x K
-    samples_per_bn: int = 0  # split each process's batch into BatchNorm groups of this size; 0 = whole batch
+    samples_per_bn: int = bounded(0, 0)  # split each process's batch into BatchNorm groups of this size; 0 = whole batch
     # Train-mode passes (no gradient) over pool images that set the BatchNorm running statistics before
     # the first extraction: a random init's (0, 1) statistics make eval-mode features meaningless.
-    bn_calibration_batches: int = 0
-    lr: float = 3.5e-4
-    weight_decay: float = 5e-4
+    bn_calibration_batches: int = bounded(0, 0)
+    lr: float = bounded(3.5e-4, 0, None, lo_open=True)
+    weight_decay: float = bounded(5e-4, 0)
     milestones: list[int] = field(default_factory=lambda: [20, 40])  # SpCL: StepLR(step_size=20), 50 epochs
-    gamma: float = 0.1
+    gamma: float = bounded(0.1, 0, 1, lo_open=True)
     amp: str = choice("no", "bf16", "fp16")
-    eval_every: int = 10
-    checkpoint_every: int = 1
+    eval_every: int = bounded(10, 1)
+    checkpoint_every: int = bounded(1, 1)
     # > 0: also checkpoint every this many iterations inside an epoch, so that a LUPerson-length epoch
     # (hours) is never lost whole; --resume then continues from that iteration with the epoch's labels.
-    checkpoint_every_iters: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    dist_timeout_minutes: int = 120
+    checkpoint_every_iters: int = bounded(0, 0)
+    keep_checkpoints: int = bounded(2, 1)
+    log_every: int = bounded(20, 1)
+    dist_timeout_minutes: int = bounded(120, 1)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     data: PoolConfig = field(default_factory=PoolConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

@@ -2,7 +2,8 @@
 
 A config schema is a plain dataclass (nested dataclasses allowed). Values are merged in order
 schema defaults < YAML file < command-line overrides by OmegaConf, which checks types. A field whose
-values are restricted declares them with :func:`choice`. Every mistake (unknown key, wrong type,
+values are restricted declares them with :func:`choice`, a number's range with :func:`bounded` (a
+value that would lose work or mean nothing, such as an interval of 0, is refused at start). Every mistake (unknown key, wrong type,
 value outside the choices, malformed override, missing file) raises :class:`ConfigError` with one
 line that names the key and what would have been valid.
 """
@@ -17,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from shared.io import atomic_open
@@ -32,6 +34,19 @@ class ConfigError(ValueError):
 def choice(default: str, *options: str) -> Any:
     """A string field restricted to ``default`` and ``options``."""
     return dataclasses.field(default=default, metadata={"choices": (default, *options)})
+
+
+def bounded(default: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
+    """A numeric field that must lie in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); None = unbounded."""
+    return dataclasses.field(default=default, metadata={"bounds": (lo, hi, lo_open)})
+
+
+def _bound_error(value: float, lo: float | None, hi: float | None, lo_open: bool) -> str | None:
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        return f"must be {'>' if lo_open else '>='} {lo}"
+    if hi is not None and value > hi:
+        return f"must be <= {hi}"
+    return None
 
 
 def _fields_at(schema: type, dotted: str) -> list[str]:
@@ -52,6 +67,9 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
         options = f.metadata.get("choices")
         if options is not None and value not in options:
             raise ConfigError(f"config key '{key}': invalid value {value!r}; valid choices: {', '.join(options)}")
+        bounds = f.metadata.get("bounds")
+        if bounds is not None and (problem := _bound_error(value, *bounds)):
+            raise ConfigError(f"config key '{key}': {problem}, got {value!r}")
         if dataclasses.is_dataclass(value):
             _check_choices(value, f"{key}.")
 
@@ -65,6 +83,30 @@ def _resolve_types(schema: type) -> None:
             _resolve_types(f.type)
 
 
+def _load_yaml(path: Path) -> Any:
+    """A YAML mapping; a syntax error or a file that is not a mapping is one line naming the place."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a config file is a mapping of keys to values, this holds a list or a scalar")
+    return loaded
+
+
+def _is_list(schema: type, dotted: str) -> bool:
+    cls: Any = schema
+    for part in dotted.split("."):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return False
+        cls = fields[part]
+    return typing.get_origin(cls) is list
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a ``schema`` instance from its defaults, an optional YAML file and ``key=value`` overrides."""
     _resolve_types(schema)
@@ -75,12 +117,14 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             source = str(path)
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            layers.append(_load_yaml(Path(path)))
         for item in overrides:
             source = f"override '{item}'"
-            key, sep, _ = item.partition("=")
+            key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
+            if _is_list(schema, key) and not value.lstrip().startswith("["):
+                item = f"{key}=[{value}]"  # data.train=/path means the one-element list
             layers.append(OmegaConf.from_dotlist([item]))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)

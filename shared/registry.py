@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -36,4 +37,11 @@ class Registry(Generic[T]):
     def build(self, name: str, *args: Any, **kwargs: Any) -> T:
         if name not in self._builders:
             raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
-        return self._builders[name](*args, **kwargs)
+        builder = self._builders[name]
+        try:
+            inspect.signature(builder).bind(*args, **kwargs)
+        except TypeError as e:  # an option the builder does not take: name the ones it does
+            options = [p.name for p in inspect.signature(builder).parameters.values()
+                       if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][len(args):]
+            raise ConfigError(f"{self.kind} {name!r}: {e}; its options: {', '.join(options) or 'none'}") from None
+        return builder(*args, **kwargs)

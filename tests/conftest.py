@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.shards import WriteOptions, write_split
+from data.synthetic import SyntheticConfig, build_sources
 
 # The tests run many small tensor ops: one intra-op thread is faster there than two, and immune to a
 # busy machine's oversubscription.
@@ -56,6 +57,20 @@ def toy_split(tmp_path: Path, toy_source: ToySource) -> Path:
     split_dir = tmp_path / "toy" / "train"
     write_split(toy_source, split_dir, "train", relabel=True, options=WriteOptions(samples_per_shard=16, progress=False))
     return split_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic world: synthetic_person/{train,query,gallery} (8 train ids) and synthetic_lup/pool."""
+    root = tmp_path_factory.mktemp("shards")
+    cfg = SyntheticConfig(train_ids=8, images_per_train_id=4, test_ids=4, images_per_test_id=4, distractors=2,
+                          pool_images=40, pool_images_per_id=10)
+    sources = build_sources(cfg)
+    for dataset, split in (("synthetic_person", "train"), ("synthetic_person", "query"),
+                           ("synthetic_person", "gallery"), ("synthetic_lup", "pool")):
+        write_split(sources[dataset][split], root / dataset / split, split, relabel=split == "train",
+                    options=WriteOptions(progress=False))
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -12,26 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 import shared.io
-from data.shards import WriteOptions, write_split
-from data.synthetic import SyntheticConfig, build_sources
 from finetune.evaluate import main as evaluate_main
 from finetune.export_onnx import main as export_main
 from finetune.train import main as train_main
 from pretrain.spcl import main as spcl_main
 from shared.weights import METADATA_KEY, WeightsError, export_model, read_checkpoint, read_export_metadata
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    cfg = SyntheticConfig(train_ids=8, images_per_train_id=4, test_ids=4, images_per_test_id=4, distractors=2,
-                          pool_images=40, pool_images_per_id=10)
-    sources = build_sources(cfg)
-    for dataset, split in (("synthetic_person", "train"), ("synthetic_person", "query"),
-                           ("synthetic_person", "gallery"), ("synthetic_lup", "pool")):
-        write_split(sources[dataset][split], root / dataset / split, split, relabel=split == "train",
-                    options=WriteOptions(progress=False))
-    return root
 
 
 def _good(path: Path) -> Path:
