@@ -1,7 +1,8 @@
-"""Bring your own dataset: a CSV of labelled image paths, or a folder tree whose names are the labels.
+"""Bring your own dataset: a CSV of labelled image paths, a folder tree whose names are the labels, or
+split folders of Market-1501-named images.
 Also the helpers that every file-based adapter shares (listing images, keys from paths, text lists).
 
-Two layouts, chosen by what ``--root`` is:
+Three layouts, chosen by what ``--root`` is and what its split folders hold:
 
 * a CSV file with a header row and the columns ``path,pid,camid`` and optionally ``viewid`` and
   ``split``. ``path`` is relative to the CSV's folder. Empty ``pid``/``camid``/``viewid`` cells mean
@@ -9,6 +10,14 @@ Two layouts, chosen by what ``--root`` is:
   other column is kept as a string attribute in each sample's json.
 * a folder ``<root>/<split>/<pid>/<camid>/*.jpg`` (also ``.jpeg``/``.png``): ``pid`` and ``camid`` are
   integer folder names, taken as they are (camids 0-based, like every adapter's).
+* a folder ``<root>/<split>/*.jpg`` of Market-1501-named files (torchreid's flat
+  ``{train,query,gallery}/`` copies), e.g. ``0002_c1s1_000451_03.jpg``: a split folder that holds
+  image files directly is read this way. The names are parsed by the Market-1501 adapter's
+  ``market_records`` (``data/datasets/market1501.py``, torchreid's regex ``([-\\d]+)_c(\\d)``): pid as
+  named, camid = camera - 1, pid -1 (junk) dropped, pid 0 (distractors) kept. Cameras 1-9 are
+  accepted (all that ``c(\\d)`` can name: Market-1501 has 6, DukeMTMC-reID 8). A name that does not
+  match fails in one line naming the file and the regex; so does a split folder that holds both
+  images and sub-folders.
 
 Labels are stored as given: the shard writer relabels ``train`` pids to 0..N-1 and keeps the raw pids
 of every other split (``query``/``gallery`` for the Market-1501 evaluation protocol). Keys are the
@@ -65,6 +74,9 @@ from shared.text import printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TREE_LAYOUT = "<root>/<split>/<pid>/<camid>/*.jpg (integer pid and camid folders)"
+FLAT_LAYOUT = "<root>/<split>/*.jpg named as Market-1501's (PID_cCAM..., e.g. 0002_c1s1_000451_03.jpg)"
+# The most cameras a Market-style name can hold: c(\d) is one digit, cameras 1-9.
+FLAT_CAMERAS = 9
 CSV_LAYOUT = "a CSV with columns path,pid,camid[,viewid][,split], paths relative to the CSV's folder"
 REQUIRED_COLUMNS = ("path", "pid", "camid")
 # Meta fields the writer or the sample contract owns; a CSV column may not override them.
@@ -165,28 +177,50 @@ def _read_csv(path: Path, name: str) -> dict[str, list[FileRecord]]:
     return splits
 
 
+def _holds_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.iterdir())
+
+
+def _flat_records(split_dir: Path, name: str) -> list[FileRecord]:
+    # Imported here: market1501 imports this module's helpers at its top.
+    from data.datasets.market1501 import market_records
+
+    subfolder = next((p for p in sorted(split_dir.iterdir()) if p.is_dir()), None)
+    if subfolder is not None:
+        raise DatasetError(f"{name}: {split_dir} holds both images and the folder {subfolder.name}; "
+                           f"expected layout: {FLAT_LAYOUT}, or {TREE_LAYOUT}")
+    return market_records(split_dir, dataset=name, cameras=FLAT_CAMERAS)
+
+
+def _tree_records(split_dir: Path, name: str) -> list[FileRecord]:
+    records = []
+    for pid_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        pid = _label(pid_dir.name, f"{name}: pid folder {pid_dir}")
+        for cam_dir in sorted(p for p in pid_dir.iterdir() if p.is_dir()):
+            camid = _label(cam_dir.name, f"{name}: camid folder {cam_dir}")
+            records += [FileRecord(path, key_of(path.relative_to(split_dir)), pid, camid)
+                        for path in image_files(cam_dir)]
+    return records
+
+
 def _read_tree(root: Path, name: str) -> dict[str, list[FileRecord]]:
     splits: dict[str, list[FileRecord]] = {}
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        records = []
-        for pid_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            pid = _label(pid_dir.name, f"{name}: pid folder {pid_dir}")
-            for cam_dir in sorted(p for p in pid_dir.iterdir() if p.is_dir()):
-                camid = _label(cam_dir.name, f"{name}: camid folder {cam_dir}")
-                records += [FileRecord(path, key_of(path.relative_to(split_dir)), pid, camid)
-                            for path in image_files(cam_dir)]
+        flat = _holds_images(split_dir)
+        records = _flat_records(split_dir, name) if flat else _tree_records(split_dir, name)
         if not records:
-            raise DatasetError(f"{name}: no images under {split_dir}; expected layout: {TREE_LAYOUT}")
+            raise DatasetError(f"{name}: no images under {split_dir}{' but junk (pid -1)' if flat else ''}; "
+                               f"expected layout: {TREE_LAYOUT}, or {FLAT_LAYOUT}")
         splits[split_dir.name] = records
     if not splits:
-        raise DatasetError(f"{name}: no split folders in {root}; expected layout: {TREE_LAYOUT}")
+        raise DatasetError(f"{name}: no split folders in {root}; expected layout: {TREE_LAYOUT}, or {FLAT_LAYOUT}")
     return splits
 
 
 @register
 class FolderAdapter(DatasetAdapter):
     name = "folder"
-    summary = f"your own dataset: {CSV_LAYOUT}, or a folder {TREE_LAYOUT}"
+    summary = f"your own dataset: {CSV_LAYOUT}, or a folder {TREE_LAYOUT}, or {FLAT_LAYOUT}"
     root_help = "the CSV file, or the root of the folder tree"
 
     @classmethod
@@ -200,7 +234,8 @@ class FolderAdapter(DatasetAdapter):
         elif root.is_dir():
             records, base = _read_tree(root, self.name), root
         else:
-            raise DatasetError(f"{self.name}: --root {root} not found; expected {CSV_LAYOUT}, or {TREE_LAYOUT}")
+            raise DatasetError(f"{self.name}: --root {root} not found; expected {CSV_LAYOUT}, or {TREE_LAYOUT}, "
+                               f"or {FLAT_LAYOUT}")
         dataset = self.args.name or key_of(Path(base.resolve().name))
         for split, split_records in records.items():
             check_unique_keys(split_records, f"{dataset}/{split}")

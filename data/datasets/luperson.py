@@ -1,13 +1,18 @@
 """LUPerson (Fu et al., "Unsupervised pre-training for person re-identification", CVPR 2021): about
 4.18M unlabelled person crops from street videos, the pool for self-supervised pre-training.
 
-Three layouts of ``--root``, told apart by what it holds:
+Four layouts of ``--root``, told apart by what it holds:
 
 1. the released LMDB: ``<root>/lmdb/`` (values are the encoded JPEG bytes) and ``<root>/keys.pkl``,
    either a list of keys (as ``convert_lmdb.py`` writes it) or a dict with ``keys`` and optionally
    ``pids`` / ``vids`` (as the lup_moco and FastReID-fork loaders read it);
-2. a flat folder ``<root>/<key>.jpg`` (TransReID-SSL's ``LUP/images/``);
-3. the extracted tree ``<root>/<country>/<city>/<video>/*.jpg``, keyed as ``convert_lmdb.py`` keys it:
+2. TransReID-SSL's ``LUP/`` (its README's "Prepare Datasets" tree: ``LUP/images/`` beside
+   ``LUP/CFS_list.pkl``; ``main_dino.py`` reads the ranked names from ``LUP/images/``): the images are
+   read from ``<root>/images/`` as in layout 3, and ``<root>/CFS_list.pkl`` (or, failing that, a
+   ``CFS_list.pkl`` beside ``<root>``), when there and ``--cfs`` is not given, is the CFS ranking (one
+   printed line names the ranking file used);
+3. a flat folder ``<root>/<key>.jpg`` (TransReID-SSL's ``LUP/images/`` itself);
+4. the extracted tree ``<root>/<country>/<city>/<video>/*.jpg``, keyed as ``convert_lmdb.py`` keys it:
    by positions in sorted folder listings (the image number is the file's ordinal in its video
    folder, not its frame).
 
@@ -19,12 +24,13 @@ country, video within the city). Each sample's json has pid, camid and viewid No
 attributes ``noisy_pid`` / ``vid``, never as labels. Published: 4,180,243 images; other pool sizes
 warn with both numbers.
 
-CFS selection (Luo et al., TransReID-SSL): ``--cfs FILE`` ranks the pool best first, as the released
-``CFS_list.pkl`` (a list of image names such as ``34_01_0341_00001865.jpg``) or a text file with one
-key or image name per line. ``--keep F`` (default 0.5) writes the first ``ceil(F * n)`` of the ``n``
-ranked images that the pool holds (0.5 and 0.6 of all 4,180,243 give the released 2,090,122 and
-2,508,146). Kept images are written in pool order, not rank order, so that the LMDB is read front to
-back; each one's json holds its 0-based ``cfs_rank``. Pool images that the ranking omits are dropped.
+CFS selection (Luo et al., TransReID-SSL): ``--cfs FILE`` (or layout 2's ``CFS_list.pkl``, which an
+explicit ``--cfs`` overrides) ranks the pool best first, as the released ``CFS_list.pkl`` (a list of
+image names such as ``34_01_0341_00001865.jpg``) or a text file with one key or image name per line.
+``--keep F`` (default 0.5) writes the first ``ceil(F * n)`` of the ``n`` ranked images that the pool
+holds (0.5 and 0.6 of all 4,180,243 give the released 2,090,122 and 2,508,146). Kept images are
+written in pool order, not rank order, so that the LMDB is read front to back; each one's json
+holds its 0-based ``cfs_rank``. Pool images that the ranking omits are dropped.
 
 Pickles (keys.pkl, CFS_list.pkl) are read by an unpickler that refuses every global: only plain lists,
 dicts, tuples, strings, bytes and numbers load, and anything else (a class, or a call such as
@@ -61,8 +67,10 @@ from data.datasets.folder import IMAGE_SUFFIXES, image_files, key_of, read_field
 from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
 
 DATASET = "luperson"
-LAYOUT = ("<root>/lmdb/ + <root>/keys.pkl (the released LMDB), or <root>/<key>.jpg (flat), "
-          "or <root>/<country>/<city>/<video>/*.jpg")
+LAYOUT = ("<root>/lmdb/ + <root>/keys.pkl (the released LMDB), or <root>/images/<key>.jpg [+ <root>/CFS_list.pkl] "
+          "(TransReID-SSL's LUP/), or <root>/<key>.jpg (flat), or <root>/<country>/<city>/<video>/*.jpg")
+# TransReID-SSL's LUP/ folder (README, "Prepare Datasets"): the images, and the released CFS ranking beside them.
+LUP_IMAGES, CFS_LIST = "images", "CFS_list.pkl"
 PUBLISHED = {"images": 4_180_243}
 KEY = re.compile(r"(\d{2,})_(\d{2,})_(\d{4,})_(\d{8,})")
 # Missing values in the per-image int columns (any int, negative ones included, is a value).
@@ -269,46 +277,54 @@ def _check_keys(keys: Sequence[str], where: Path) -> None:
 @register
 class LUPersonAdapter(DatasetAdapter):
     name = DATASET
-    summary = ("LUPerson, unlabelled (LMDB + keys.pkl, a flat folder or country/city/video folders), "
-               "optionally CFS-filtered")
+    summary = ("LUPerson, unlabelled (LMDB + keys.pkl, TransReID-SSL's LUP/ with images/ and CFS_list.pkl, a flat "
+               "folder or country/city/video folders), optionally CFS-filtered")
     root_help = f"the LUPerson folder: {LAYOUT}"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--cfs", type=Path, metavar="FILE",
-                            help="CFS ranking, best first: CFS_list.pkl or a text file with one key per line")
+                            help="CFS ranking, best first: CFS_list.pkl or a text file with one key per line "
+                                 f"(default: <root>/{CFS_LIST} when <root>/{LUP_IMAGES}/ holds the images)")
         parser.add_argument("--keep", type=float, metavar="F",
-                            help="with --cfs: the fraction of the ranked images to write (default 0.5)")
+                            help="with a CFS ranking: the fraction of the ranked images to write (default 0.5)")
 
     def sources(self) -> Sources:
         root: Path = self.args.root
         require(root, dataset=self.name, layout=LAYOUT)
+        lmdb_layout = (root / "keys.pkl").exists() or (root / "lmdb").exists()
+        images = root if lmdb_layout or not (root / LUP_IMAGES).is_dir() else root / LUP_IMAGES
+        cfs = self.args.cfs
+        if cfs is None and images != root:  # in LUP/ as TransReID-SSL's README has it, or beside LUP/
+            cfs = next((p for p in (root / CFS_LIST, root.parent / CFS_LIST) if p.is_file()), None)
         keep = 0.5 if self.args.keep is None else self.args.keep
-        if self.args.keep is not None and self.args.cfs is None:
-            raise DatasetError(f"{self.name}: --keep needs --cfs (the ranking to keep the best of)")
+        if self.args.keep is not None and cfs is None:
+            raise DatasetError(f"{self.name}: --keep needs --cfs (the ranking to keep the best of), "
+                               f"or {CFS_LIST} beside {LUP_IMAGES}/ in --root")
         if not 0 < keep <= 1:
             raise DatasetError(f"{self.name}: --keep must be in (0, 1], got {keep}")
         paths: list[Path] | None = None  # None: the LMDB layout
-        if (root / "keys.pkl").exists() or (root / "lmdb").exists():
+        if lmdb_layout:
             require(root, "keys.pkl", "lmdb/data.mdb", dataset=self.name, layout=LAYOUT)
             keys, extra = read_keys_pkl(root / "keys.pkl")
             _check_keys(keys, root / "keys.pkl")
             _check_lmdb(root / "lmdb", keys)
         else:
             extra = {}
-            paths = image_files(root)
+            paths = image_files(images)
             keys = [key_of(Path(p.name)) for p in paths]
-            if not paths:
+            if not paths and images == root:
                 keys, paths = _tree(root)
             if not paths:
-                raise DatasetError(f"{self.name}: no images under {root}; expected layout: {LAYOUT}")
-            _check_keys(keys, root)
+                raise DatasetError(f"{self.name}: no images under {images}; expected layout: {LAYOUT}")
+            _check_keys(keys, images)
         check_counts(self.name, "pool", {"images": len(keys)}, PUBLISHED)
 
         chosen = np.arange(len(keys))
         columns = {name: np.asarray(values, np.int64) for name, values in extra.items()}
-        if self.args.cfs is not None:
-            chosen, ranks = cfs_selection(keys, read_ranking(self.args.cfs), keep, self.args.cfs)
+        if cfs is not None:
+            print(f"{self.name}: CFS ranking {cfs} ({'--cfs' if cfs == self.args.cfs else f'found with --root {root}'})")
+            chosen, ranks = cfs_selection(keys, read_ranking(cfs), keep, cfs)
             columns = {name: values[chosen] for name, values in columns.items()}
             columns["cfs_rank"] = ranks
         keys = [keys[i] for i in chosen]
@@ -317,4 +333,5 @@ class LUPersonAdapter(DatasetAdapter):
             return {DATASET: {"pool": LmdbSource(root / "lmdb", keys, columns)}}
         records = [FileRecord(paths[j], key, None, None, attributes=_row(columns, i))
                    for i, (j, key) in enumerate(zip(chosen, keys))]
-        return {DATASET: {"pool": FileSource(DATASET, records, root)}}
+        # Sources relative to the images' folder: --root LUP and --root LUP/images write the same shards.
+        return {DATASET: {"pool": FileSource(DATASET, records, images)}}
