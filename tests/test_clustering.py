@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from scipy.sparse import csgraph
 from sklearn.metrics import adjusted_rand_score
 
 from pretrain import clustering
@@ -188,6 +189,38 @@ def test_hdbscan_on_separated_blobs() -> None:
     ref = canonical(generate_pseudo_labels(ref))
     assert adjusted_rand_score(ref[clustered], result.labels[clustered]) == 1
     assert adjusted_rand_score(ref, result.labels) > 0.95
+
+
+@pytest.mark.parametrize("selection", ["eom", "leaf"])
+@pytest.mark.parametrize("min_cluster_size", [2, 4, 8])
+def test_hdbscan_equals_the_package_on_the_dense_matrix(selection: str, min_cluster_size: int) -> None:
+    # min_samples = 1: mutual reachability is the distance itself, and where the dense minimum spanning
+    # tree has no tied positive weight the single-linkage hierarchy is unique, so the labels must be the
+    # package's on the dense matrix exactly. Exact duplicates put zero distances in the tree: they must
+    # stay edges (a stored zero is no edge to scipy and the package). A second group in orthogonal
+    # coordinates shares no support with the first: two components, joined at distance 1 as in the dense
+    # matrix
+    x, _ = _blobs(6, 150, num_ids=8, noise=0.3)
+    x = np.concatenate([x, x[::10]])
+    y, _ = _blobs(1, 40, dim=8, num_ids=2, noise=0.2, clustered=1.0)
+    x = np.block([[x, np.zeros((len(x), 8), np.float32)], [np.zeros((len(y), 32), np.float32), y]])
+    graph = jaccard_distance(x, max_distance=None)
+    assert csgraph.connected_components(graph)[0] == 2
+    dense = _as_dense(graph)
+    tree = csgraph.minimum_spanning_tree(dense + 1 - np.eye(len(x))).data - 1  # shifted: zeros stay edges
+    positive = tree[tree > 0]
+    assert len(np.unique(positive)) == len(positive) and np.count_nonzero(tree == 0) >= 15
+    # every group of zero-distance points is smaller than 2 min_cluster_size: nothing splits at lambda =
+    # infinity, where the order of the tied zero edges would matter
+    _, zero_groups = csgraph.connected_components(sp.csr_matrix((dense == 0) & ~np.eye(len(x), dtype=bool)))
+    assert np.bincount(zero_groups).max() < 2 * min_cluster_size
+    cfg = ClusterConfig(method="hdbscan", min_samples=1, hdbscan_min_cluster_size=min_cluster_size,
+                        hdbscan_cluster_selection=selection)
+    result = SelfPacedClustering(cfg)(x)
+    ref = hdbscan.HDBSCAN(metric="precomputed", min_samples=1, min_cluster_size=min_cluster_size,
+                          cluster_selection_method=selection).fit(dense).labels_
+    np.testing.assert_array_equal(result.labels, canonical(generate_pseudo_labels(ref)))
+    assert result.num_clusters >= 10
 
 
 @pytest.mark.parametrize("kind", ["exact", "int8"])
