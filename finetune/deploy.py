@@ -9,8 +9,33 @@ Models that embed camera or view ids (MBR-4B and LKA-ReID built with ``n_cams``/
 take them as int64 (N,) inputs named ``camids`` / ``viewids``; ``id_counts`` reads the ones a model
 needs, and how many ids each has, from those two attributes.
 
-``load_embedder`` opens either form of a model as a numpy-in, numpy-out ``Embedder``: a
-``model_*.safetensors`` export runs through ``FeaturePipeline`` in torch, a ``.onnx`` export through
+``load_model`` is the one way ``finetune/evaluate.py``, ``export_onnx.py`` and ``search.py`` open a weights
+file (``--weights FILE``, with ``--model NAME --model-options JSON --allow-partial`` for foreign files,
+:func:`add_model_arguments`). It returns the model in eval mode and its metadata (architecture, options,
+input size, mean/std, and the notes to print), from:
+
+1. our fine-tune exports (``model_*.safetensors``): rebuilt from their header, exactly (every key, no other);
+2. our training checkpoints: ``<run>/checkpoints/epoch-N/model.safetensors`` (accelerate's ``save_state``,
+   ``shared/checkpoints.py``), or that directory: the model's name and options, input size and mean/std
+   come from the run's ``config.yaml`` (``finetune/engine.py`` writes it two levels up), the class count
+   from the classifier's shape; loaded exactly;
+3. our pre-training backbone exports (``backbone_final.safetensors``, ``kind: backbone``, written by the
+   SpCL stage): the backbone and its pooling (the export's ``pooling`` and ``gem_p``; for older exports,
+   ``encoder.pooling`` of the run's ``config.yaml`` beside the file, else ``avg``, SpCL's default), so the features are the pooled backbone output with
+   neither SpCL's BatchNorm1d nor a classifier, as the CFS scoring embeds; the backbone loaded exactly;
+4. foreign checkpoints (torchreid, FastReID, the DM-OSNet authors', SpCL / cluster-contrast-reid,
+   reid-strong-baseline, ImageNet files) onto the model the user names: a registered model (its own eval
+   feature) or a registered backbone (its pooled feature, ``pooling`` option ``avg``/``gem``), through the
+   strict ``shared.weights.load_pretrained``. Every trunk tensor must come from the file, and so must
+   every head tensor the eval feature uses (the BNNeck BN, OSNet's fc, GeM's p: all but the classifiers,
+   which are loaded where the file has them, at the file's class count): else one error line, unless
+   ``--allow-partial``. One exception: a BNNeck model whose file has no BNNeck BN (an ImageNet or torchreid
+   file under ``--model bot_resnet50``) is evaluated on its backbone's pooled output, and the note says so;
+5. ``timm:<name>``: any timm architecture (``shared.backbones.timm_any``), no classifier, random init
+   (never downloaded), its weights from the file (a timm state dict), features timm's pooled output.
+
+``load_embedder`` opens a model as a numpy-in, numpy-out ``Embedder``: a ``.safetensors`` file (or a
+checkpoint directory) through ``load_model`` and ``FeaturePipeline`` in torch, a ``.onnx`` export through
 onnxruntime (the graph holds the preprocessing). Both take the same uint8 batches.
 
 Deviation: the resize runs in float32 and is not rounded back to uint8 as the training pipeline's is;
@@ -20,8 +45,10 @@ it (host-side resize with the training pipeline's test transform, then batching)
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,13 +56,22 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from data.transforms import Normalize
-from finetune.models import load_exported_model
-from shared.config import ConfigError
-from shared.weights import WeightsError
+from data.transforms import Normalize, TransformConfig
+from finetune.engine import TrainConfig
+from finetune.models import MODELS, build_model, class_keys, infer_num_classes, load_exact, load_exported_model
+from finetune.models.base import BNNeckModel
+from shared.backbones import BACKBONES, PooledBackbone, build_backbone
+from shared.backbones.timm_any import TIMM_PREFIX, build_timm_pooled, timm_data_config
+from shared.checkpoint_layouts import head_candidates
+from shared.config import ConfigError, load_config
+from shared.heads import build_pooling
+from shared.weights import (METADATA_KEY, WeightsError, load_pretrained, read_checkpoint, read_export_metadata,
+                            read_header)
 
 ID_INPUTS = (("camids", "n_cams"), ("viewids", "n_views"))
 # ONNX metadata_props keys whose values are JSON (the rest are plain strings).
@@ -66,21 +102,219 @@ class FeaturePipeline(nn.Module):
         return self.model(self.normalize(x), camids=camids, viewids=viewids).float()
 
 
-def load_pipeline(path: str | Path) -> tuple[FeaturePipeline, dict[str, Any]]:
-    """The pipeline of a ``model_*.safetensors`` export and the export's metadata; ``WeightsError`` otherwise."""
+CHECKPOINT_FILE = "model.safetensors"  # accelerate's save_state: the model's state dict in a checkpoint directory
+RUN_CONFIG = "config.yaml"
+PARTIAL = "--allow-partial"
+POOLINGS = ("avg", "gem")  # shared.heads.build_pooling
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to read a weights file: ``name`` None for our own files (they name their model), else the model of
+    a foreign file: a registered model, a registered backbone or ``timm:<architecture>``."""
+
+    name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    allow_partial: bool = False
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--model-options`` and ``--allow-partial``: the model of a foreign ``--weights`` file."""
+    parser.add_argument("--model", help="the model of a foreign checkpoint (torchreid, FastReID, ImageNet ...): a "
+                        f"registered model, a registered backbone (pooled feature) or {TIMM_PREFIX}<architecture>; "
+                        "our exports and training checkpoints name their own")
+    parser.add_argument("--model-options", help='JSON object of the model\'s options, e.g. \'{"variant": "osnet_x0_25"}\'')
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="accept a foreign file that leaves tensors the features need at their init")
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    """The :class:`ModelSource` of parsed :func:`add_model_arguments`; a bad combination is a ``ConfigError``."""
+    if args.model is None:
+        given = [flag for flag, value in (("--model-options", args.model_options), (PARTIAL, args.allow_partial))
+                 if value]
+        if given:
+            raise ConfigError(f"{given[0]} goes with --model (our exports and checkpoints load exactly, with their "
+                              "own options)")
+        return ModelSource()
+    options: Any = {}
+    if args.model_options is not None:
+        try:
+            options = json.loads(args.model_options)
+        except ValueError as e:
+            raise ConfigError(f"--model-options {args.model_options!r}: not JSON ({e})") from None
+        if not isinstance(options, dict):
+            raise ConfigError(f"--model-options {args.model_options!r}: expected a JSON object")
+    return ModelSource(args.model, options, args.allow_partial)
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """The weights file: ``path``, or the ``model.safetensors`` of a checkpoint directory."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / CHECKPOINT_FILE).is_file():
+            raise WeightsError(f"{path}: a directory without {CHECKPOINT_FILE} (not a training checkpoint)")
+        return path / CHECKPOINT_FILE
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
+    return path
+
+
+def load_model(path: str | Path, source: ModelSource = ModelSource()) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a weights file in eval mode, and its metadata (see the module docstring): ``architecture``,
+    ``options``, ``input_size``, ``mean``, ``std``, ``feature_dim``, ``source`` (which of the five forms),
+    ``file`` (the file read) and ``notes`` (lines to show the user). One ``WeightsError`` / ``ConfigError``
+    line for anything unusable, before any image is read."""
+    file = resolve_weights(path)
     try:
-        model, meta = load_exported_model(path)
-        pipeline = FeaturePipeline(model, meta["input_size"], meta["mean"], meta["std"])
-    except WeightsError:
+        # A torch file (.pth, .tar ...) has no header: only safetensors files can be ours.
+        if file.suffix == ".safetensors" and METADATA_KEY in read_header(file):
+            meta = read_export_metadata(file)
+            kind = meta.get("kind", "model")
+            if source.name is not None:
+                raise ConfigError(f"--model {source.name}: {file} is a reidforge {kind} export of "
+                                  f"{meta.get('architecture')!r}, which names its own model: drop --model")
+            model, meta = _backbone_export(file, meta) if kind == "backbone" else _model_export(file)
+        elif source.name is not None:
+            model, meta = _foreign(file, source)
+        else:
+            model, meta = _training_checkpoint(file)
+        model.eval()
+    except (WeightsError, ConfigError):
         raise
-    except (SafetensorError, ConfigError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        # A truncated or foreign file, or metadata that does not describe a registered model.
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # metadata that describes no buildable model
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"{path}: not a usable model export ({first})") from None
-    return pipeline, meta
+        raise WeightsError(f"{file}: not a usable model ({first})") from None
+    return model, {"file": str(file), **meta}
+
+
+def _meta(architecture: str, options: dict[str, Any], input_size: Sequence[int], mean: Sequence[float],
+          std: Sequence[float], feature_dim: int, source: str, notes: list[str]) -> dict[str, Any]:
+    return {"architecture": architecture, "options": options, "input_size": [int(v) for v in input_size],
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "feature_dim": int(feature_dim),
+            "source": source, "notes": notes}
+
+
+def _model_export(file: Path) -> tuple[nn.Module, dict[str, Any]]:
+    model, meta = load_exported_model(file)
+    return model, {**meta, "source": "reidforge model export", "notes": []}
+
+
+def _backbone_export(file: Path, meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """A pre-training backbone export: the backbone (exact) and the run's pooling."""
+    if "architecture" not in meta:
+        raise WeightsError(f"{file}: a backbone export whose metadata names no architecture")
+    options = meta.get("options", {})
+    backbone = build_backbone(meta["architecture"], **options)
+    load_exact(backbone, read_checkpoint(file).tensors, f"{file}: does not match its own backbone "
+                                                       f"{meta['architecture']!r}")
+    config = file.parent / RUN_CONFIG
+    pooling, origin = meta.get("pooling"), "its metadata"
+    if pooling is None:  # exports written before the pooling was recorded: the run's config beside the file
+        pooling = _read_yaml(config).get("encoder", {}).get("pooling") if config.is_file() else None
+        origin = f"encoder.pooling of {config}" if pooling else f"SpCL's default: no {RUN_CONFIG} beside it names one"
+    if (pooling or "avg") not in POOLINGS:
+        raise WeightsError(f"{file}: pooling {pooling!r} in its metadata is none of {', '.join(POOLINGS)}")
+    notes = [f"{file}: pooled backbone output ({pooling or 'avg'} pooling, from {origin}), without SpCL's "
+             "BatchNorm1d head"]
+    pool = build_pooling(pooling or "avg")
+    if pooling == "gem":
+        if isinstance(meta.get("gem_p"), (int, float)):
+            pool.p.data.fill_(float(meta["gem_p"]))
+        else:
+            notes.append(f"{file}: the export does not carry GeM's trained p: pooling with p = {float(pool.p):g} "
+                         "(its init)")
+    model = PooledBackbone(backbone, pool, backbone.out_channels)
+    t = TransformConfig()
+    return model, _meta(meta["architecture"], options, meta.get("input_size", [t.height, t.width]),
+                        meta.get("mean", t.mean), meta.get("std", t.std), model.feature_dim,
+                        "reidforge backbone export", notes)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: not a readable config ({str(e).splitlines()[0]})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _training_checkpoint(file: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """``<run>/checkpoints/epoch-N/model.safetensors`` with the run's config.yaml: loaded exactly."""
+    config = next((p / RUN_CONFIG for p in list(file.parents)[:3] if (p / RUN_CONFIG).is_file()), None)
+    if file.suffix != ".safetensors" or config is None:
+        raise WeightsError(f"{file}: neither a reidforge export nor a training checkpoint with its run's {RUN_CONFIG} "
+                           "above it: for a foreign checkpoint, name its model with --model NAME")
+    try:
+        cfg = load_config(TrainConfig, config)
+    except ConfigError as e:
+        raise ConfigError(f"{config}: not a fine-tuning run's config, which {file} needs ({e})") from None
+    name, options = cfg.model.name, dict(cfg.model.options)
+    tensors = read_checkpoint(file).tensors
+    num_classes = infer_num_classes(class_keys(name, **options), {k: tuple(v.shape) for k, v in tensors.items()})
+    model = build_model(name, num_classes, **options)
+    load_exact(model, tensors, f"{file}: does not match {name!r} with options {options} of {config}")
+    t = cfg.data.transform
+    note = f"{file}: training checkpoint of {name} ({num_classes} classes), config {config}"
+    return model, _meta(name, options, [t.height, t.width], t.mean, t.std, model.feature_dim,
+                        "reidforge training checkpoint", [note])
+
+
+def _foreign(file: Path, source: ModelSource) -> tuple[nn.Module, dict[str, Any]]:
+    """A foreign file onto the named model, strictly (see the module docstring)."""
+    name, options = source.name, dict(source.options)
+    t = TransformConfig()
+    size, mean, std = (t.height, t.width), t.mean, t.std
+    classes: dict[str, tuple[int, int]] = {}
+    if name.startswith(TIMM_PREFIX):
+        network = build_timm_pooled(name[len(TIMM_PREFIX):], **options)
+        model: nn.Module = PooledBackbone(network, nn.Identity(), network.num_features)
+        size, mean, std = timm_data_config(network)
+        what = "timm's pooled output (num_classes=0)"
+    elif name in MODELS:
+        classes = class_keys(name, **options)
+        ckpt = read_checkpoint(file)
+        shapes = {k: tuple(v.shape) for k, v in ckpt.tensors.items()}
+        theirs = {**{k: k for k in classes}, **head_candidates(list(shapes), shapes)}
+        model = build_model(name, infer_num_classes(classes, {k: shapes[f] for k, f in theirs.items()
+                                                              if k in classes and f in shapes}), **options)
+        size = model.input_size
+        what = f"{name}'s own eval feature"
+    elif name in BACKBONES:
+        pooling = options.pop("pooling", "avg")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"--model-options pooling {pooling!r}: valid: {', '.join(POOLINGS)}")
+        backbone = build_backbone(name, **options)
+        model = PooledBackbone(backbone, build_pooling(pooling), backbone.out_channels)
+        options["pooling"] = pooling
+        what = f"the backbone's pooled output ({pooling} pooling)"
+    else:
+        raise ConfigError(f"--model {name!r}: not a registered model ({', '.join(MODELS.names())}), backbone "
+                          f"({', '.join(BACKBONES.names())}) or {TIMM_PREFIX}<timm architecture>")
+    report = load_pretrained(model, file, source.allow_partial, partial_option=PARTIAL)
+    notes = [report.line()]
+    trunk = model.trunk_keys()
+    needed = [k for k in model.state_dict() if k not in trunk and k not in classes
+              and not k.endswith("num_batches_tracked")]
+    missing = [k for k in needed if k not in report.head_loaded]
+    if missing and isinstance(model, BNNeckModel) and all(k.startswith("neck.bn.") for k in missing):
+        model = PooledBackbone(model.backbone, model.pool, model.feature_dim)
+        what = (f"the backbone's pooled output: the file has no BNNeck BN ({', '.join(missing)} not in it), so "
+                f"not {name}'s BN-neck feature")
+    elif missing and not source.allow_partial:
+        raise WeightsError(f"{file} [{report.layout}]: {len(missing)} of the {len(needed)} head tensors {name}'s "
+                           f"features use are not in the file and would stay at their init (first: "
+                           f"{', '.join(missing[:3])}); {PARTIAL} accepts it")
+    elif missing:
+        what += f", with {len(missing)} head tensors at their init ({PARTIAL}: first {missing[0]})"
+    notes.append(f"features: {what}")
+    return model, _meta(name, options, size, mean, std, model.feature_dim, "foreign checkpoint", notes)
+
+
+def load_pipeline(path: str | Path, source: ModelSource = ModelSource()) -> tuple[FeaturePipeline, dict[str, Any]]:
+    """The pipeline of a weights file (:func:`load_model`) and its metadata; ``WeightsError`` otherwise."""
+    model, meta = load_model(path, source)
+    return FeaturePipeline(model, meta["input_size"], meta["mean"], meta["std"]), meta
 
 
 class Embedder(Protocol):
@@ -138,13 +372,18 @@ def onnx_metadata(props: dict[str, str]) -> dict[str, Any]:
     return {k: json.loads(v) if k in JSON_METADATA else v for k, v in props.items()}
 
 
-def load_embedder(path: str | Path, device: torch.device | str = "cpu") -> Embedder:
-    """A ``.safetensors`` export through torch (on ``device``) or an ``.onnx`` export through onnxruntime."""
+def load_embedder(path: str | Path, device: torch.device | str = "cpu", source: ModelSource = ModelSource(),
+                  note: Callable[[str], None] = print) -> Embedder:
+    """A ``.onnx`` export through onnxruntime, or any file :func:`load_model` reads through torch (on
+    ``device``); its notes go to ``note``."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
     if path.suffix == ".onnx":
+        if source.name is not None:
+            raise ConfigError(f"--model {source.name}: {path} is an ONNX export, which holds its own model")
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such file")
         return OnnxEmbedder(path, ["CPUExecutionProvider"] if torch.device(device).type == "cpu" else None)
-    if path.suffix == ".safetensors":
-        return TorchEmbedder(load_pipeline(path)[0], device)
-    raise WeightsError(f"{path}: expected a .safetensors or .onnx model export")
+    pipeline, meta = load_pipeline(path, source)
+    for line in meta["notes"]:
+        note(f"note: {line}")
+    return TorchEmbedder(pipeline, device)

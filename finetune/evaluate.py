@@ -1,11 +1,18 @@
-"""Evaluate an exported re-ID model on a query and a gallery split, with pictures on request.
+"""Evaluate a re-ID model file on a query and a gallery split, with pictures on request.
 
     python finetune/evaluate.py --weights runs/bot_tiny/model_final.safetensors \
         --query runs/demo/shards/synthetic_person/query --gallery runs/demo/shards/synthetic_person/gallery \
         [--flip] [--rerank [--rerank-k1 20 --rerank-k2 6 --rerank-lambda 0.3]] [--ap standard|trapezoid] \
-        [--pictures ranked,cmc,gradcam] [--device cuda|cpu] [--out DIR]
+        [--pictures ranked,cmc,gradcam] [--device cuda|cpu] [--out DIR] [--save-features FILE]
     python finetune/evaluate.py --weights W --protocol vehicleid \
         --query shards/vehicleid/query_{d} --gallery shards/vehicleid/gallery_{d}
+    python finetune/evaluate.py --weights fastreid/model_final.pth --model bot_resnet50 --query Q --gallery G
+    python finetune/evaluate.py --weights resnet18.safetensors --model timm:resnet18 --query Q --gallery G
+
+``--weights``: our export (``model_*.safetensors``, ``backbone_*.safetensors``), a training checkpoint
+(``<run>/checkpoints/epoch-N/model.safetensors`` or its directory), or a foreign checkpoint (torchreid,
+FastReID, the DM-OSNet authors', SpCL, ImageNet, timm) with ``--model NAME [--model-options JSON]
+[--allow-partial]``: ``finetune.deploy.load_model`` says how each is read and which feature it gives.
 
 Protocols: ``market`` (default) ranks one query/gallery pair (Market-1501 rules: same identity and
 camera is junk). ``vehicleid`` ranks every draw of a VehicleID build (``{d}`` = 0, 1, ... for as long
@@ -24,32 +31,42 @@ carry them: the others are dropped and counted per split, as MBR's test sets dro
 an orientation (``CustomDataSet4Veri776_withviewpont``, data/triplet_sampler.py).
 Re-ranking: ``--rerank`` with k1/k2/lambda (defaults 20/6/0.3, Zhong et al. CVPR'17; FNC's are 75/10/0.1).
 Runs on the GPU when there is one (``--device``).
+
+``--save-features FILE`` (``market`` protocol) writes the ranked features as safetensors: tensors
+``query_features``/``gallery_features`` (float32, N x D, after ``--flip`` when given), ``query_pids``,
+``gallery_pids``, ``query_camids``, ``gallery_camids`` (int64); header metadata ``query_keys`` and
+``gallery_keys`` (JSON lists of the samples' shard keys, row order) and ``settings`` (JSON: weights,
+model, splits, flip). :func:`evaluate_features` ranks such a file into the metrics the command reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from data.readers import split_keys
 from data.shards import ShardError
 from data.transforms import Normalize, TransformConfig
 from finetune.engine import DataConfig
-from finetune.models import load_exported_model
+from finetune.deploy import add_model_arguments, load_model, model_source
 from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, write_submission
 from shared.config import ConfigError
 from shared.io import atomic_write_json
 from shared.metrics import AP_FLAVOURS, rank_metrics
 from shared.retrieval import distance_matrix, evaluate_draws
 from shared.table import format_table
-from shared.visualize import cam_overlay, cmc_curve, grad_cam, ranked_grid
-from shared.weights import WeightsError
+from shared.visualize import cam_overlay, cmc_curve, grad_cam, layer_name, ranked_grid
+from shared.weights import WeightsError, read_header
 
 PICTURES = ("ranked", "cmc", "gradcam")
 SUBMISSION_TOP = 100  # AI City Challenge track 2: the top 100 gallery images per query
+FEATURE_TENSORS = tuple(f"{split}_{what}" for split in ("query", "gallery") for what in ("features", "pids", "camids"))
 
 
 def _images(dataset, indices) -> list[np.ndarray]:
@@ -70,7 +87,9 @@ def _device(name: str | None) -> torch.device:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, required=True, help="a model_*.safetensors export")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="our export, a training checkpoint (file or directory), or a foreign file with --model")
+    add_model_arguments(parser)
     parser.add_argument("--query", required=True, help="query split directory (vehicleid: a pattern with {d})")
     parser.add_argument("--gallery", required=True, help="gallery split directory (vehicleid: a pattern with {d})")
     parser.add_argument("--protocol", choices=("market", "vehicleid"), default="market",
@@ -89,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", help="default: cuda when present, else cpu")
     parser.add_argument("--out", type=Path, help="output directory (default: the weights' directory)")
+    parser.add_argument("--save-features", type=Path, help="write the query/gallery features here (.safetensors)")
     return parser
 
 
@@ -107,7 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         labelled = has_labels(pairs[0])
         if pictures and not labelled:
             raise ConfigError(f"--pictures: {args.query} / {args.gallery} have no identity labels to colour them by")
-        model, meta = load_exported_model(args.weights)
+        if args.save_features is not None:
+            if args.protocol != "market":
+                raise ConfigError(f"--save-features: saves one query/gallery pair (--protocol market), not the "
+                                  f"draws of --protocol {args.protocol}")
+            if args.save_features.suffix != ".safetensors":
+                raise ConfigError(f"--save-features {args.save_features}: expected a .safetensors file")
+        source = model_source(args)
+        model, meta = load_model(args.weights, source)
+        for line in meta["notes"]:
+            print(f"note: {line}")
         model.to(device)
         transform = TransformConfig(height=meta["input_size"][0], width=meta["input_size"][1], mean=meta["mean"],
                                     std=meta["std"])
@@ -120,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                 embedded[path] = embed_split(model, path, data, normalize, device, args.flip)
             return embedded[path]
 
-        out = args.out or args.weights.parent
+        out = args.out or Path(meta["file"]).parent
         out.mkdir(parents=True, exist_ok=True)
         if args.protocol == "vehicleid":
             feats, pids, draws = draw_features(embed, pairs)
         (qf, qi, query), (gf, gi, gallery) = embed(pairs[0][0]), embed(pairs[0][1])
+        if args.save_features is not None:
+            save_features(args.save_features, (qf, qi, query), (gf, gi, gallery),
+                          {"weights": str(args.weights), "model": meta["architecture"], "options": meta["options"],
+                           "query": pairs[0][0], "gallery": pairs[0][1], "flip": args.flip})
         if not labelled:
             path = write_submission(out / "track2.txt", qf, qi, query, gf, gi, gallery, args.distance, rerank,
                                     SUBMISSION_TOP)
@@ -133,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {"weights": str(args.weights), "query": args.query, "gallery": args.gallery,
                 "protocol": args.protocol, "flip": args.flip, "ap": args.ap, "distance": args.distance,
-                "rerank": dict(zip(("k1", "k2", "lambda"), rerank)) if rerank else None, "device": str(device)}
+                "rerank": dict(zip(("k1", "k2", "lambda"), rerank)) if rerank else None, "device": str(device),
+                "model": meta["architecture"], "model_source": meta["source"]}
     if not labelled:
         atomic_write_json(out / "results.json", {**settings, "submission": str(path), "queries": len(qi),
                                                  "gallery": len(gi), "top": SUBMISSION_TOP})
@@ -160,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         table = format_table([meta["architecture"], "queries", "gallery", "mAP", *[f"R{r}" for r in ranks]], rows)
         extra = {"draws": len(draws), "per_draw": per_draw}
     else:
-        distmat = distance_matrix(qf, gf, args.distance, rerank)
-        metrics = rank_metrics(distmat, q_pids, g_pids, q_cams, g_cams, ap=args.ap)
+        distmat, metrics = market_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, args.distance, rerank, args.ap)
         ranks = [r for r in (1, 5, 10, 20) if r <= len(metrics["cmc"])]
         row = [meta["architecture"], len(qi), len(gi), round(metrics["mAP"], 4), round(metrics["mINP"], 4),
                *[round(float(metrics["cmc"][r - 1]), 4) for r in ranks]]
@@ -176,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             distmat = distance_matrix(qf, gf, args.distance, rerank)
         ranked = np.argsort(distmat[shown], axis=1, kind="stable")[:, :args.topk]
         ranked_grid(_images(query, qi[shown]), _GalleryImages(gallery, gi), ranked, q_pids[shown], g_pids,
-                    q_cams[shown], g_cams, out / "ranked.png")
+                    q_cams[shown], g_cams, out / "ranked.png", distances=np.asarray(distmat[shown]),
+                    distance_name=f"{args.distance} distance{' (re-ranked)' if rerank else ''}")
     if "cmc" in pictures:
         cmc_curve({meta["architecture"]: metrics["cmc"]}, out / "cmc.png")
     if "gradcam" in pictures:
@@ -184,11 +218,54 @@ def main(argv: list[str] | None = None) -> int:
         batch = normalize(torch.stack([s["image"] for s in samples]).to(device))
         meta_ids = {"camids": torch.tensor([s["camid"] for s in samples], device=device),
                     "viewids": torch.tensor([max(s["viewid"], 0) for s in samples], device=device)}
-        maps = grad_cam(model, model.cam_layer(), batch, **meta_ids).cpu()
-        cam_overlay([s["image"].permute(1, 2, 0).numpy() for s in samples], maps, out / "gradcam.png")
+        layer = model.cam_layer()
+        maps = grad_cam(model, layer, batch, **meta_ids).cpu()
+        cam_overlay([s["image"].permute(1, 2, 0).numpy() for s in samples], maps, out / "gradcam.png",
+                    layer=layer_name(model, layer))
     print(table)
     print(f"results and pictures in {out}")
     return 0
+
+
+def market_metrics(qf: torch.Tensor, gf: torch.Tensor, q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray,
+                   g_cams: np.ndarray, distance: str = "cosine", rerank: tuple[int, int, float] | None = None,
+                   ap: str = "standard") -> tuple[np.ndarray, dict]:
+    """The query x gallery distances and the Market-1501 metrics (mAP, mINP, CMC) of one pair."""
+    distmat = distance_matrix(qf, gf, distance, rerank)
+    return distmat, rank_metrics(distmat, q_pids, g_pids, q_cams, g_cams, ap=ap)
+
+
+def save_features(path: Path, query: tuple, gallery: tuple, settings: dict) -> None:
+    """``--save-features``: each split's (features, kept indices, dataset) as the module docstring says."""
+    tensors, metadata = {}, {"settings": json.dumps(settings)}
+    for split, (feats, index, dataset) in (("query", query), ("gallery", gallery)):
+        rows = index.numpy()
+        keys = split_keys(dataset.split_dir)
+        tensors[f"{split}_features"] = feats.float().contiguous()
+        tensors[f"{split}_pids"] = torch.from_numpy(dataset.pids[rows].astype(np.int64))
+        tensors[f"{split}_camids"] = torch.from_numpy(dataset.camids[rows].astype(np.int64))
+        metadata[f"{split}_keys"] = json.dumps([keys[i] for i in rows.tolist()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def evaluate_features(path: str | Path, distance: str = "cosine", rerank: tuple[int, int, float] | None = None,
+                      ap: str = "standard") -> dict:
+    """The metrics of a ``--save-features`` file as ``results.json`` holds them (those the command reports for
+    the same settings), with its ``query_keys`` and ``gallery_keys``; ``WeightsError`` for a file that is not one."""
+    header = read_header(path)
+    tensors = load_file(str(path))
+    if missing := [k for k in FEATURE_TENSORS if k not in tensors] + [
+            k for k in ("query_keys", "gallery_keys") if k not in header]:
+        raise WeightsError(f"{path}: not a --save-features file (no {missing[0]})")
+    if (tensors["query_pids"] < 0).all() or (tensors["gallery_pids"] < 0).all():
+        raise WeightsError(f"{path}: the saved splits carry no identity labels, so there are no metrics")
+    _, metrics = market_metrics(tensors["query_features"], tensors["gallery_features"],
+                                *(tensors[k].numpy() for k in ("query_pids", "gallery_pids", "query_camids",
+                                                                "gallery_camids")), distance, rerank, ap)
+    return {"mAP": float(metrics["mAP"]), "mINP": float(metrics["mINP"]), "cmc": [float(c) for c in metrics["cmc"]],
+            "num_valid_queries": metrics["num_valid_queries"], "query_keys": json.loads(header["query_keys"]),
+            "gallery_keys": json.loads(header["gallery_keys"])}
 
 
 class _GalleryImages:

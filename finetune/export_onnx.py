@@ -1,14 +1,19 @@
-"""Export a fine-tuned model to ONNX with its preprocessing, and check the graph against torch.
+"""Export a re-ID model to ONNX with its preprocessing, and check the graph against torch.
 
     python finetune/export_onnx.py --weights runs/bot_tiny/model_final.safetensors \
         [--out runs/bot_tiny/model_final.onnx] [--opset 18] [--tolerance 1e-4]
+    python finetune/export_onnx.py --weights model.pth.tar-150 --model osnet [--model-options JSON] --out osnet.onnx
+
+``--weights`` takes every file ``finetune/evaluate.py`` takes (``finetune.deploy.load_model``: our exports,
+training checkpoints, foreign checkpoints with ``--model``); the graph computes the same features.
 
 The graph is ``finetune.deploy.FeaturePipeline``: input ``images``, uint8 RGB (N, 3, H, W) with N, H and W
 all dynamic; it resizes to the export's input size (bilinear, antialiased), normalises with the export's
 mean/std and runs the model in eval mode; output ``features``, float32 (N, D). Models that embed camera
 or view ids (LAI) also take ``camids`` and/or ``viewids``, int64 (N,); the others have no such input.
 The model's metadata_props hold ``architecture``, ``input_size``, ``mean``, ``std``, ``feature_dim``,
-``options``, ``id_inputs`` (JSON values), ``weights`` (the source file's name) and ``weights_sha256``.
+``options``, ``id_inputs`` (JSON values), ``weights`` (the source file's name), ``weights_sha256`` and
+``source`` (how the file was read: export, training checkpoint, foreign checkpoint).
 
 Before the file is written, onnxruntime runs the serialised graph on uint8 batches of three sizes and
 batch sizes (the input size, a larger and a smaller odd size) with random ids, beside the torch
@@ -50,7 +55,8 @@ import torch
 from torch.export import Dim
 
 from data.shards import sha256_file
-from finetune.deploy import FeaturePipeline, OnnxEmbedder, TorchEmbedder, load_pipeline
+from finetune.deploy import (FeaturePipeline, ModelSource, OnnxEmbedder, TorchEmbedder, add_model_arguments,
+                             load_pipeline, model_source, resolve_weights)
 from shared.config import ConfigError
 from shared.io import atomic_open
 from shared.weights import WeightsError
@@ -112,8 +118,9 @@ def to_onnx(pipeline: FeaturePipeline, opset: int, metadata: dict[str, str]) -> 
 
 
 def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
-                tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
-    """Export ``weights`` (a ``model_*.safetensors``) to ``out`` (default: beside it, ``.onnx``).
+                tolerance: float = PARITY_TOLERANCE, source: ModelSource = ModelSource()) -> dict[str, Any]:
+    """Export ``weights`` (any file ``finetune.deploy.load_model`` reads with ``source``) to ``out``
+    (default: beside the weights file, ``.onnx``).
 
     Returns the output path, the graph's inputs, the feature width, the export time and the parity
     figures (max |Δ| per batch and overall, and the largest |feature| for scale). Raises
@@ -121,7 +128,7 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int =
     and ``ExportError`` when the export fails or its features differ from torch's by more than
     ``tolerance``; nothing is written then.
     """
-    weights = Path(weights)
+    weights = resolve_weights(weights)
     out = Path(out) if out is not None else weights.with_suffix(".onnx")
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset {opset}: the antialiased resize needs opset {MIN_OPSET} or later")
@@ -129,7 +136,9 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int =
         raise ConfigError(f"{out.parent}: not a directory")
     if out.resolve() == weights.resolve():
         raise ConfigError(f"{out}: the output would overwrite the weights")
-    pipeline, meta = load_pipeline(weights)
+    pipeline, meta = load_pipeline(weights, source)
+    for line in meta["notes"]:
+        print(f"note: {line}")
     batches = parity_batches(pipeline.input_size, pipeline.id_counts)
     reference = TorchEmbedder(pipeline, "cpu")
     try:
@@ -141,7 +150,7 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int =
         "architecture": meta["architecture"], "weights": weights.name, "weights_sha256": sha256_file(weights),
         "input_size": list(pipeline.input_size), "mean": list(meta["mean"]), "std": list(meta["std"]),
         "feature_dim": int(expected[0].shape[1]), "options": meta.get("options", {}),
-        "id_inputs": list(pipeline.id_inputs),
+        "id_inputs": list(pipeline.id_inputs), "source": meta["source"],
     }
     start = time.perf_counter()
     try:
@@ -173,14 +182,16 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, required=True, help="a model_*.safetensors export")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="our export, a training checkpoint (file or directory), or a foreign file with --model")
+    add_model_arguments(parser)
     parser.add_argument("--out", type=Path, help="the .onnx file (default: the weights' path with .onnx)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
                         help="largest max |feature difference| accepted (default %(default)g)")
     args = parser.parse_args(argv)
     try:
-        result = export_onnx(args.weights, args.out, args.opset, args.tolerance)
+        result = export_onnx(args.weights, args.out, args.opset, args.tolerance, model_source(args))
     except (WeightsError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,11 @@
 
     python finetune/search.py --weights runs/bot_tiny/model_final.safetensors (or model_best.onnx) \
         --gallery GALLERY_DIR --query QUERY_DIR_OR_IMAGE [--topk 5] [--index PATH] [--json] [--batch-size 32]
+    python finetune/search.py --weights fastreid/model_final.pth --model bot_resnet50 --gallery G --query Q
+
+``--weights`` takes every file ``finetune/evaluate.py`` takes (``finetune.deploy.load_model``: our exports,
+training checkpoints, foreign checkpoints with ``--model NAME [--model-options JSON] [--allow-partial]``),
+and our ONNX exports.
 
 Images are .jpg/.jpeg/.png/.bmp files found recursively under each folder, in sorted path order (the
 query may also be one image file). Each is decoded to uint8 RGB (JPEG and PNG of any mode, 16-bit
@@ -20,8 +25,8 @@ paths relative to their folders) or, with ``--json``, a list of ``{query, matche
 similarity}]}``.
 
 ``--index PATH`` saves the gallery index to PATH and its description to PATH.json: the gallery files
-in index order, the images skipped, and a fingerprint of the weights (sha256) and of the gallery's file
-list with sizes and modification times. The next run with the same weights and an unchanged gallery
+in index order, the images skipped, and a fingerprint of the weights (sha256, and ``--model`` with its
+options) and of the gallery's file list with sizes and modification times. The next run with the same weights and an unchanged gallery
 reuses it ("reused" on stderr) without decoding the whole gallery; anything else rebuilds it. The
 description is not trusted: its file list must be the gallery's own (every listed image either indexed
 or skipped, in order), and the stored features of ``SPOT_CHECKS`` gallery images, drawn at random
@@ -50,7 +55,7 @@ from PIL import Image, UnidentifiedImageError
 from data.readers import MAX_IMAGE_PIXELS, decode
 from data.shards import sha256_file
 from data.transforms import TransformConfig, build_transforms
-from finetune.deploy import Embedder, load_embedder
+from finetune.deploy import Embedder, add_model_arguments, load_embedder, model_source, resolve_weights
 from shared.config import ConfigError
 from shared.io import atomic_open, atomic_write_json
 from shared.table import format_table
@@ -134,10 +139,11 @@ def embed_images(embedder: Embedder, paths: Sequence[Path], batch_size: int,
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), kept, skipped
 
 
-def gallery_fingerprint(weights_sha256: str, root: Path, paths: Sequence[Path]) -> str:
-    """sha256 of the weights' hash, the index format and each gallery file's relative path, size and mtime."""
+def gallery_fingerprint(weights_id: str, root: Path, paths: Sequence[Path]) -> str:
+    """sha256 of the weights' identity (their sha256, and ``--model`` with its options), the index format and
+    each gallery file's relative path, size and mtime."""
     files = [[p.relative_to(root).as_posix(), (s := p.stat()).st_size, s.st_mtime_ns] for p in paths]
-    blob = json.dumps({"format": INDEX_FORMAT, "weights": weights_sha256, "files": files}, sort_keys=True)
+    blob = json.dumps({"format": INDEX_FORMAT, "weights": weights_id, "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -197,7 +203,9 @@ def search_index(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, required=True, help="a model_*.safetensors or .onnx export")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="a .onnx export, our .safetensors export, a training checkpoint, or a foreign file with --model")
+    add_model_arguments(parser)
     parser.add_argument("--gallery", type=Path, required=True, help="folder of gallery images")
     parser.add_argument("--query", type=Path, required=True, help="folder of query images, or one image")
     parser.add_argument("--topk", type=int, default=5, help="matches per query")
@@ -222,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.index is not None and not args.index.parent.is_dir():
             raise ConfigError(f"{args.index.parent}: no such directory (for --index)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        embedder = load_embedder(args.weights, device)
+        source = model_source(args)
+        weights = args.weights if args.weights.suffix == ".onnx" else resolve_weights(args.weights)
+        embedder = load_embedder(weights, device, source, warn)
     except (WeightsError, ConfigError) as e:
         warn(f"error: {e}")
         return 2
@@ -232,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cached = None
     if args.index is not None:
-        fingerprint = gallery_fingerprint(sha256_file(args.weights), args.gallery, gallery_paths)
+        weights_id = sha256_file(weights) + (json.dumps([source.name, source.options], sort_keys=True)
+                                              if source.name else "")
+        fingerprint = gallery_fingerprint(weights_id, args.gallery, gallery_paths)
         cached = load_index(args.index, fingerprint,
                             [p.relative_to(args.gallery).as_posix() for p in gallery_paths])
         if cached is not None and (mismatch := spot_check(cached[0], cached[1]["files"], args.gallery, embedder,

@@ -77,7 +77,7 @@ from data.readers import SampleTally, StreamingShards, collate, split_keys
 from data.shards import ShardError, check_writable_dir, load_manifest
 from data.source import DatasetError
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
-from shared.backbones import build_backbone
+from shared.backbones import PooledBackbone, build_backbone
 from shared.checkpoint_layouts import GEM_P
 from shared.config import ConfigError
 from shared.heads import build_pooling
@@ -106,22 +106,16 @@ def catastrophic_forgetting_score(feat_a: torch.Tensor, feat_b: torch.Tensor) ->
     return (a * b).sum(dim=1).clamp(-1.0, 1.0)
 
 
-class Embedder(nn.Module):
+class Embedder(PooledBackbone):
     """uint8 NCHW batch -> normalised with its weights' mean/std -> backbone -> pooled (N, C) feature."""
 
     def __init__(self, backbone: nn.Module, pooling: str = "avg", mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD):
-        super().__init__()
+        super().__init__(backbone, build_pooling(pooling), backbone.out_channels)
         self.normalize = Normalize(list(mean), list(std))
-        self.backbone = backbone
-        self.pool = build_pooling(pooling)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.backbone(self.normalize(images)))
-
-    def trunk_keys(self) -> dict[str, str]:
-        """Every backbone tensor, with its key in the backbone's own state dict (what the loader fills)."""
-        return {f"backbone.{key}": key for key in self.backbone.state_dict()}
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(self.normalize(images))
 
 
 def load_embedder(path: str | Path, arch: str, options: dict[str, Any] | None = None, pooling: str = "avg",

@@ -63,7 +63,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        metadata = _header(path)
+        metadata = read_header(path)
         try:
             tensors = load_file(str(path))
         except Exception as e:  # a sound header over truncated or overlapping data
@@ -250,7 +250,7 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata an export carries (architecture, input size, mean/std, feature dim, provenance)."""
     if Path(path).suffix != ".safetensors":
         raise WeightsError(f"{path}: exports are .safetensors files")
-    header = _header(path)
+    header = read_header(path)
     if METADATA_KEY not in header:
         raise WeightsError(f"{path}: not a reidforge export (no '{METADATA_KEY}' metadata)")
     return _export_json(path, header)
@@ -266,7 +266,8 @@ def _export_json(path: str | Path, header: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def _header(path: str | Path) -> dict[str, str]:
+def read_header(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (our exports keep theirs under ``METADATA_KEY``)."""
     if not Path(path).is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
