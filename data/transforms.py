@@ -46,16 +46,16 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @dataclass
 class TransformConfig:
-    height: int = bounded(256, 1)
-    width: int = bounded(128, 1)
+    height: int = bounded(256, 1)  # model input height in pixels
+    width: int = bounded(128, 1)  # model input width in pixels
     flip: float = bounded(0.5, 0, 1)  # probability of a horizontal flip
     pad: int = bounded(10, 0)  # pixels of padding before the random crop; 0 disables pad+crop
     color_jitter: float = bounded(0.0, 0)  # brightness/contrast/saturation strength; 0 disables it
     random_erasing: float = bounded(0.5, 0, 1)  # probability of erasing one random rectangle
     autoaugment: float = bounded(0.0, 0, 1)  # probability of AutoAugment's ImageNet policy (FastReID INPUT.AUTOAUG.PROB)
     augmix: float = bounded(0.0, 0, 1)  # probability of AugMix (FastReID INPUT.AUGMIX.PROB)
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel normalisation (RGB, 0-1 scale)
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel normalisation (RGB, 0-1 scale)
 
 
 def _uniform(low: float, high: float) -> float:

@@ -14,7 +14,9 @@ Every ``checkpoint_every`` epochs the full state is saved atomically (accelerate
 state plus the scheduler, sampler position, criterion and run history), so ``--resume`` continues a
 killed run where its last checkpoint left it.
 
-Run directory ``<output_dir>/<run_name>/``: ``config.yaml``, TensorBoard events, ``checkpoints/``,
+Run directory ``<output_dir>/<run_name>/``: ``config.yaml``, TensorBoard events (``shared/tensorboard.py``:
+window and epoch means of lr, each weighted loss term and the total, identity top-1, gradient norm,
+images/s, data wait and GPU memory; the config as text; hparams with the final mAP and R1), ``checkpoints/``,
 ``metrics.json`` (every evaluation, each row naming its split), ``model_final.safetensors`` and, with a
 validation split, ``model_best.safetensors`` (with metadata); with ``model.weights``, ``weights_report.json``
 (the detected layout and every trunk and head tensor's match, ``shared.weights.load_pretrained``).
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
@@ -51,7 +54,9 @@ from shared.config import ConfigError, bounded, choice, save_config
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, evaluate_draws
 from shared.rundir import claim_run_dir
+from shared.runlog import log_to
 from shared.table import format_table
+from shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_hparams
 from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
@@ -158,6 +163,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
         claim_run_dir(self.run_dir, cfg, resume, overwrite, acc.is_main_process)
+        log_to(self.run_dir)
         self.resume_from = self.checkpoints.resume_point(acc.print) if resume else None
         acc.wait_for_everyone()  # every rank has checked the directory before the main one writes to it
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +233,10 @@ class Trainer:
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
         acc.init_trackers("tensorboard")
+        write_config_text(acc, self.run_dir / "config.yaml")
+        self.scalars = TrainScalars(acc, cfg.log_every, d.p * d.k)
+        # each term's weight, so that the logged terms are the parts of the total (shared/tensorboard.py)
+        self.term_weights = {f"{t.loss}/{t.input}": t.weight for t in self.criterion.terms}
 
     def _check_inputs(self) -> None:
         """One-line errors for every input, before any model is built or data read."""
@@ -270,8 +280,14 @@ class Trainer:
             acc.print(tally.summary())
             acc.print(self.results_table())
             acc.print(f"run directory: {self.run_dir}")
+            write_hparams(acc, cfg, self._final_metrics(), self.state["iteration"])
         acc.end_training()
         return self.state
+
+    def _final_metrics(self) -> dict[str, float]:
+        """The last evaluation's mAP and R1 per split, by their scalar tags (``test/mAP``, ``val/R1``, ...)."""
+        return {f"{row['split']}/{k}": row[k] for row in self.state["history"]
+                if row["epoch"] == self.state["epoch"] for k in ("mAP", "R1") if k in row}
 
     def _train_epoch(self, epoch: int, tally: SampleTally) -> None:
         acc, model = self.accelerator, self.model
@@ -281,7 +297,8 @@ class Trainer:
                    disable=not acc.is_local_main_process, leave=False)
         if self.train_dropped and self.state["iteration"] == 0:
             acc.log({"data/train_images_dropped": self.train_dropped}, step=0)
-        for batch in bar:
+        self.scalars.start_epoch()
+        for batch in self.scalars.timed(bar):
             self.freeze.set_mode(self.state["iteration"])
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
             pids = batch["pid"].to(acc.device)
@@ -295,17 +312,36 @@ class Trainer:
             self._average_criterion_grads()
             self.freeze.drop_grads(self.state["iteration"])
             if self.cfg.optim.clip_grad_norm > 0:
-                acc.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
+                norm = acc.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
+            else:
+                norm = grad_norm(acc, model.parameters())
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step applies
+            accuracy = self._train_accuracy(outputs, pids)
             self.optimizer.step()
             if self.center_optimizer is not None:
                 self.center_optimizer.step()
             self.scheduler.step()
             self.state["iteration"] += 1
-            it = self.state["iteration"]
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if it % self.cfg.log_every == 0:
-                acc.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0],
-                         **{f"train/{k}": v for k, v in values.items()}}, step=it)
+            self.scalars.step(self.state["iteration"], {
+                "lr": lr, "loss": loss, "grad_norm": norm, **({"accuracy": accuracy} if accuracy is not None else {}),
+                **{f"loss/{k}": self.term_weights[k] * v for k, v in values.items()}})
+        self.scalars.end_epoch(epoch + 1)
+
+    @torch.no_grad()
+    def _train_accuracy(self, outputs: dict[str, torch.Tensor], pids: torch.Tensor) -> torch.Tensor | None:
+        """Top-1 of the identity classifiers (the mean over a model's ce and circle terms), on the device;
+        None for a model without one. A circle term's prediction is its nearest class proxy."""
+        hits = []
+        for t in self.criterion.terms:
+            if t.loss == "ce":
+                logits = outputs[t.input]
+            elif t.loss == "circle":
+                logits = outputs[t.input].float() @ F.normalize(self.criterion.owned[Criterion._key(t)].weight).T
+            else:
+                continue
+            hits.append((logits.argmax(1) == pids).float().mean())
+        return torch.stack(hits).mean() if hits else None
 
     def _average_criterion_grads(self) -> None:
         """Centres and proxies live outside DDP: average their gradients so every rank's copy stays equal."""

@@ -68,18 +68,18 @@ from shared.config import ConfigError, bounded, choice
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adam", "adamw", "sgd", "rmsprop", "ranger")
-    lr: float = bounded(3.5e-4, 0, None, lo_open=True)
-    weight_decay: float = bounded(5e-4, 0)
+    name: str = choice("adam", "adamw", "sgd", "rmsprop", "ranger")  # optimiser of every trainable parameter
+    lr: float = bounded(3.5e-4, 0, None, lo_open=True)  # base learning rate, reached after the warm-up
+    weight_decay: float = bounded(5e-4, 0)  # L2 decay of the weights (and of biases/norms with bias_decay)
     momentum: float = bounded(0.9, 0, 1)  # SGD and RMSprop
-    nesterov: bool = False
-    bias_decay: bool = True
-    schedule: str = choice("multistep", "cosine")
-    warmup_epochs: float = bounded(10.0, 0)
-    warmup_factor: float = bounded(0.01, 0, 1)
-    milestones: list[int] = field(default_factory=lambda: [40, 70])
-    gamma: float = bounded(0.1, 0, 1, lo_open=True)
-    min_lr_factor: float = bounded(0.0, 0, 1)
+    nesterov: bool = False  # SGD only
+    bias_decay: bool = True  # decay 1-d parameters (biases, norm scales) too
+    schedule: str = choice("multistep", "cosine")  # per-epoch lr after the warm-up
+    warmup_epochs: float = bounded(10.0, 0)  # linear warm-up length; 0 = none
+    warmup_factor: float = bounded(0.01, 0, 1)  # the warm-up starts at lr x this
+    milestones: list[int] = field(default_factory=lambda: [40, 70])  # multistep: epochs where lr is multiplied by gamma
+    gamma: float = bounded(0.1, 0, 1, lo_open=True)  # multistep: lr factor at each milestone
+    min_lr_factor: float = bounded(0.0, 0, 1)  # cosine: the final lr as a fraction of lr
     delay_epochs: float = bounded(0.0, 0)  # cosine only: FastReID's SOLVER.DELAY_EPOCHS (held at lr, then per-epoch cosine)
     freeze_mode: str = choice("fastreid", "mbr")  # how a trunk freeze runs (see the module docstring)
     clip_grad_norm: float = bounded(0.0, 0)  # 0 disables clipping

@@ -21,8 +21,11 @@ NeurIPS 2020, in its unsupervised (USL) form: §3.1 the hybrid memory and the un
    one-image class one slot), or P pseudo-identities x K images (``sampler: pk``); loss = the memory's
    unified contrastive loss; the memory is updated in backward, in global batch order, identically on
    every rank.
-4. Each epoch's clustering is logged (clusters, outliers, cluster sizes, and, when the pool carries a
-   true identity, as the synthetic pool and labelled splits do, ARI/NMI against it); optional retrieval checks on a
+4. Each epoch's clustering is logged (clusters, outliers, cluster sizes, the clustering's own statistics
+   as ``cluster/<stat>`` and its settings as text, and, when the pool carries a true identity, as the
+   synthetic pool and labelled splits do, ARI/NMI against it), beside the training scalars of
+   ``shared/tensorboard.py`` (window and epoch means of lr, loss, gradient norm, images/s, data wait, GPU
+   memory; the config as text at start, hparams with the final metrics at the end); optional retrieval checks on a
    labelled query/gallery pair (a monitor: ``backbone_final`` is the run's backbone, and no test-set
    result picks one); atomic checkpoints (model, optimiser, RNG, memory, labels, frozen
    independence threshold, history) so ``--resume`` continues a killed run; the backbone is exported
@@ -77,7 +80,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -107,7 +110,9 @@ from shared.heads import build_pooling
 from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
 from shared.rundir import claim_run_dir
+from shared.runlog import log_to
 from shared.table import format_table
+from shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_hparams
 from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
@@ -282,6 +287,7 @@ class SpCLTrainer:
         set_seed(cfg.seed)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
         claim_run_dir(self.run_dir, cfg, resume, overwrite, acc.is_main_process)
+        log_to(self.run_dir)
         resume_from = self.checkpoints.resume_point(acc.print) if resume else None
         acc.wait_for_everyone()  # every rank has checked the directory before the main one writes to it
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,6 +334,8 @@ class SpCLTrainer:
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
         acc.init_trackers("tensorboard")
+        write_config_text(acc, self.run_dir / "config.yaml")
+        self.scalars = TrainScalars(acc, cfg.log_every, d.p * d.k)
 
     def _check_inputs(self) -> None:
         """One-line errors for every input before any model is built or image read."""
@@ -435,6 +443,7 @@ class SpCLTrainer:
                 row["ARI"] = float(adjusted_rand_score(truth, result.labels))
                 row["NMI"] = float(normalized_mutual_info_score(truth, result.labels))
             acc.log({f"cluster/{k}": v for k, v in row.items() if k != "epoch"}, step=self.state["iteration"])
+            self._log_clustering(result.stats)
             if len(sizes):
                 acc.get_tracker("tensorboard", unwrap=True).add_histogram("cluster/sizes", sizes,
                                                                           self.state["iteration"])
@@ -445,6 +454,17 @@ class SpCLTrainer:
             acc.print(f"epoch {epoch + 1}: no cluster and outliers dropped: every image is its own class this epoch")
         self.memory.set_labels(labels)
         return row
+
+    def _log_clustering(self, stats: dict[str, float]) -> None:
+        """The clustering's own statistics (``ClusterResult.stats``: kNN recall and timings, the search's
+        settings, the independence threshold, the samples the criteria rejected, cluster and outlier counts)
+        as ``cluster/<name>`` scalars, and its settings as the ``cluster/settings`` text."""
+        acc, step = self.accelerator, self.state["iteration"]
+        acc.log({f"cluster/{k}": float(v) for k, v in stats.items()}, step=step)
+        settings = {**asdict(self.clustering.cfg),
+                    "indep_threshold (frozen once set)": self.clustering.indep_threshold,
+                    **{k: v for k, v in stats.items() if k.startswith("ivf_")}}
+        acc.log({"cluster/settings": "\n".join(f"    {k}: {v}" for k, v in settings.items())}, step=step)
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -470,8 +490,18 @@ class SpCLTrainer:
             self._export("backbone_final.safetensors")
             acc.print(self.results_table())
             acc.print(f"run directory: {self.run_dir}")
+            write_hparams(acc, cfg, self._final_metrics(), self.state["iteration"])
         acc.end_training()
         return self.state
+
+    def _final_metrics(self) -> dict[str, float]:
+        """The last retrieval check (``test/mAP``, ``test/R1``) and clustering quality (``cluster/ARI``,
+        ``cluster/NMI``) of the run, by their scalar tags."""
+        tags = {"mAP": "test/mAP", "R1": "test/R1", "ARI": "cluster/ARI", "NMI": "cluster/NMI"}
+        last: dict[str, float] = {}
+        for row in self.state["history"]:
+            last.update({tag: row[k] for k, tag in tags.items() if k in row})
+        return last
 
     def _train_epoch(self, epoch: int, row: dict[str, Any], partial: dict[str, Any] | None = None) -> float:
         """Train one epoch (from the iteration a mid-epoch checkpoint reached); the mean loss of its steps."""
@@ -490,7 +520,8 @@ class SpCLTrainer:
         self.model.train()
         bar = tqdm(tally.wrap(loader), total=cfg.iters_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    leave=False, disable=not acc.is_local_main_process)
-        for step, batch in enumerate(bar, start + 1):
+        self.scalars.start_epoch()
+        for step, batch in enumerate(self.scalars.timed(bar), start + 1):
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
             slots = torch.from_numpy(np.searchsorted(self.slots, batch["index"].numpy())).to(acc.device)
             with acc.autocast():
@@ -498,18 +529,19 @@ class SpCLTrainer:
             loss = self.memory(feats.float(), slots)
             self.optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
+            norm = grad_norm(acc, self.model.parameters())
             self.optimizer.step()
             self.state["iteration"] += 1
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if self.state["iteration"] % cfg.log_every == 0:
-                acc.log({"train/loss": loss.item(), "train/lr": self.scheduler.get_last_lr()[0]},
-                        step=self.state["iteration"])
+            self.scalars.step(self.state["iteration"],
+                              {"lr": self.scheduler.get_last_lr()[0], "loss": loss, "grad_norm": norm})
             every = cfg.checkpoint_every_iters
             if every > 0 and step % every == 0 and step < cfg.iters_per_epoch:
                 self.state["partial"] = {"step": step, "loss_sum": total, "row": row}
                 self._checkpoint(step)
                 del self.state["partial"]
+        self.scalars.end_epoch(epoch + 1)
         return total / max(cfg.iters_per_epoch, 1)
 
     def _log_pseudo_classes(self, epoch: int, labels: np.ndarray) -> None:
@@ -584,6 +616,9 @@ class SpCLTrainer:
             "architecture": c.encoder.backbone,
             "options": c.encoder.options,
             "feature_dim": encoder.feature_dim,
+            # The pooling the backbone was trained under (GeM with its learnt exponent), for its users.
+            "pooling": c.encoder.pooling,
+            **({"gem_p": float(encoder.pool.p)} if c.encoder.pooling == "gem" else {}),
             "input_size": [t.height, t.width],
             "mean": t.mean,
             "std": t.std,

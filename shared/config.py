@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
+import os
+import re
 import sys
+import textwrap
+import tokenize
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from shared.io import atomic_open
+from shared.runlog import output_log
 
 T = TypeVar("T")
 
@@ -140,6 +147,77 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     return cfg  # type: ignore[return-value]
 
 
+def _comments(cls: type) -> dict[str, str]:
+    """Each field's description in the schema's source: its trailing ``#`` comment, else the comment
+    lines right above it (the schemas document their fields that way)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    above: list[str] = []
+    notes: dict[str, str] = {}
+    field_at: dict[int, str] = {}
+    for number, line in enumerate(source.splitlines(), 1):
+        if m := re.match(r"\s+(\w+)\s*:", line):
+            field_at[number] = m.group(1)
+    pending: dict[int, list[str]] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            row = tok.start[0]
+            if row in field_at and tok.line.strip() != tok.string:
+                notes.setdefault(field_at[row], text)
+            else:
+                above.append(text)
+                pending[row] = list(above)
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            if tok.start[0] in field_at and above:
+                notes.setdefault(field_at[tok.start[0]], " ".join(above))
+            above = []
+    return notes
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def describe_fields(schema: type, prefix: str = "") -> list[tuple[str, str]]:
+    """``(key = default, what it is)`` for every leaf field of ``schema``, nested ones dotted, in order."""
+    _resolve_types(schema)
+    notes = _comments(schema)
+    rows: list[tuple[str, str]] = []
+    instance = schema()
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type):
+            rows += describe_fields(f.type, f"{key}.")
+            continue
+        default = getattr(instance, f.name)
+        limits = []
+        if (options := f.metadata.get("choices")) is not None:
+            limits.append("one of " + ", ".join(options))
+        if (bounds := f.metadata.get("bounds")) is not None:
+            lo, hi, lo_open = bounds
+            limits += [f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []
+            limits += [f"<= {hi:g}"] if hi is not None else []
+        what = "; ".join(filter(None, [notes.get(f.name, "").rstrip("."), ", ".join(limits)]))
+        rows.append((f"{key}={default!r} ({_type_name(f.type)})", what))
+    return rows
+
+
+def _help_epilog(schema: type, width: int = 110) -> str:
+    lines = ["config keys, as key=value after the options (schema defaults shown; a recipe overrides them):"]
+    for key, what in describe_fields(schema):
+        lines.append(f"  {key}")
+        lines += textwrap.wrap(what, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def is_main_process() -> bool:
+    """True outside distributed launches and on global rank 0 (torchrun and accelerate set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (a run directory's ``config.yaml``)."""
     with atomic_open(path, "w") as f:
@@ -150,11 +228,16 @@ def config_main(schema: type[T], run: Callable[[T, bool, bool], Any], argv: Sequ
                 errors: tuple[type[Exception], ...] = ()) -> int:
     """The command line of a training script: ``--config FILE [--resume | --overwrite] [key=value ...]``.
 
-    Runs ``run(config, resume, overwrite)``; a bad config, missing file or any of ``errors`` prints one line and
-    returns exit status 2.
+    ``--help`` lists every config key with its default and description; ``--print-config`` prints the
+    resolved config and exits. Otherwise the resolved config is printed (by the main process) and
+    ``run(config, resume, overwrite)`` runs; a bad config, missing file or any of ``errors`` prints one
+    line and returns exit status 2.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, epilog=_help_epilog(schema),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="recipe YAML (launch/configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config that the recipe and the overrides resolve to, and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run directory that holds a previous run, deleting its outputs")
@@ -163,9 +246,17 @@ def config_main(schema: type[T], run: Callable[[T, bool, bool], Any], argv: Sequ
     if args.resume and args.overwrite:
         print("error: --resume continues the run in the directory, --overwrite deletes it: give one", file=sys.stderr)
         return 2
-    try:
-        run(load_config(schema, args.config, args.overrides), args.resume, args.overwrite)
-    except (ConfigError, FileNotFoundError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # The run attaches its log.txt (shared.runlog.log_to) once it has claimed its directory.
+    with output_log(is_main_process() and not args.print_config):
+        try:
+            cfg = load_config(schema, args.config, args.overrides)
+            if args.print_config or is_main_process():
+                print(("" if args.print_config else "config:\n") + OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+                      end="", flush=True)
+            if args.print_config:
+                return 0
+            run(cfg, args.resume, args.overwrite)
+        except (ConfigError, FileNotFoundError, *errors) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0

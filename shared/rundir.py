@@ -21,7 +21,7 @@ from shared.config import ConfigError
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json", "model_*.safetensors", "backbone_*.safetensors")
 # Further outputs of a run, deleted with it by --overwrite (finetune/engine.py and pretrain/spcl.py write them).
-RUN_OUTPUTS = (*RUN_MARKERS, "tensorboard", "weights_report.json", "track2.txt")
+RUN_OUTPUTS = (*RUN_MARKERS, "tensorboard", "weights_report.json", "track2.txt", "log.txt")
 MAY_CHANGE_ON_RESUME = frozenset({"epochs", "eval_every", "checkpoint_every", "checkpoint_every_iters", "log_every",
                                   "keep_checkpoints", "data.workers", "dist_timeout_minutes",
                                   "output_dir", "run_name"})

@@ -131,7 +131,9 @@ def test_small_working_chunks_change_memory_not_results(monkeypatch: pytest.Monk
     small = re_rank(q, g)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    np.testing.assert_array_equal(small, default)
+    # values keep the float32 GEMM's rounding (module docstring), which a block's shape and the BLAS thread
+    # split may move by an ulp; the neighbour sets and the float64 parts do not depend on the chunking
+    np.testing.assert_allclose(small, default, rtol=0, atol=1e-6)
     dense = n * n * 8  # one float64 N x N matrix; the dense original holds about four
     assert peak < dense / 6, f"peak {peak / 2**20:.1f} MB vs one dense matrix {dense / 2**20:.0f} MB"
 

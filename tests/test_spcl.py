@@ -75,6 +75,7 @@ def test_pretrain_clusters_logs_and_exports_a_backbone_finetune_loads(
     assert meta["kind"] == "backbone" and meta["architecture"] == "osnet_x0_25" and meta["input_size"] == [64, 32]
     assert meta["provenance"]["memory_slots"] == 240 and not (run / "backbone_best.safetensors").exists()
     assert meta["provenance"]["weights"] == "none"
+    assert meta["pooling"] == "avg" and "gem_p" not in meta  # the pooling it was trained under, for evaluation
     # the fine-tuning stage takes it as its starting point: every backbone tensor lands
     model = build_model("osnet", 10, variant="osnet_x0_25")
     report = load_pretrained(model, run / "backbone_final.safetensors")

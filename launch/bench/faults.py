@@ -33,7 +33,8 @@ phase recorded for a trial is the one the child was in when it died, read from e
 and the files it left. Outcomes:
 
 - ``identical``: every file byte-identical, except fields that record the wall clock or the
-  invocation (``*seconds`` keys in JSON, a manifest's ``reused_shards``) and TensorBoard event files;
+  invocation (``*seconds`` keys in JSON, a manifest's ``reused_shards``), TensorBoard event files and
+  the run's ``log.txt``;
   safetensors and optimiser files compared tensor by tensor with ``torch.equal``;
 - ``within tolerance``: every float tensor and JSON number within ``|a - b| <= atol + rtol * |b|``
   (``--rtol 1e-3 --atol 1e-5``), everything else identical;
@@ -79,6 +80,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from shared.io import atomic_write_json
+from shared.runlog import LOG_NAME
 from shared.table import format_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -427,11 +429,12 @@ class Comparison:
 
 
 def _compared_files(root: Path) -> list[str]:
-    """Regular files under ``root``, without hidden temporaries and TensorBoard events (wall-clock stamped);
-    exports first, then checkpoints, so a failure names the most telling file."""
+    """Regular files under ``root``, without hidden temporaries, TensorBoard events and the run's log.txt
+    (wall-clock stamped, and a resumed run's log holds both invocations); exports first, then checkpoints,
+    so a failure names the most telling file."""
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
     files = [f for f in files if not any(part.startswith(".") for part in f.split("/"))
-             and not f.startswith("tensorboard/")]
+             and "tensorboard" not in f.split("/") and f.rsplit("/", 1)[-1] != LOG_NAME]
     return sorted(files, key=lambda f: (f.count("/") > 0, not f.endswith(".safetensors"), f))
 
 
