@@ -222,7 +222,7 @@ def _backbone_export(file: Path, meta: dict[str, Any]) -> tuple[nn.Module, dict[
         if isinstance(meta.get("gem_p"), (int, float)):
             pool.p.data.fill_(float(meta["gem_p"]))
         else:
-            notes.append(f"{file}: the export does not carry GeM's trained p: pooling with p = {float(pool.p):g} "
+            notes.append(f"{file}: the export does not carry GeM's trained p: pooling with p = {pool.p.detach().item():g} "
                          "(its init)")
     model = PooledBackbone(backbone, pool, backbone.out_channels)
     t = TransformConfig()

@@ -25,6 +25,7 @@ validation split, ``model_best.safetensors`` (with metadata); with ``model.weigh
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,16 +49,22 @@ from finetune.models import build_model
 from finetune.models.base import ReIDModel
 from finetune.optim import (OptimConfig, TrunkFreeze, build_center_optimizer, build_optimizer, build_scheduler,
                             check_schedule, freeze_iterations)
-from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, lai_keep, write_submission
+from finetune.protocols import (draw_features, embed_split, eval_splits, has_labels, lai_keep, ranked_picture,
+                                write_submission)
 from shared.checkpoints import Checkpoints
 from shared.config import ConfigError, bounded, choice, save_config
 from shared.io import atomic_write_json
-from shared.retrieval import evaluate, evaluate_draws
+from shared.retrieval import distance_matrix, evaluate, evaluate_draws
 from shared.rundir import claim_run_dir
 from shared.runlog import log_to
-from shared.table import format_table
-from shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_hparams
+from shared.table import Percent, format_table
+from shared.tensorboard import (TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams,
+                                write_picture)
+from shared.visualize import cmc_curve
 from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
+
+
+TB_QUERIES, TB_TOP_K = 4, 8  # the ranked-list picture written to TensorBoard at each evaluation
 
 
 @dataclass
@@ -366,9 +373,9 @@ class Trainer:
     def _evaluate(self, epoch: int) -> None:
         """Rank the validation split (its mAP alone picks model_best) and the test split (reported only)."""
         acc, d = self.accelerator, self.cfg.data
-        rows = [("val", self._rank(d.val_query, d.val_gallery))] if d.val_query else []
+        rows = [("val", self._rank("val", d.val_query, d.val_gallery))] if d.val_query else []
         if self.test_labelled:
-            rows.append(("test", self._rank(d.query, d.gallery)))
+            rows.append(("test", self._rank("test", d.query, d.gallery)))
         elif epoch == self.cfg.epochs:
             self._submission()
         if acc.is_main_process:
@@ -394,8 +401,9 @@ class Trainer:
                 "world_size": acc.num_processes})
         acc.wait_for_everyone()
 
-    def _rank(self, query: str, gallery: str) -> dict[str, Any] | None:
-        """One split's metrics under ``eval_protocol`` (on the main process; None elsewhere)."""
+    def _rank(self, split: str, query: str, gallery: str) -> dict[str, Any] | None:
+        """One split's metrics under ``eval_protocol`` (on the main process; None elsewhere), and its
+        TensorBoard pictures and projector sample (Market protocol)."""
         cfg, acc = self.cfg, self.accelerator
         rerank = (cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda) if cfg.rerank else None
         pairs = eval_splits(cfg.eval_protocol, query, gallery)
@@ -415,9 +423,26 @@ class Trainer:
         else:
             metrics = evaluate(qf, gf, q.pids[qi], g.pids[gi], q.camids[qi], g.camids[gi], cfg.distance, rerank)
             per_draw, counts = {}, {"queries": len(qi), "gallery": len(gi)}
+            seconds = time.perf_counter() - start
+            self._tensorboard_eval(split, (qf, np.asarray(qi), q), (gf, np.asarray(gi), g), metrics["cmc"])
+            start = time.perf_counter() - seconds  # eval_seconds counts the ranking, not the pictures
         return {"mAP": metrics["mAP"], "mINP": metrics["mINP"], **counts,
                 **{f"R{r}": float(metrics["cmc"][r - 1]) for r in (1, 5, 10) if r <= len(metrics["cmc"])},
                 **per_draw, "eval_seconds": time.perf_counter() - start}
+
+    def _tensorboard_eval(self, split: str, query: tuple, gallery: tuple, cmc: np.ndarray) -> None:
+        """The split's ranked list of a few queries (plain distances), CMC curve and a projector sample."""
+        (qf, qi, q), (gf, gi, g) = query, gallery
+        acc, step = self.accelerator, self.state["iteration"]
+        shown = np.linspace(0, len(qi) - 1, min(TB_QUERIES, len(qi))).astype(int)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = distance_matrix(qf[torch.from_numpy(shown)], gf, self.cfg.distance)
+            write_picture(acc, f"{split}/ranked", ranked_picture(Path(tmp) / "ranked.png", q, qi, g, gi, shown, rows,
+                                                                 TB_TOP_K, f"{self.cfg.distance} distance"), step)
+            write_picture(acc, f"{split}/cmc", cmc_curve({self.cfg.model.name: cmc}, Path(tmp) / "cmc.png"), step)
+        columns = {"pid": [*q.pids[qi], *g.pids[gi]], "camid": [*q.camids[qi], *g.camids[gi]],
+                   "set": ["query"] * len(qi) + ["gallery"] * len(gi)}
+        write_embedding(acc, f"{split}/embedding", torch.cat([qf, gf]), columns, step, seed=self.cfg.seed)
 
     def _submission(self) -> None:
         """The unlabelled test split ranked into ``track2.txt`` (the AI City track-2 submission format)."""
@@ -457,9 +482,9 @@ class Trainer:
                 ("model_best", split == "val" and r["epoch"] == self.state.get("best_epoch")),
                 ("model_final", split == "test" and r["epoch"] == self.state["epoch"]),
                 ("best on test (not for selection)", r is best_test)) if applies]
-            rows.append([r["epoch"], split, round(r["mAP"], 4), round(r.get("R1", 0.0), 4), round(r.get("R5", 0.0), 4),
-                         round(r.get("R10", 0.0), 4), round(r["mINP"], 4), ", ".join(notes)])
-        return format_table(["epoch", "split", "mAP", "R1", "R5", "R10", "mINP", "note"], rows)
+            rows.append([r["epoch"], split, *[Percent(r.get(k, 0.0)) for k in ("mAP", "R1", "R5", "R10", "mINP")],
+                         ", ".join(notes)])
+        return format_table(["epoch", "split", "mAP (%)", "R1 (%)", "R5 (%)", "R10 (%)", "mINP (%)", "note"], rows)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

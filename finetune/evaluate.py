@@ -55,23 +55,18 @@ from data.shards import ShardError
 from data.transforms import Normalize, TransformConfig
 from finetune.engine import DataConfig
 from finetune.deploy import add_model_arguments, load_model, model_source
-from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, write_submission
+from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, ranked_picture, write_submission
 from shared.config import ConfigError
 from shared.io import atomic_write_json
 from shared.metrics import AP_FLAVOURS, rank_metrics
 from shared.retrieval import distance_matrix, evaluate_draws
-from shared.table import format_table
-from shared.visualize import cam_overlay, cmc_curve, grad_cam, layer_name, ranked_grid
+from shared.table import Percent, format_table
+from shared.visualize import cam_overlay, cmc_curve, grad_cam, layer_name
 from shared.weights import WeightsError, read_header
 
 PICTURES = ("ranked", "cmc", "gradcam")
 SUBMISSION_TOP = 100  # AI City Challenge track 2: the top 100 gallery images per query
 FEATURE_TENSORS = tuple(f"{split}_{what}" for split in ("query", "gallery") for what in ("features", "pids", "camids"))
-
-
-def _images(dataset, indices) -> list[np.ndarray]:
-    """Display copies (HxWx3 uint8) of split samples, at the model's input size."""
-    return [dataset[int(i)]["image"].permute(1, 2, 0).numpy() for i in indices]
 
 
 def _device(name: str | None) -> torch.device:
@@ -187,18 +182,20 @@ def main(argv: list[str] | None = None) -> int:
                      "mAP": float(m), **{f"R{r}": float(cmc[r - 1]) for r in ranks}}
                     for d, ((q_dir, g_dir), (q, g), m, cmc)
                     in enumerate(zip(pairs, draws, metrics["mAP_per_draw"], metrics["cmc_per_draw"]))]
-        rows = [[f"draw {r['draw']}", r["queries"], r["gallery_images"], round(r["mAP"], 4),
-                 *[round(r[f"R{k}"], 4) for k in ranks]] for r in per_draw]
-        rows.append([f"mean of {len(draws)}", "", "", round(metrics["mAP"], 4),
-                     *[round(float(metrics["cmc"][r - 1]), 4) for r in ranks]])
-        table = format_table([meta["architecture"], "queries", "gallery", "mAP", *[f"R{r}" for r in ranks]], rows)
+        rows = [[f"draw {r['draw']}", r["queries"], r["gallery_images"], Percent(r["mAP"]),
+                 *[Percent(r[f"R{k}"]) for k in ranks]] for r in per_draw]
+        rows.append([f"mean of {len(draws)}", "", "", Percent(metrics["mAP"]),
+                     *[Percent(metrics["cmc"][r - 1]) for r in ranks]])
+        table = format_table([meta["architecture"], "queries", "gallery", "mAP (%)", *[f"R{r} (%)" for r in ranks]],
+                             rows)
         extra = {"draws": len(draws), "per_draw": per_draw}
     else:
         distmat, metrics = market_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, args.distance, rerank, args.ap)
         ranks = [r for r in (1, 5, 10, 20) if r <= len(metrics["cmc"])]
-        row = [meta["architecture"], len(qi), len(gi), round(metrics["mAP"], 4), round(metrics["mINP"], 4),
-               *[round(float(metrics["cmc"][r - 1]), 4) for r in ranks]]
-        table = format_table(["model", "queries", "gallery", "mAP", "mINP", *[f"R{r}" for r in ranks]], [row])
+        row = [meta["architecture"], len(qi), len(gi), Percent(metrics["mAP"]), Percent(metrics["mINP"]),
+               *[Percent(metrics["cmc"][r - 1]) for r in ranks]]
+        table = format_table(["model", "queries", "gallery", "mAP (%)", "mINP (%)", *[f"R{r} (%)" for r in ranks]],
+                             [row])
         extra = {"num_valid_queries": metrics["num_valid_queries"]}
     (out / "results.md").write_text(table + "\n")
     atomic_write_json(out / "results.json", {**settings, "mAP": metrics["mAP"], "mINP": metrics["mINP"],
@@ -207,10 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ranked" in pictures:
         if distmat is None:  # the first draw's distances, for its picture
             distmat = distance_matrix(qf, gf, args.distance, rerank)
-        ranked = np.argsort(distmat[shown], axis=1, kind="stable")[:, :args.topk]
-        ranked_grid(_images(query, qi[shown]), _GalleryImages(gallery, gi), ranked, q_pids[shown], g_pids,
-                    q_cams[shown], g_cams, out / "ranked.png", distances=np.asarray(distmat[shown]),
-                    distance_name=f"{args.distance} distance{' (re-ranked)' if rerank else ''}")
+        ranked_picture(out / "ranked.png", query, qi, gallery, gi, shown, np.asarray(distmat[shown]), args.topk,
+                       f"{args.distance} distance{' (re-ranked)' if rerank else ''}")
     if "cmc" in pictures:
         cmc_curve({meta["architecture"]: metrics["cmc"]}, out / "cmc.png")
     if "gradcam" in pictures:
@@ -266,16 +261,6 @@ def evaluate_features(path: str | Path, distance: str = "cosine", rerank: tuple[
     return {"mAP": float(metrics["mAP"]), "mINP": float(metrics["mINP"]), "cmc": [float(c) for c in metrics["cmc"]],
             "num_valid_queries": metrics["num_valid_queries"], "query_keys": json.loads(header["query_keys"]),
             "gallery_keys": json.loads(header["gallery_keys"])}
-
-
-class _GalleryImages:
-    """Gallery images by ranked position, decoded only when a picture shows them."""
-
-    def __init__(self, dataset, indices: np.ndarray):
-        self.dataset, self.indices = dataset, indices
-
-    def __getitem__(self, position: int) -> np.ndarray:
-        return _images(self.dataset, [self.indices[position]])[0]
 
 
 if __name__ == "__main__":

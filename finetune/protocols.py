@@ -8,6 +8,8 @@
   (``CustomDataSet4Veri776_withviewpont``, ``data/triplet_sampler.py``).
 - A split without identity labels (CityFlow's challenge query/test) has no metrics: ``write_submission``
   ranks it into the AI City track-2 file.
+- ``ranked_picture`` draws a ranked-list grid of a few queries (evaluate.py's ``ranked.png``, and the
+  engine's TensorBoard picture at each evaluation).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from finetune.models.base import ReIDModel
 from shared.config import ConfigError
 from shared.io import atomic_open
 from shared.retrieval import distance_matrix, extract_features, top_k
+from shared.visualize import ranked_grid
 
 if TYPE_CHECKING:
     from finetune.engine import DataConfig
@@ -144,3 +147,28 @@ def write_submission(path: Path, qf: torch.Tensor, qi: np.ndarray | torch.Tensor
     with atomic_open(path, "w") as f:
         f.writelines(" ".join(ids[j] for j in row) + "\n" for row in ranked)
     return path
+
+
+def display_images(dataset: IndexedShards, indices: np.ndarray | list[int]) -> list[np.ndarray]:
+    """Display copies (HxWx3 uint8) of split samples, at the model's input size."""
+    return [dataset[int(i)]["image"].permute(1, 2, 0).numpy() for i in indices]
+
+
+class LazyImages:
+    """A split's images by position in ``indices``, decoded only when a picture shows them."""
+
+    def __init__(self, dataset: IndexedShards, indices: np.ndarray):
+        self.dataset, self.indices = dataset, indices
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        return display_images(self.dataset, [self.indices[position]])[0]
+
+
+def ranked_picture(path: Path, query: IndexedShards, qi: np.ndarray, gallery: IndexedShards, gi: np.ndarray,
+                   shown: np.ndarray, distances: np.ndarray, topk: int, distance_name: str) -> Path:
+    """The ranked-list grid of the queries at positions ``shown`` of ``qi``; ``distances`` are their rows of
+    the query x gallery distances (gallery positions as in ``gi``)."""
+    ranked = np.argsort(distances, axis=1, kind="stable")[:, :topk]
+    return ranked_grid(display_images(query, qi[shown]), LazyImages(gallery, gi), ranked, query.pids[qi[shown]],
+                       gallery.pids[gi], query.camids[qi[shown]], gallery.camids[gi], path, distances=distances,
+                       distance_name=distance_name)

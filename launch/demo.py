@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: the packages liv
 
 from shared.config import ConfigError, load_config  # noqa: E402
 from shared.io import atomic_open, atomic_write_json  # noqa: E402
-from shared.table import format_table  # noqa: E402
+from shared.table import Percent, format_table  # noqa: E402
 
 CONFIGS = REPO / "launch" / "configs"
 
@@ -215,9 +215,10 @@ def write_report(out: Path, models: tuple[Model, ...], timings: list[list[Any]],
     for m in models:
         r, cmc = results[m.name], results[m.name]["cmc"]
         params = _parameters(out / "runs" / m.name / "model_final.safetensors") / 1e6
-        rows.append([m.name, m.start, m.dataset, round(params, 2), round(r["mAP"], 4),
-                     *[round(cmc[k - 1], 4) for k in (1, 5, 10)], round(r["mINP"], 4)])
-    table = format_table(["model", "initialisation", "data", "params (M)", "mAP", "R1", "R5", "R10", "mINP"], rows)
+        rows.append([m.name, m.start, m.dataset, round(params, 2), Percent(r["mAP"]),
+                     *[Percent(cmc[k - 1]) for k in (1, 5, 10)], Percent(r["mINP"])])
+    table = format_table(["model", "initialisation", "data", "params (M)", "mAP (%)", "R1 (%)", "R5 (%)", "R10 (%)",
+                          "mINP (%)"], rows)
     for dataset in sorted({m.dataset for m in models}):
         cmc_curve({m.name: results[m.name]["cmc"] for m in models if m.dataset == dataset},
                   pictures / f"cmc_{dataset}.png")

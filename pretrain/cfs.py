@@ -139,7 +139,7 @@ def load_embedder(path: str | Path, arch: str, options: dict[str, Any] | None = 
         raise CFSError(str(e)) from None
     report = load_pretrained(model, path, allow_partial, partial_option="--allow-partial")
     if pooling == "gem" and "pool.p" not in report.head_loaded:
-        print(f"note: {path} holds no GeM exponent (pool.p): using p = {model.pool.p.item():g}")
+        print(f"note: {path} holds no GeM exponent (pool.p): using p = {model.pool.p.detach().item():g}")
     exponent = next((k for k in report.unused if k in ("pool.p", *GEM_P)), None)
     if exponent is not None:
         print(f"note: the model in {path} pools with GeM ({exponent}) but the scoring pools with {pooling!r}")

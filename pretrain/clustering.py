@@ -837,7 +837,13 @@ class SelfPacedClustering:
             keep = np.ones(len(labels), bool)
         else:
             stats["indep_threshold"] = self.indep_threshold
-            keep = (cluster_indep[labels] <= self.indep_threshold) & (r_comp <= cluster_comp[labels])
+            independent = cluster_indep[labels] <= self.indep_threshold
+            compact = r_comp <= cluster_comp[labels]
+            keep = independent & compact
+            clustered = sizes[labels] > 1
+            # each criterion's own removals (an image may fail both): which of the two is doing the work
+            stats["rejected_by_independence"] = float(np.count_nonzero(~independent & clustered))
+            stats["rejected_by_compactness"] = float(np.count_nonzero(~compact & clustered))
         stats["rejected_by_criteria"] = float(np.count_nonzero(~keep & (sizes[labels] > 1)))
         stats["criteria_s"] = time.perf_counter() - start
         return np.where(keep, labels, num + np.arange(len(labels)))

@@ -111,8 +111,8 @@ from shared.io import atomic_write_json
 from shared.retrieval import evaluate, extract_features
 from shared.rundir import claim_run_dir
 from shared.runlog import log_to
-from shared.table import format_table
-from shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_hparams
+from shared.table import Percent, format_table
+from shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams
 from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
@@ -206,6 +206,7 @@ class Encoder(nn.Module):
 
 
 SAMPLERS = {"multiple_gallery": MultipleGallerySampler, "pk": PKSampler}
+PERCENT = ("mAP", "R1")  # shown in % in the summary table, as the papers report them
 
 
 class PseudoIdentityBatches(Sampler[list[int]]):
@@ -444,6 +445,11 @@ class SpCLTrainer:
                 row["NMI"] = float(normalized_mutual_info_score(truth, result.labels))
             acc.log({f"cluster/{k}": v for k, v in row.items() if k != "epoch"}, step=self.state["iteration"])
             self._log_clustering(result.stats)
+            # outliers (own classes past num_clusters) shown as -1: the projector colours the clusters
+            pseudo = np.where(result.labels < result.num_clusters, result.labels, -1)
+            columns = {"pseudo_label": pseudo, **({"true_id": self.truth[valid]} if self.truth is not None else {})}
+            write_embedding(acc, "cluster/memory", torch.from_numpy(feats), columns, self.state["iteration"],
+                            seed=self.cfg.seed + epoch)
             if len(sizes):
                 acc.get_tracker("tensorboard", unwrap=True).add_histogram("cluster/sizes", sizes,
                                                                           self.state["iteration"])
@@ -618,7 +624,7 @@ class SpCLTrainer:
             "feature_dim": encoder.feature_dim,
             # The pooling the backbone was trained under (GeM with its learnt exponent), for its users.
             "pooling": c.encoder.pooling,
-            **({"gem_p": float(encoder.pool.p)} if c.encoder.pooling == "gem" else {}),
+            **({"gem_p": encoder.pool.p.detach().item()} if c.encoder.pooling == "gem" else {}),
             "input_size": [t.height, t.width],
             "mean": t.mean,
             "std": t.std,
@@ -636,9 +642,9 @@ class SpCLTrainer:
     def results_table(self) -> str:
         keys = ["epoch", "clusters", "outliers", "clustered", "mean_size", "ARI", "NMI", "loss", "mAP", "R1"]
         shown = [k for k in keys if any(k in r for r in self.state["history"])]
-        rows = [[round(r[k], 4) if isinstance(r.get(k), float) else r.get(k, "") for k in shown]
-                for r in self.state["history"]]
-        return format_table(shown, rows)
+        rows = [[Percent(r[k]) if k in PERCENT and k in r else round(r[k], 4) if isinstance(r.get(k), float)
+                 else r.get(k, "") for k in shown] for r in self.state["history"]]
+        return format_table([f"{k} (%)" if k in PERCENT else k for k in shown], rows)
 
 
 def pretrain(cfg: SpCLConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -16,6 +16,11 @@ a maximum rather than a mean). Device values are summed on the device and read o
 the step loop gains no host-device synchronisation; with several processes the means are averaged over
 the ranks at those points.
 
+At each evaluation the fine-tuning loop adds pictures (``<split>/ranked``, ``<split>/cmc``) and a
+projector sample (``<split>/embedding``: up to ``PROJECTOR_POINTS`` query and as many gallery features,
+seeded, with pid, camid and set as metadata); SpCL adds a projector of the memory features coloured by
+pseudo-label and, where the pool has them, by the true identities.
+
 At start the resolved config is written as text (``config``); at the end of a run the flattened config
 goes to the HParams dashboard with the run's final metrics (``torch.utils.tensorboard.summary.hparams``,
 as ``SummaryWriter.add_hparams`` writes it, but into the run's own event file instead of a new sub-run).
@@ -26,15 +31,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from torch.utils.tensorboard.summary import hparams
 
 T = TypeVar("T")
+PROJECTOR_POINTS = 256  # per set: the projector files (text) stay ~1 MB per evaluation at 512-d
 Scalar = torch.Tensor | float
 
 
@@ -178,3 +186,26 @@ def write_hparams(accelerator: Accelerator, cfg: Any, metrics: Mapping[str, floa
     for summary in hparams(flatten_config(cfg), dict(metrics)):
         writer.file_writer.add_summary(summary, step)
     writer.flush()
+
+
+def _writer(accelerator: Accelerator) -> Any:
+    return accelerator.get_tracker("tensorboard", unwrap=True)
+
+
+def write_embedding(accelerator: Accelerator, tag: str, features: torch.Tensor,
+                    columns: Mapping[str, Sequence[Any]], step: int, seed: int = 0) -> None:
+    """A seeded sample of at most ``PROJECTOR_POINTS`` rows of ``features`` for the projector, with one
+    metadata column per entry of ``columns`` (pid, camid, pseudo-label ...)."""
+    if not accelerator.is_main_process or not len(features):
+        return
+    keep = np.sort(np.random.default_rng(seed).permutation(len(features))[:PROJECTOR_POINTS])
+    rows = [[str(values[i]) for values in columns.values()] for i in keep]
+    _writer(accelerator).add_embedding(features[torch.from_numpy(keep)].float().cpu(), metadata=rows,
+                                       metadata_header=list(columns), tag=tag, global_step=step)
+
+
+def write_picture(accelerator: Accelerator, tag: str, png: Path, step: int) -> None:
+    """A rendered PNG as an image summary."""
+    if accelerator.is_main_process:
+        with Image.open(png) as image:
+            _writer(accelerator).add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")

@@ -121,6 +121,10 @@ def test_labels_equal_dense_pipeline(blobs_with_dense: tuple[np.ndarray, np.ndar
     assert result.stats["indep_threshold"] == thres
     assert result.num_clusters == len(np.unique(result.labels)) - result.num_outliers
     assert result.labels.dtype == np.int64
+    # each criterion's removals, of which the union is what the two remove together
+    s = result.stats
+    both = s["rejected_by_independence"] + s["rejected_by_compactness"]
+    assert max(s["rejected_by_independence"], s["rejected_by_compactness"]) <= s["rejected_by_criteria"] <= both
 
 
 def test_exact_arithmetic_ties_at_eps_count_as_neighbours() -> None:

@@ -62,8 +62,9 @@ def test_every_stage_runs_and_the_report_shows_real_pictures(demo: tuple[Path, P
     assert [row.split("|")[1].strip() for row in rows] == ["dm_osnet_scratch", "dm_osnet_spcl", "fnc_tiny",
                                                            "lka_reid_tiny"]
     for row in rows:
-        metrics = [float(cell) for cell in row.split("|")[5:10]]
-        assert all(0.0 <= m <= 1.0 for m in metrics)
+        metrics = [float(cell) for cell in row.split("|")[5:10]]  # in %, one decimal
+        assert all(0.0 <= m <= 100.0 for m in metrics)
+        assert all(re.fullmatch(r"\d{1,3}\.\d", cell.strip()) for cell in row.split("|")[5:10]), row
     report = (out / "report.md").read_text()
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(pictures) >= 11

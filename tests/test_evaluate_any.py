@@ -159,7 +159,7 @@ def test_spcl_backbone_export_is_the_pooled_backbone(tiny_shards: Path, tmp_path
                                   "input_size": [256, 128], "mean": MEAN, "std": STD})
     (run / "config.yaml").write_text("encoder:\n  pooling: avg\n")
     model, meta = load_model(path)
-    assert float(model.pool.p) == 4.5 and meta["notes"] == [
+    assert model.pool.p.detach().item() == 4.5 and meta["notes"] == [
         f"{path}: pooled backbone output (gem pooling, from its metadata), without SpCL's BatchNorm1d head"]
 
 

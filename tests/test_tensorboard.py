@@ -90,6 +90,19 @@ def test_finetune_writes_epoch_means_window_means_config_and_hparams(tiny_shards
     last = json.loads((run / "metrics.json").read_text())["history"][-1]
     assert _series(events, "test/mAP")[-1][1] == pytest.approx(last["mAP"])
 
+    # at each evaluation: the ranked list and CMC pictures, and a projector sample with pid, camid and set
+    evaluations = len(json.loads((run / "metrics.json").read_text())["history"])
+    for tag in ("test/ranked", "test/cmc"):
+        images = events.Images(tag)
+        assert len(images) == evaluations and images[-1].width > 100 and images[-1].height > 100, tag
+    meta = sorted(run.glob("tensorboard/**/test%2fembedding/metadata.tsv"))  # <step>/<quoted tag>/
+    assert len(meta) == evaluations
+    header, *rows = meta[-1].read_text().splitlines()
+    assert header.split("\t") == ["pid", "camid", "set"] and 0 < len(rows) <= 2 * 256
+    assert {r.split("\t")[2] for r in rows} == {"query", "gallery"}
+    vectors = (meta[-1].parent / "tensors.tsv").read_text().splitlines()
+    assert len(vectors) == len(rows) and len(vectors[0].split("\t")) == 512
+
 
 def test_spcl_writes_epoch_means_clustering_statistics_and_hparams(tiny_shards: Path, tmp_path: Path) -> None:
     person = tiny_shards / "synthetic_person"
@@ -114,6 +127,13 @@ def test_spcl_writes_epoch_means_clustering_statistics_and_hparams(tiny_shards: 
     assert [v for _, v in _series(events, "cluster/n")] == [40.0, 40.0]
     assert [v for _, v in _series(events, "cluster/num_clusters")] == [row["clusters"] for row in history]
     assert 0 <= _series(events, "cluster/knn_recall")[-1][1] <= 1
+    for stat in ("rejected_by_independence", "rejected_by_compactness"):
+        assert len(_series(events, f"cluster/{stat}")) == 2, stat
+    # the memory features for the projector, by pseudo-label and the pool's true identity
+    meta = sorted(run.glob("tensorboard/**/cluster%2fmemory/metadata.tsv"))
+    assert len(meta) == 2
+    header, *rows = meta[-1].read_text().splitlines()
+    assert header.split("\t") == ["pseudo_label", "true_id"] and len(rows) == 40
     settings = _text(events, "cluster/settings")
     assert "knn: int8" in settings and "k1: 10" in settings and "indep_threshold" in settings
 
