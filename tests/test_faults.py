@@ -98,7 +98,8 @@ def test_shard_build_killed_while_writing_resumes_to_identical_shards(bench: fau
         assert result.outcome == "identical", result.details
 
 
-@pytest.mark.parametrize("command", ["finetune", "finetune-w2"])
+# workers=0 is the same path without the worker processes: long matrix only, to keep the default suite short
+@pytest.mark.parametrize("command", [pytest.param("finetune", marks=pytest.mark.slow), "finetune-w2"])
 def test_finetune_killed_in_training_resumes_bit_identical(bench: faults.Bench, tmp_path: Path, command: str) -> None:
     """Killed in epoch 2 of 2 (data.workers=0, then 2): --resume from epoch 1's checkpoint must retrain
     epoch 2 exactly (model_final, the checkpoints' model, optimiser and RNG files, metrics)."""

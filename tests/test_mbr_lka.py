@@ -323,12 +323,12 @@ def test_lai_evaluation_drops_and_counts_test_images_without_a_view(view_splits:
     with torch.no_grad():
         trainer.accelerator.unwrap_model(trainer.model).lai.normal_()  # LAI rows that change the features
     capsys.readouterr()
-    row = trainer._rank(str(view_splits / "query"), str(view_splits / "gallery"))  # raised on viewid -1 before
+    row = trainer._rank("test", str(view_splits / "query"), str(view_splits / "gallery"))  # raised on viewid -1 before
     out = capsys.readouterr().out
     assert f"LAI: dropped 2 of 12 images of {view_splits / 'query'}" in out
     assert f"LAI: dropped 4 of 24 images of {view_splits / 'gallery'}" in out
     assert "(0 without a camid, 4 without a viewid); 20 evaluated" in out
-    alone = trainer._rank(str(view_splits / "kept_query"), str(view_splits / "kept_gallery"))
+    alone = trainer._rank("test", str(view_splits / "kept_query"), str(view_splits / "kept_gallery"))
     assert (row["queries"], row["gallery"]) == (alone["queries"], alone["gallery"]) == (10, 20)
     assert {k: row[k] for k in ("mAP", "mINP", "R1", "R5", "R10")} == pytest.approx(
         {k: alone[k] for k in ("mAP", "mINP", "R1", "R5", "R10")}, abs=1e-6)
