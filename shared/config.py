@@ -160,7 +160,6 @@ def _comments(cls: type) -> dict[str, str]:
     for number, line in enumerate(source.splitlines(), 1):
         if m := re.match(r"\s+(\w+)\s*:", line):
             field_at[number] = m.group(1)
-    pending: dict[int, list[str]] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             text = tok.string.lstrip("#").strip()
@@ -169,7 +168,6 @@ def _comments(cls: type) -> dict[str, str]:
                 notes.setdefault(field_at[row], text)
             else:
                 above.append(text)
-                pending[row] = list(above)
         elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
             if tok.start[0] in field_at and above:
                 notes.setdefault(field_at[tok.start[0]], " ".join(above))
