@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from data.shards import ShardError, WriteOptions, check_writable_dir, safe_name, write_split
-from data.source import Sources
-from shared.table import format_table
+from reidforge.data.shards import ShardError, WriteOptions, check_writable_dir, safe_name, write_split
+from reidforge.data.source import Sources
+from reidforge.shared.table import format_table
 
 
 def select_splits(sources: Sources, splits: list[str] | None) -> Sources:

@@ -15,11 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import data.datasets  # noqa: F401  (registers every adapter)
-from data.build import build_all, select_splits, summary
-from data.shards import ShardError, WriteOptions, check_writable_dir, load_manifest, verify_split
-from data.source import ADAPTERS, DatasetError
-from shared.config import ConfigError
+import reidforge.data.datasets  # noqa: F401  (registers every adapter)
+from reidforge.data.build import build_all, select_splits, summary
+from reidforge.data.shards import ShardError, WriteOptions, check_writable_dir, load_manifest, verify_split
+from reidforge.data.source import ADAPTERS, DatasetError
+from reidforge.shared.config import ConfigError
 
 
 def _split_dirs(root: Path) -> list[Path]:

@@ -29,8 +29,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from data.images import MAX_IMAGE_PIXELS, BadImage, decode, image_size  # noqa: F401  (part of this API)
-from data.shards import IMAGE_EXTS, ShardError, load_index, load_manifest, sample_crc
+from reidforge.data.images import MAX_IMAGE_PIXELS, BadImage, decode, image_size  # noqa: F401  (part of this API)
+from reidforge.data.shards import IMAGE_EXTS, ShardError, load_index, load_manifest, sample_crc
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

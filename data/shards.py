@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data.source import RecordSource
-from shared.text import printable
-from shared.io import atomic_open, atomic_write_json
+from reidforge.data.source import RecordSource
+from reidforge.shared.text import printable
+from reidforge.shared.io import atomic_open, atomic_write_json
 
 SCHEMA_VERSION = 2  # 2: per-sample crc32 in the index, the index's sha256 in the manifest
 MANIFEST = "manifest.json"

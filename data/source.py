@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from PIL import Image
 
-from data.images import MAX_IMAGE_PIXELS, header_problem
+from reidforge.data.images import MAX_IMAGE_PIXELS, header_problem
 
 
 @runtime_checkable
@@ -77,7 +77,7 @@ class DatasetAdapter(ABC):
         self.args = args
         self.config: Any = None
         if self.config_schema is not None:
-            from shared.config import load_config
+            from reidforge.shared.config import load_config
 
             self.config = load_config(self.config_schema, args.config, args.overrides)
 

@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data.source import DatasetAdapter, RecordSource, register
+from reidforge.data.source import DatasetAdapter, RecordSource, register
 
 PERSON_DATASET = "synthetic_person"
 POOL_DATASET = "synthetic_lup"

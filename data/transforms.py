@@ -38,7 +38,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from shared.config import ConfigError, bounded
+from reidforge.shared.config import ConfigError, bounded
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

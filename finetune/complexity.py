@@ -2,8 +2,8 @@
 
     python finetune/complexity.py [--models a,b] [--markdown]
 
-Every model in ``finetune.models.MODELS`` is built (all of them unless ``--models`` names some) and
-measured with ``shared.complexity`` at its own ``input_size``: MACs of one eval-mode forward pass (convs,
+Every model in ``reidforge.finetune.models.MODELS`` is built (all of them unless ``--models`` names some) and
+measured with ``reidforge.shared.complexity`` at its own ``input_size``: MACs of one eval-mode forward pass (convs,
 linears and matrix products, attention included), the eval feature width, and the trainable parameters
 without a classifier (``num_classes=0``) and, where a published figure includes one, with the
 published figure's number of classes. A model that fails to build or run gets a row saying why, and
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.models import MODELS, build_model
-from shared.complexity import count_params, measure_forward
-from shared.table import format_table
+from reidforge.finetune.models import MODELS, build_model
+from reidforge.shared.complexity import count_params, measure_forward
+from reidforge.shared.table import format_table
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The deployed feature pipeline, shared by the ONNX export and the search command.
 
 ``FeaturePipeline``: a uint8 RGB batch (N, 3, H, W) of any height and width -> bilinear resize to the
-model's input size (antialiased, as ``data.transforms`` resizes test images) -> ``Normalize`` with the
+model's input size (antialiased, as ``reidforge.data.transforms`` resizes test images) -> ``Normalize`` with the
 export's mean/std -> the model in eval mode -> float32 (N, D) features. ``finetune/export_onnx.py``
 exports exactly this module, so the torch reference and the ONNX graph cannot drift apart.
 
@@ -26,12 +26,12 @@ input size, mean/std, and the notes to print), from:
 4. foreign checkpoints (torchreid, FastReID, the DM-OSNet authors', SpCL / cluster-contrast-reid,
    reid-strong-baseline, ImageNet files) onto the model the user names: a registered model (its own eval
    feature) or a registered backbone (its pooled feature, ``pooling`` option ``avg``/``gem``), through the
-   strict ``shared.weights.load_pretrained``. Every trunk tensor must come from the file, and so must
+   strict ``reidforge.shared.weights.load_pretrained``. Every trunk tensor must come from the file, and so must
    every head tensor the eval feature uses (the BNNeck BN, OSNet's fc, GeM's p: all but the classifiers,
    which are loaded where the file has them, at the file's class count): else one error line, unless
    ``--allow-partial``. One exception: a BNNeck model whose file has no BNNeck BN (an ImageNet or torchreid
    file under ``--model bot_resnet50``) is evaluated on its backbone's pooled output, and the note says so;
-5. ``timm:<name>``: any timm architecture (``shared.backbones.timm_any``), no classifier, random init
+5. ``timm:<name>``: any timm architecture (``reidforge.shared.backbones.timm_any``), no classifier, random init
    (never downloaded), its weights from the file (a timm state dict), features timm's pooled output.
 
 ``load_embedder`` opens a model as a numpy-in, numpy-out ``Embedder``: a ``.safetensors`` file (or a
@@ -61,16 +61,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from data.transforms import Normalize, TransformConfig
-from finetune.engine import TrainConfig
-from finetune.models import MODELS, build_model, class_keys, infer_num_classes, load_exact, load_exported_model
-from finetune.models.base import BNNeckModel
-from shared.backbones import BACKBONES, PooledBackbone, build_backbone
-from shared.backbones.timm_any import TIMM_PREFIX, build_timm_pooled, timm_data_config
-from shared.checkpoint_layouts import head_candidates
-from shared.config import ConfigError, load_config
-from shared.heads import build_pooling
-from shared.weights import (METADATA_KEY, WeightsError, load_pretrained, read_checkpoint, read_export_metadata,
+from reidforge.data.transforms import Normalize, TransformConfig
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.models import MODELS, build_model, class_keys, infer_num_classes, load_exact, load_exported_model
+from reidforge.finetune.models.base import BNNeckModel
+from reidforge.shared.backbones import BACKBONES, PooledBackbone, build_backbone
+from reidforge.shared.backbones.timm_any import TIMM_PREFIX, build_timm_pooled, timm_data_config
+from reidforge.shared.checkpoint_layouts import head_candidates
+from reidforge.shared.config import ConfigError, load_config
+from reidforge.shared.heads import build_pooling
+from reidforge.shared.weights import (METADATA_KEY, WeightsError, load_pretrained, read_checkpoint, read_export_metadata,
                             read_header)
 
 ID_INPUTS = (("camids", "n_cams"), ("viewids", "n_views"))
@@ -105,7 +105,7 @@ class FeaturePipeline(nn.Module):
 CHECKPOINT_FILE = "model.safetensors"  # accelerate's save_state: the model's state dict in a checkpoint directory
 RUN_CONFIG = "config.yaml"
 PARTIAL = "--allow-partial"
-POOLINGS = ("avg", "gem")  # shared.heads.build_pooling
+POOLINGS = ("avg", "gem")  # reidforge.shared.heads.build_pooling
 
 
 @dataclass(frozen=True)

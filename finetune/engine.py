@@ -19,7 +19,7 @@ window and epoch means of lr, each weighted loss term and the total, identity to
 images/s, data wait and GPU memory; the config as text; hparams with the final mAP and R1), ``checkpoints/``,
 ``metrics.json`` (every evaluation, each row naming its split), ``model_final.safetensors`` and, with a
 validation split, ``model_best.safetensors`` (with metadata); with ``model.weights``, ``weights_report.json``
-(the detected layout and every trunk and head tensor's match, ``shared.weights.load_pretrained``).
+(the detected layout and every trunk and head tensor's match, ``reidforge.shared.weights.load_pretrained``).
 """
 
 from __future__ import annotations
@@ -39,29 +39,29 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.draws import SeededBatches, SeededDraws
-from data.readers import ConcatShards, IndexedShards, Problem, SampleTally, collate
-from data.samplers import CameraAwarePKSampler, PKSampler
-from data.shards import load_manifest
-from data.transforms import Normalize, TransformConfig, build_transforms
-from finetune.losses import Criterion, LossConfig
-from finetune.models import build_model
-from finetune.models.base import ReIDModel
-from finetune.optim import (OptimConfig, TrunkFreeze, build_center_optimizer, build_optimizer, build_scheduler,
+from reidforge.data.draws import SeededBatches, SeededDraws
+from reidforge.data.readers import ConcatShards, IndexedShards, Problem, SampleTally, collate
+from reidforge.data.samplers import CameraAwarePKSampler, PKSampler
+from reidforge.data.shards import load_manifest
+from reidforge.data.transforms import Normalize, TransformConfig, build_transforms
+from reidforge.finetune.losses import Criterion, LossConfig
+from reidforge.finetune.models import build_model
+from reidforge.finetune.models.base import ReIDModel
+from reidforge.finetune.optim import (OptimConfig, TrunkFreeze, build_center_optimizer, build_optimizer, build_scheduler,
                             check_schedule, freeze_iterations)
-from finetune.protocols import (draw_features, embed_split, eval_splits, has_labels, lai_keep, ranked_picture,
+from reidforge.finetune.protocols import (draw_features, embed_split, eval_splits, has_labels, lai_keep, ranked_picture,
                                 write_submission)
-from shared.checkpoints import Checkpoints
-from shared.config import ConfigError, bounded, choice, save_config
-from shared.io import atomic_write_json
-from shared.retrieval import distance_matrix, evaluate, evaluate_draws
-from shared.rundir import claim_run_dir
-from shared.runlog import log_to
-from shared.table import Percent, format_table
-from shared.tensorboard import (TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams,
+from reidforge.shared.checkpoints import Checkpoints
+from reidforge.shared.config import ConfigError, bounded, choice, save_config
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.retrieval import distance_matrix, evaluate, evaluate_draws
+from reidforge.shared.rundir import claim_run_dir
+from reidforge.shared.runlog import log_to
+from reidforge.shared.table import Percent, format_table
+from reidforge.shared.tensorboard import (TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams,
                                 write_picture)
-from shared.visualize import cmc_curve
-from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
+from reidforge.shared.visualize import cmc_curve
+from reidforge.shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
 TB_QUERIES, TB_TOP_K = 4, 8  # the ranked-list picture written to TensorBoard at each evaluation
@@ -489,5 +489,5 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and return the run's state (history, best mAP); ``resume``
-    and ``overwrite`` as in ``shared.rundir.claim_run_dir``."""
+    and ``overwrite`` as in ``reidforge.shared.rundir.claim_run_dir``."""
     return Trainer(cfg, resume, overwrite).fit()

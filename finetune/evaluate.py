@@ -12,7 +12,7 @@
 ``--weights``: our export (``model_*.safetensors``, ``backbone_*.safetensors``), a training checkpoint
 (``<run>/checkpoints/epoch-N/model.safetensors`` or its directory), or a foreign checkpoint (torchreid,
 FastReID, the DM-OSNet authors', SpCL, ImageNet, timm) with ``--model NAME [--model-options JSON]
-[--allow-partial]``: ``finetune.deploy.load_model`` says how each is read and which feature it gives.
+[--allow-partial]``: ``reidforge.finetune.deploy.load_model`` says how each is read and which feature it gives.
 
 Protocols: ``market`` (default) ranks one query/gallery pair (Market-1501 rules: same identity and
 camera is junk). ``vehicleid`` ranks every draw of a VehicleID build (``{d}`` = 0, 1, ... for as long
@@ -50,19 +50,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.readers import split_keys
-from data.shards import ShardError
-from data.transforms import Normalize, TransformConfig
-from finetune.engine import DataConfig
-from finetune.deploy import add_model_arguments, load_model, model_source
-from finetune.protocols import draw_features, embed_split, eval_splits, has_labels, ranked_picture, write_submission
-from shared.config import ConfigError
-from shared.io import atomic_write_json
-from shared.metrics import AP_FLAVOURS, rank_metrics
-from shared.retrieval import distance_matrix, evaluate_draws
-from shared.table import Percent, format_table
-from shared.visualize import cam_overlay, cmc_curve, grad_cam, layer_name
-from shared.weights import WeightsError, read_header
+from reidforge.data.readers import split_keys
+from reidforge.data.shards import ShardError
+from reidforge.data.transforms import Normalize, TransformConfig
+from reidforge.finetune.engine import DataConfig
+from reidforge.finetune.deploy import add_model_arguments, load_model, model_source
+from reidforge.finetune.protocols import draw_features, embed_split, eval_splits, has_labels, ranked_picture, write_submission
+from reidforge.shared.config import ConfigError
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.metrics import AP_FLAVOURS, rank_metrics
+from reidforge.shared.retrieval import distance_matrix, evaluate_draws
+from reidforge.shared.table import Percent, format_table
+from reidforge.shared.visualize import cam_overlay, cmc_curve, grad_cam, layer_name
+from reidforge.shared.weights import WeightsError, read_header
 
 PICTURES = ("ranked", "cmc", "gradcam")
 SUBMISSION_TOP = 100  # AI City Challenge track 2: the top 100 gallery images per query

@@ -4,10 +4,10 @@
         [--out runs/bot_tiny/model_final.onnx] [--opset 18] [--tolerance 1e-4]
     python finetune/export_onnx.py --weights model.pth.tar-150 --model osnet [--model-options JSON] --out osnet.onnx
 
-``--weights`` takes every file ``finetune/evaluate.py`` takes (``finetune.deploy.load_model``: our exports,
+``--weights`` takes every file ``finetune/evaluate.py`` takes (``reidforge.finetune.deploy.load_model``: our exports,
 training checkpoints, foreign checkpoints with ``--model``); the graph computes the same features.
 
-The graph is ``finetune.deploy.FeaturePipeline``: input ``images``, uint8 RGB (N, 3, H, W) with N, H and W
+The graph is ``reidforge.finetune.deploy.FeaturePipeline``: input ``images``, uint8 RGB (N, 3, H, W) with N, H and W
 all dynamic; it resizes to the export's input size (bilinear, antialiased), normalises with the export's
 mean/std and runs the model in eval mode; output ``features``, float32 (N, D). Models that embed camera
 or view ids (LAI) also take ``camids`` and/or ``viewids``, int64 (N,); the others have no such input.
@@ -54,12 +54,12 @@ import onnx
 import torch
 from torch.export import Dim
 
-from data.shards import sha256_file
-from finetune.deploy import (FeaturePipeline, ModelSource, OnnxEmbedder, TorchEmbedder, add_model_arguments,
+from reidforge.data.shards import sha256_file
+from reidforge.finetune.deploy import (FeaturePipeline, ModelSource, OnnxEmbedder, TorchEmbedder, add_model_arguments,
                              load_pipeline, model_source, resolve_weights)
-from shared.config import ConfigError
-from shared.io import atomic_open
-from shared.weights import WeightsError
+from reidforge.shared.config import ConfigError
+from reidforge.shared.io import atomic_open
+from reidforge.shared.weights import WeightsError
 
 PARITY_TOLERANCE = 1e-4
 MIN_OPSET = 18
@@ -119,7 +119,7 @@ def to_onnx(pipeline: FeaturePipeline, opset: int, metadata: dict[str, str]) -> 
 
 def export_onnx(weights: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
                 tolerance: float = PARITY_TOLERANCE, source: ModelSource = ModelSource()) -> dict[str, Any]:
-    """Export ``weights`` (any file ``finetune.deploy.load_model`` reads with ``source``) to ``out``
+    """Export ``weights`` (any file ``reidforge.finetune.deploy.load_model`` reads with ``source``) to ``out``
     (default: beside the weights file, ``.onnx``).
 
     Returns the output path, the graph's inputs, the feature width, the export time and the parity

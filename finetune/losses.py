@@ -10,7 +10,7 @@
 - ``center``: center loss (Wen et al., ECCV 2016) as BoT uses it: the squared distance of each feature
   to its class centre, summed over the batch dimension and divided by the batch size. The centres are
   parameters of the criterion, not the model; ``optim.center_lr`` > 0 trains them with their own SGD as
-  BoT does (lr 0.5, finetune.optim.CenterSGD), else the main optimiser moves them.
+  BoT does (lr 0.5, reidforge.finetune.optim.CenterSGD), else the main optimiser moves them.
 - ``circle``: circle-softmax classification (Sun et al., CVPR 2020, §3.3): cosine logits against class
   proxies with self-paced weights α_p = [1 + m - s_p]_+, α_n = [s_n + m]_+ and margins Δp = 1 - m,
   Δn = m, scaled by γ; proxies belong to the criterion. As in FastReID (``CircleSoftmax`` in
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.models.base import LossTerm
-from shared.config import ConfigError, bounded
+from reidforge.finetune.models.base import LossTerm
+from reidforge.shared.config import ConfigError, bounded
 
 
 @dataclass

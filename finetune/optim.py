@@ -62,8 +62,8 @@ import torch
 from timm.optim import Lookahead
 from torch import nn
 
-from finetune.models.base import ReIDModel
-from shared.config import ConfigError, bounded, choice
+from reidforge.finetune.models.base import ReIDModel
+from reidforge.shared.config import ConfigError, bounded, choice
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Evaluation protocols shared by training (``finetune/engine.py``) and ``finetune/evaluate.py``.
 
 - A split pair is checked and expanded by ``eval_splits``: Market-1501's one query/gallery pair, or every
-  ``{d}`` draw of a VehicleID build (``shared.metrics.vehicleid_draws`` made them), whose images are embedded
+  ``{d}`` draw of a VehicleID build (``reidforge.shared.metrics.vehicleid_draws`` made them), whose images are embedded
   once and matched to each draw by key (``draw_features``).
 - ``embed_split`` embeds a split with the test transforms; models that embed cameras or views (LAI) see only
   the samples carrying those ids (``lai_keep``), as MBR's reference code tests
@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from data.readers import ConcatShards, IndexedShards, SampleTally, collate, split_keys
-from data.shards import ShardError, load_index, load_manifest
-from data.transforms import Normalize, build_transforms
-from finetune.models.base import ReIDModel
-from shared.config import ConfigError
-from shared.io import atomic_open
-from shared.retrieval import distance_matrix, extract_features, top_k
-from shared.visualize import ranked_grid
+from reidforge.data.readers import ConcatShards, IndexedShards, SampleTally, collate, split_keys
+from reidforge.data.shards import ShardError, load_index, load_manifest
+from reidforge.data.transforms import Normalize, build_transforms
+from reidforge.finetune.models.base import ReIDModel
+from reidforge.shared.config import ConfigError
+from reidforge.shared.io import atomic_open
+from reidforge.shared.retrieval import distance_matrix, extract_features, top_k
+from reidforge.shared.visualize import ranked_grid
 
 if TYPE_CHECKING:
-    from finetune.engine import DataConfig
+    from reidforge.finetune.engine import DataConfig
 
 
 def lai_keep(train: ConcatShards, options: dict[str, Any], split: str = "data.train") -> tuple[np.ndarray, str]:

@@ -4,18 +4,18 @@
         --gallery GALLERY_DIR --query QUERY_DIR_OR_IMAGE [--topk 5] [--index PATH] [--json] [--batch-size 32]
     python finetune/search.py --weights fastreid/model_final.pth --model bot_resnet50 --gallery G --query Q
 
-``--weights`` takes every file ``finetune/evaluate.py`` takes (``finetune.deploy.load_model``: our exports,
+``--weights`` takes every file ``finetune/evaluate.py`` takes (``reidforge.finetune.deploy.load_model``: our exports,
 training checkpoints, foreign checkpoints with ``--model NAME [--model-options JSON] [--allow-partial]``),
 and our ONNX exports.
 
 Images are .jpg/.jpeg/.png/.bmp files found recursively under each folder, in sorted path order (the
 query may also be one image file). Each is decoded to uint8 RGB (JPEG and PNG of any mode, 16-bit
-included, by ``data.readers.decode``; BMP by PIL; over ``MAX_IMAGE_PIXELS`` refused from the header)
+included, by ``reidforge.data.readers.decode``; BMP by PIL; over ``MAX_IMAGE_PIXELS`` refused from the header)
 and resized on the host to the
-model's input size with the training pipeline's test transform (``data.transforms``: antialiased
+model's input size with the training pipeline's test transform (``reidforge.data.transforms``: antialiased
 bilinear, rounded to uint8), so that images of any size batch together and get the features
 ``finetune/evaluate.py`` would give them; the model's own resize is then the identity. A ``.safetensors``
-export runs through ``finetune.deploy.FeaturePipeline`` in torch (on the GPU when there is one), an
+export runs through ``reidforge.finetune.deploy.FeaturePipeline`` in torch (on the GPU when there is one), an
 ``.onnx`` export (``finetune/export_onnx.py``) through onnxruntime on the same uint8 batches. Models that
 embed camera/view ids (LAI) get id 0 for every image: folder images carry no camera metadata.
 
@@ -44,99 +44,30 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from data.readers import MAX_IMAGE_PIXELS, decode
-from data.shards import sha256_file
-from data.transforms import TransformConfig, build_transforms
-from finetune.deploy import Embedder, add_model_arguments, load_embedder, model_source, resolve_weights
-from shared.config import ConfigError
-from shared.io import atomic_open, atomic_write_json
-from shared.table import format_table
-from shared.text import printable
-from shared.weights import WeightsError
+from reidforge.data.shards import sha256_file
+from reidforge.finetune.deploy import Embedder, add_model_arguments, load_embedder, model_source, resolve_weights
+from reidforge.finetune.extractor import embed_images, list_images
+from reidforge.shared.config import ConfigError
+from reidforge.shared.io import atomic_open, atomic_write_json
+from reidforge.shared.table import format_table
+from reidforge.shared.text import printable
+from reidforge.shared.weights import WeightsError
 
 try:
     import faiss
 except ImportError:  # an optional dependency (faiss-cpu or faiss-gpu): main() says so in one line
     faiss = None
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 INDEX_FORMAT = 2  # bump when the description or the features change meaning, so old indexes are rebuilt
 SPOT_CHECKS = 8  # gallery images re-embedded to check a reused index
 SPOT_TOLERANCE = 0.999  # cosine between a stored and a fresh feature (float noise of batching is < 1e-5)
-
-
-def list_images(path: Path) -> list[Path]:
-    """The images under a folder (recursively, sorted), or ``[path]`` for one image file."""
-    if path.is_file():
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ConfigError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)})")
-        return [path]
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such file or folder")
-    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise ConfigError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return images
-
-
-def read_image(path: Path) -> np.ndarray:
-    """uint8 (3, H, W) RGB; ``OSError``/``ValueError`` for a file that cannot or must not be decoded."""
-    if path.suffix.lower() != ".bmp":
-        return decode(path.read_bytes()).numpy()
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image of {image.width}x{image.height} pixels is over the "
-                                 f"{MAX_IMAGE_PIXELS:,}-pixel limit")
-            rgb = np.asarray(image.convert("RGB"))
-    except (Image.DecompressionBombError, SyntaxError) as e:  # PIL's other ways of rejecting a file
-        raise ValueError(str(e)) from None
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
-
-
-def embed_images(embedder: Embedder, paths: Sequence[Path], batch_size: int,
-                 warn: Callable[[str], None]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """L2-normalised float32 features of the readable images, their positions in ``paths``, the skipped ones."""
-    h, w = embedder.input_size
-    resize = build_transforms(TransformConfig(height=h, width=w), train=False)
-    feats: list[np.ndarray] = []
-    kept: list[int] = []
-    skipped: list[tuple[int, str]] = []
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        ids = {name: np.zeros(len(batch), dtype=np.int64) for name in embedder.id_inputs}
-        feats.append(embedder(np.stack(batch), ids))
-        batch.clear()
-
-    for i, path in enumerate(paths):
-        try:
-            image = read_image(path)
-        except (OSError, ValueError) as e:
-            # PIL's message for a file it does not recognise repeats the path, which the warning names already.
-            reason = ("not an image PIL can decode" if isinstance(e, UnidentifiedImageError)
-                      else str(e).splitlines()[0] if str(e) else type(e).__name__)
-            warn(f"warning: {printable(str(path))}: unreadable image, skipped ({reason})")
-            skipped.append((i, reason))
-            continue
-        batch.append(resize(torch.from_numpy(image)).numpy())
-        kept.append(i)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    if not feats:
-        return np.zeros((0, 0), dtype=np.float32), kept, skipped
-    x = np.concatenate(feats).astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), kept, skipped
 
 
 def gallery_fingerprint(weights_id: str, root: Path, paths: Sequence[Path]) -> str:

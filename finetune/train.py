@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from data.shards import ShardError
-from finetune.engine import TrainConfig, train
-from shared.config import config_main
-from shared.weights import WeightsError
+from reidforge.data.shards import ShardError
+from reidforge.finetune.engine import TrainConfig, train
+from reidforge.shared.config import config_main
+from reidforge.shared.weights import WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:

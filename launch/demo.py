@@ -39,12 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the packages live at the repository root
+from reidforge.shared.config import ConfigError, load_config
+from reidforge.shared.io import atomic_open, atomic_write_json
+from reidforge.shared.table import Percent, format_table
 
-from shared.config import ConfigError, load_config  # noqa: E402
-from shared.io import atomic_open, atomic_write_json  # noqa: E402
-from shared.table import Percent, format_table  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = REPO / "launch" / "configs"
 
@@ -206,7 +205,7 @@ def _parameters(weights: Path) -> int:
 
 def write_report(out: Path, models: tuple[Model, ...], timings: list[list[Any]], cfs_keep: float) -> tuple[str, Path]:
     """``<out>/report.md`` with the results table and the pictures; returns (table, path)."""
-    from shared.visualize import cmc_curve, epoch_curves
+    from reidforge.shared.visualize import cmc_curve, epoch_curves
 
     pictures = out / "report"
     pictures.mkdir(exist_ok=True)

@@ -5,4 +5,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/setup.sh"
 cd "$root"
-exec "$REIDFORGE_PY" -m pytest "$@"
+# pytest's own script, not `python -m pytest`, which would put the repository root on sys.path and make
+# `data`, `shared`, ... importable as top-level packages: the suite sees only what an install gives.
+exec "$(dirname "$REIDFORGE_PY")/pytest" "$@"

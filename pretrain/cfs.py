@@ -31,7 +31,7 @@ Selection at training time: :func:`cfs_keep_indices` turns our ranking or a rele
 into the sorted sample indices of a split to keep, with the adapter's rule: the first
 ``ceil(keep * n)`` of the ``n`` ranked images that the split holds.
 
-A and B are read by ``shared.weights.load_pretrained``, the loader of the fine-tune and pretrain stages:
+A and B are read by ``reidforge.shared.weights.load_pretrained``, the loader of the fine-tune and pretrain stages:
 any layout it detects (torchvision, timm, Cadene, IBN-Net, torchreid, FastReID, the DM-OSNet authors',
 SpCL, OpenUnReID, our exports), strict unless ``--allow-partial``; the detected layout and the match
 counts go into the summary.
@@ -42,7 +42,7 @@ counts go into the summary.
 Deviations from the paper's setting:
 
 - the formula is a reading of the authors' truncated script, not checked against the paper's own equation;
-- any registered backbone (``shared.backbones``) with global average (or GeM) pooling stands in for the
+- any registered backbone (``reidforge.shared.backbones``) with global average (or GeM) pooling stands in for the
   ViT-S/16 global token; the paper's A is a 20-epoch DINO pre-training on LUPerson, its B that model
   fine-tuned on Market-1501 + MSMT17; which checkpoints to use is the caller's choice;
 - images are read from a shard split (not an ``ImageFolder`` over ``LUP/images``), resized to the input
@@ -72,17 +72,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.datasets.luperson import read_ranking
-from data.readers import SampleTally, StreamingShards, collate, split_keys
-from data.shards import ShardError, check_writable_dir, load_manifest
-from data.source import DatasetError
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
-from shared.backbones import PooledBackbone, build_backbone
-from shared.checkpoint_layouts import GEM_P
-from shared.config import ConfigError
-from shared.heads import build_pooling
-from shared.io import atomic_open, atomic_write_json
-from shared.weights import MatchReport, WeightsError, load_pretrained, read_export_metadata
+from reidforge.data.datasets.luperson import read_ranking
+from reidforge.data.readers import SampleTally, StreamingShards, collate, split_keys
+from reidforge.data.shards import ShardError, check_writable_dir, load_manifest
+from reidforge.data.source import DatasetError
+from reidforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
+from reidforge.shared.backbones import PooledBackbone, build_backbone
+from reidforge.shared.checkpoint_layouts import GEM_P
+from reidforge.shared.config import ConfigError
+from reidforge.shared.heads import build_pooling
+from reidforge.shared.io import atomic_open, atomic_write_json
+from reidforge.shared.weights import MatchReport, WeightsError, load_pretrained, read_export_metadata
 
 RANKING = "cfs_ranking.txt"
 SCORES = "cfs_scores.npy"
@@ -122,7 +122,7 @@ def load_embedder(path: str | Path, arch: str, options: dict[str, Any] | None = 
                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                   allow_partial: bool = False) -> tuple[Embedder, MatchReport]:
     """``build_backbone(arch, **options)`` + pooling with the weights of ``path``, in any layout that
-    ``shared.weights.load_pretrained`` detects (an ImageNet or released backbone, a training checkpoint, our
+    ``reidforge.shared.weights.load_pretrained`` detects (an ImageNet or released backbone, a training checkpoint, our
     exports), and GeM's p where the file has one. A backbone tensor the file leaves at its init is a
     :class:`WeightsError` unless ``allow_partial``: a half-loaded model would score noise."""
     path = Path(path)
@@ -215,7 +215,7 @@ def score_pass(model_a: nn.Module, model_b: nn.Module, split_dir: str | Path, si
     """One streamed pass of both models over a split (uint8 batches in, features out).
 
     Returns (scores float32 by sample index, NaN where the pass lost the image; each index's key, None
-    where lost; the tally of lost samples). shared.retrieval.extract_features serves one model and no
+    where lost; the tally of lost samples). reidforge.shared.retrieval.extract_features serves one model and no
     keys, so the pass is its own loop.
     """
     device = torch.device(device)
@@ -386,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score and rank every image of a split")
     p.add_argument("split_dir", type=Path, help="the shard split to score (e.g. shards/luperson/pool)")
-    p.add_argument("--arch", required=True, help="backbone name shared by A and B (shared.backbones)")
+    p.add_argument("--arch", required=True, help="backbone name shared by A and B (reidforge.shared.backbones)")
     p.add_argument("--options", type=_json_options, default={},
                    help='backbone options as JSON, e.g. \'{"last_stride": 1}\'')
     p.add_argument("--pretrained", required=True, type=Path, help="A: the generic pre-trained weights")

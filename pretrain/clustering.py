@@ -159,7 +159,7 @@ import torch
 from scipy.sparse import csgraph
 from sklearn.cluster import DBSCAN
 
-from shared.config import bounded, choice
+from reidforge.shared.config import bounded, choice
 
 _MARGIN = 8  # candidates per row beyond k, so that the float32 boundary is settled among them
 _WIDE_MARGIN = 120  # second search for the rows the first could not certify

@@ -95,25 +95,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
-from data.draws import SeededBatches, SeededDraws
-from data.readers import ConcatShards, IndexedShards, SampleTally, collate
-from data.samplers import MultipleGallerySampler, PKSampler
-from data.shards import ShardError, load_manifest
-from data.transforms import Normalize, TransformConfig, build_transforms
-from pretrain.cfs import cfs_keep_indices
-from pretrain.clustering import ClusterConfig, SelfPacedClustering
-from pretrain.memory import HybridMemory
-from shared.backbones import build_backbone
-from shared.checkpoints import Checkpoints
-from shared.config import ConfigError, bounded, choice, config_main, save_config
-from shared.heads import build_pooling
-from shared.io import atomic_write_json
-from shared.retrieval import evaluate, extract_features
-from shared.rundir import claim_run_dir
-from shared.runlog import log_to
-from shared.table import Percent, format_table
-from shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams
-from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
+from reidforge.data.draws import SeededBatches, SeededDraws
+from reidforge.data.readers import ConcatShards, IndexedShards, SampleTally, collate
+from reidforge.data.samplers import MultipleGallerySampler, PKSampler
+from reidforge.data.shards import ShardError, load_manifest
+from reidforge.data.transforms import Normalize, TransformConfig, build_transforms
+from reidforge.pretrain.cfs import cfs_keep_indices
+from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering
+from reidforge.pretrain.memory import HybridMemory
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.checkpoints import Checkpoints
+from reidforge.shared.config import ConfigError, bounded, choice, config_main, save_config
+from reidforge.shared.heads import build_pooling
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.retrieval import evaluate, extract_features
+from reidforge.shared.rundir import claim_run_dir
+from reidforge.shared.runlog import log_to
+from reidforge.shared.table import Percent, format_table
+from reidforge.shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams
+from reidforge.shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
 @dataclass
@@ -649,7 +649,7 @@ class SpCLTrainer:
 
 def pretrain(cfg: SpCLConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run SpCL on ``cfg.data`` and return the run's state (per-epoch history); ``resume`` and
-    ``overwrite`` as in ``shared.rundir.claim_run_dir``."""
+    ``overwrite`` as in ``reidforge.shared.rundir.claim_run_dir``."""
     return SpCLTrainer(cfg, resume, overwrite).fit()
 
 

@@ -1,8 +1,8 @@
 """How released and trained re-ID checkpoints name a backbone's tensors, and the renames onto ours.
 
-Our backbones (``shared.backbones``) keep their reference implementation's names: torchvision's for
+Our backbones (``reidforge.shared.backbones``) keep their reference implementation's names: torchvision's for
 ResNet and ResNet-IBN-a, timm's for SE-ResNeXt (``legacy=True``: timm's ``legacy_*``, the Cadene
-names), torchreid's for OSNet. A file is read into one flat ``{key: tensor}`` dict (``shared.weights``
+names), torchreid's for OSNet. A file is read into one flat ``{key: tensor}`` dict (``reidforge.shared.weights``
 unwraps containers and strips ``module.``); this module then recognises, by key names and shapes:
 
 - where the backbone sits in it: a key prefix (``backbone.`` in FastReID, OpenUnReID and our model
@@ -38,7 +38,7 @@ unwraps containers and strips ``module.``); this module then recognises, by key 
   cluster-contrast-reid's (``feat_bn``, the BatchNorm1d with a frozen zero bias on the pooled feature;
   ``classifier``; cluster-contrast's GeM ``gap.p``) and OpenUnReID's (``models/builder.py`` and
   ``layers/embedding.py``: ``head.feat_bn``, ``classifier``, GeM ``global_pooling.p``) map to our
-  :class:`shared.heads.BNNeck` (``neck.bn``, ``neck.classifier``) and GeM (``pool.p``). A BN that follows
+  :class:`reidforge.shared.heads.BNNeck` (``neck.bn``, ``neck.classifier``) and GeM (``pool.p``). A BN that follows
   an embedding layer (SpCL's ``feat``, OpenUnReID's ``head.feat_reduction``: ``--features``/``embed_feat``
   > 0) normalises another feature than BNNeck's and does not map.
 

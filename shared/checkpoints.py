@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
-from shared.config import ConfigError
+from reidforge.shared.config import ConfigError
 
 FILES = "files.json"
 STATE = "trainer_state.json"

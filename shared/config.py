@@ -28,8 +28,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from shared.io import atomic_open
-from shared.runlog import output_log
+from reidforge.shared.io import atomic_open
+from reidforge.shared.runlog import output_log
 
 T = TypeVar("T")
 
@@ -244,7 +244,7 @@ def config_main(schema: type[T], run: Callable[[T, bool, bool], Any], argv: Sequ
     if args.resume and args.overwrite:
         print("error: --resume continues the run in the directory, --overwrite deletes it: give one", file=sys.stderr)
         return 2
-    # The run attaches its log.txt (shared.runlog.log_to) once it has claimed its directory.
+    # The run attaches its log.txt (reidforge.shared.runlog.log_to) once it has claimed its directory.
     with output_log(is_main_process() and not args.print_config):
         try:
             cfg = load_config(schema, args.config, args.overrides)

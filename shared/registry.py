@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from shared.config import ConfigError
+from reidforge.shared.config import ConfigError
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.metrics import rank_metrics, vehicleid_metrics
+from reidforge.shared.metrics import rank_metrics, vehicleid_metrics
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def distance_matrix(qf: torch.Tensor, gf: torch.Tensor, metric: str = "cosine",
     ``rerank`` = (k1, k2, lambda) is given (Zhong et al. CVPR'17; defaults (20, 6, 0.3), FNC's (75, 10, 0.1))."""
     if rerank is None:
         return pairwise_distance(qf, gf, metric)
-    from shared.rerank import re_rank
+    from reidforge.shared.rerank import re_rank
 
     if metric == "cosine":  # re-ranking works on Euclidean geometry: give it unit vectors
         qf, gf = F.normalize(qf.float(), dim=1), F.normalize(gf.float(), dim=1)
@@ -87,7 +87,7 @@ def evaluate_draws(feats: torch.Tensor, pids: np.ndarray, draws: Iterable[tuple[
                    metric: str = "cosine", rerank: tuple[int, int, float] | None = None, max_rank: int = 50,
                    ap: str = "standard") -> dict[str, Any]:
     """VehicleID-protocol metrics: ``draws`` gives (query rows, gallery rows) of ``feats``/``pids`` per draw;
-    each draw is ranked (and re-ranked) on its own and :func:`shared.metrics.vehicleid_metrics` averages
+    each draw is ranked (and re-ranked) on its own and :func:`reidforge.shared.metrics.vehicleid_metrics` averages
     them. One draw's distance matrix is held at a time."""
     pids = np.asarray(pids)
     return vehicleid_metrics(((distance_matrix(feats[q], feats[g], metric, rerank), pids[q], pids[g])

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shared.config import ConfigError
+from reidforge.shared.config import ConfigError
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json", "model_*.safetensors", "backbone_*.safetensors")
 # Further outputs of a run, deleted with it by --overwrite (finetune/engine.py and pretrain/spcl.py write them).

@@ -1,6 +1,6 @@
 """``log.txt`` in a run directory: everything a training command prints, as plain lines.
 
-The command line (``shared.config.config_main``) runs the command inside :func:`output_log`, which
+The command line (``reidforge.shared.config.config_main``) runs the command inside :func:`output_log`, which
 copies ``sys.stdout`` and ``sys.stderr`` while they still reach the terminal; once the run knows its
 directory (after claiming it) it calls :func:`log_to`, and the lines printed so far (the resolved
 config among them) and every later one go to ``<run_dir>/log.txt``. A progress bar redraws its line

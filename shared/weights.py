@@ -9,7 +9,7 @@ with safetensors. :func:`read_checkpoint` unwraps training checkpoints (``state_
 
 - :func:`load_pretrained` is the one way a pretrained or released file reaches a model
   (``model.weights``, ``encoder.weights``). It detects the file's layout by structure
-  (``shared.checkpoint_layouts``: torchvision, timm, Cadene, IBN-Net, torchreid, FastReID, the DM-OSNet
+  (``reidforge.shared.checkpoint_layouts``: torchvision, timm, Cadene, IBN-Net, torchreid, FastReID, the DM-OSNet
   authors', SpCL / cluster-contrast-reid, OpenUnReID, our own exports), maps it onto the backbone's own
   key names and copies each backbone tensor into every model tensor that ``model.trunk_map()`` builds
   from it (every FNC branch's copy of layer3 and layer4, both MBR R50 branches). It is strict: a trunk
@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from shared.checkpoint_layouts import NAMINGS, Naming, collapse_dsbn, head_candidates, prefixes, strip_module
-from shared.io import atomic_open, atomic_write_json
+from reidforge.shared.checkpoint_layouts import NAMINGS, Naming, collapse_dsbn, head_candidates, prefixes, strip_module
+from reidforge.shared.io import atomic_open, atomic_write_json
 
 # Container keys that hold the state dict of a training checkpoint, in the order they are tried.
 NESTING_KEYS = ("state_dict", "model", "net", "module", "model_state_dict", "network")

@@ -3,7 +3,7 @@ person split (tests/test_world_difficulty.py bounds it, tests/test_learning.py b
 
 Each image is described by grey-world-normalised joint RGB histograms (4 bins a channel) of the upper
 and lower half of its central region (where the person stands), Hellinger-mapped; query and gallery are
-ranked by squared Euclidean distance under the Market protocol (shared.metrics.rank_metrics).
+ranked by squared Euclidean distance under the Market protocol (reidforge.shared.metrics.rank_metrics).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.readers import IndexedShards, decode
-from shared.metrics import rank_metrics
+from reidforge.data.readers import IndexedShards, decode
+from reidforge.shared.metrics import rank_metrics
 
 BINS = 4
 
@@ -36,7 +36,7 @@ def colour_descriptor(image: torch.Tensor) -> np.ndarray:
 
 
 def source_samples(source) -> Iterator[Sample]:
-    """The samples of a record source (e.g. a split of ``data.synthetic.build_sources``)."""
+    """The samples of a record source (e.g. a split of ``reidforge.data.synthetic.build_sources``)."""
     for i in range(len(source)):
         meta = source.meta(i)
         yield decode(source.image(i)[0]), meta["pid"], meta["camid"]

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.shards import WriteOptions, write_split
-from data.synthetic import SyntheticConfig, build_sources
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
 
 # The tests run many small tensor ops: one intra-op thread is faster there than two, and immune to a
 # busy machine's oversubscription.

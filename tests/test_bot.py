@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.models import build_model
-from finetune.models.base import LossTerm
-from finetune.models.bot import CENTER_LOSS_WEIGHT
-from shared.complexity import count_params
+from reidforge.finetune.models import build_model
+from reidforge.finetune.models.base import LossTerm
+from reidforge.finetune.models.bot import CENTER_LOSS_WEIGHT
+from reidforge.shared.complexity import count_params
 from conftest import assert_gradients_reach_every_parameter
 
 TRUNKS = {"bot_resnet50": 23_508_032, "bot_resnet50_ibn_a": 23_508_032, "bot_seresnext50": 25_510_896}

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data.readers import IndexedShards, StreamingShards
-from data.shards import load_manifest
+from reidforge.data.readers import IndexedShards, StreamingShards
+from reidforge.data.shards import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train_ids=6", "test_ids=4", "images_per_test_id=6", "distractors=5", "pool_images=60",

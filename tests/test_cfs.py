@@ -17,19 +17,19 @@ from PIL import Image
 from torch import nn
 from vehicle_fixtures import adapter_sources
 
-from data.datasets.luperson import cfs_selection, read_ranking
-from data.readers import decode
-from data.shards import WriteOptions, write_split
-from data.source import DatasetError
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
-from pretrain.cfs import (RANKING, SCORES, SUMMARY, CFSError, ScoreConfig, catastrophic_forgetting_score,
+from reidforge.data.datasets.luperson import cfs_selection, read_ranking
+from reidforge.data.readers import decode
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.source import DatasetError
+from reidforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
+from reidforge.pretrain.cfs import (RANKING, SCORES, SUMMARY, CFSError, ScoreConfig, catastrophic_forgetting_score,
                           cfs_keep_indices, load_embedder, main, score_pass, score_split, select_ranked, split_keys,
                           write_results)
-from shared.backbones import build_backbone
-from shared.heads import BNNeck, GeM
-from shared.weights import WeightsError, export_model
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.heads import BNNeck, GeM
+from reidforge.shared.weights import WeightsError, export_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::data.source.CountMismatchWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::reidforge.data.source.CountMismatchWarning")
 
 SIZE = [32, 16]
 TOY_KEYS = [ToySource().key(i) for i in range(40)]

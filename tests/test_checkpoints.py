@@ -14,10 +14,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from shared import checkpoints
-from shared.checkpoints import CheckpointError, Checkpoints
-from shared.config import ConfigError
-from shared.io import atomic_open, atomic_write_json
+from reidforge.shared import checkpoints
+from reidforge.shared.checkpoints import CheckpointError, Checkpoints
+from reidforge.shared.config import ConfigError
+from reidforge.shared.io import atomic_open, atomic_write_json
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from finetune.engine import TrainConfig
-from finetune.train import main as train_main
-from pretrain.spcl import SpCLConfig
-from pretrain.spcl import main as spcl_main
-from shared.config import describe_fields, load_config
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.train import main as train_main
+from reidforge.pretrain.spcl import SpCLConfig
+from reidforge.pretrain.spcl import main as spcl_main
+from reidforge.shared.config import describe_fields, load_config
 
 
 def _leaves(schema: type, prefix: str = "") -> list[str]:

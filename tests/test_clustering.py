@@ -13,9 +13,9 @@ import torch
 from scipy.sparse import csgraph
 from sklearn.metrics import adjusted_rand_score
 
-from pretrain import clustering
-from pretrain.clustering import ClusterConfig, SelfPacedClustering, jaccard_distance, knn_search
-from shared.config import ConfigError, load_config
+from reidforge.pretrain import clustering
+from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering, jaccard_distance, knn_search
+from reidforge.shared.config import ConfigError, load_config
 from dense_clustering import canonical, dense_jaccard, dense_knn, dense_spcl_labels, generate_pseudo_labels
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from finetune import complexity
-from finetune.models import MODELS, build_model
-from shared.complexity import count_macs, count_params, feature_dim
+from reidforge.finetune import complexity
+from reidforge.finetune.models import MODELS, build_model
+from reidforge.shared.complexity import count_macs, count_params, feature_dim
 
 
 class TinyNet(nn.Module):

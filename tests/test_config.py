@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, choice, load_config, save_config
+from reidforge.shared.config import ConfigError, choice, load_config, save_config
 
 
 @dataclass

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.engine import TrainConfig
-from finetune.train import main as train_main
-from pretrain.spcl import main as spcl_main
-from shared.config import ConfigError, load_config
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.train import main as train_main
+from reidforge.pretrain.spcl import main as spcl_main
+from reidforge.shared.config import ConfigError, load_config
 
 FINETUNE = "launch/configs/dm_osnet_tiny.yaml"
 SPCL = "launch/configs/spcl_tiny.yaml"

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data.images as images_module
-import data.readers as readers
-import shared.io
-from data.build_shards import main as build_main
-from data.readers import CRC_MISMATCH, BadImage, IndexedShards, SampleTally, StreamingShards, collate, decode
-from data.shards import (INDEX, MANIFEST, ShardError, WriteOptions, _locked, load_index, load_manifest,
+import reidforge.data.images as images_module
+import reidforge.data.readers as readers
+import reidforge.shared.io
+from reidforge.data.build_shards import main as build_main
+from reidforge.data.readers import CRC_MISMATCH, BadImage, IndexedShards, SampleTally, StreamingShards, collate, decode
+from reidforge.data.shards import (INDEX, MANIFEST, ShardError, WriteOptions, _locked, load_index, load_manifest,
                          verify_split, write_split)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_an_older_schema_says_to_rebuild(toy_split: Path) -> None:
 def test_a_full_disk_while_writing_the_index_names_it_and_the_build_resumes(tmp_path: Path, toy_source,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     split = tmp_path / "train"
-    real = shared.io.os.fsync
+    real = reidforge.shared.io.os.fsync
     calls = {"n": 0}
 
     def full_on_index(fd: int) -> None:
@@ -187,13 +187,13 @@ def test_a_full_disk_while_writing_the_index_names_it_and_the_build_resumes(tmp_
         calls["n"] += 1
         real(fd)
 
-    monkeypatch.setattr(shared.io.os, "fsync", full_on_index)
+    monkeypatch.setattr(reidforge.shared.io.os, "fsync", full_on_index)
     with pytest.raises(ShardError, match=f"cannot write {split / INDEX}: No space left on device"):
         write_split(toy_source, split, "train", options=OPTS)
     assert not (split / INDEX).exists() and not list(split.glob(".*.tmp"))
     with pytest.raises(ShardError, match="did not finish"):
         load_manifest(split)
-    monkeypatch.setattr(shared.io.os, "fsync", real)
+    monkeypatch.setattr(reidforge.shared.io.os, "fsync", real)
     assert write_split(toy_source, split, "train", options=OPTS)["reused_shards"] == 3
     assert verify_split(split) == []
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from vehicle_fixtures import adapter_sources, jpeg, write_jpeg
 
-from data.build_shards import main as build_shards_main
-from data.datasets.luperson import LmdbSource
-from data.readers import IndexedShards
-from data.shards import load_index, load_manifest
-from data.source import CountMismatchWarning, DatasetError
+from reidforge.data.build_shards import main as build_shards_main
+from reidforge.data.datasets.luperson import LmdbSource
+from reidforge.data.readers import IndexedShards
+from reidforge.data.shards import load_index, load_manifest
+from reidforge.data.source import CountMismatchWarning, DatasetError
 
-pytestmark = pytest.mark.filterwarnings("ignore::data.source.CountMismatchWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::reidforge.data.source.CountMismatchWarning")
 
 # Two countries; the first has two cities, the first city two videos.
 KEYS = ["00_00_0000_00000000", "00_00_0000_00000001", "00_00_0001_00000002", "00_01_0000_00000003",

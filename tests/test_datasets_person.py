@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from data.build_shards import main as build_shards_main
-from data.datasets import cuhk03, dukemtmc, market1501, msmt17
-from data.readers import IndexedShards
-from data.shards import IMAGE_EXTS, load_manifest
-from data.source import ADAPTERS, CountMismatchWarning, DatasetAdapter, DatasetError, RecordSource, Sources
+from reidforge.data.build_shards import main as build_shards_main
+from reidforge.data.datasets import cuhk03, dukemtmc, market1501, msmt17
+from reidforge.data.readers import IndexedShards
+from reidforge.data.shards import IMAGE_EXTS, load_manifest
+from reidforge.data.source import ADAPTERS, CountMismatchWarning, DatasetAdapter, DatasetError, RecordSource, Sources
 from person_fixtures import cuhk03_config, folder_tree, msmt17_tree, write_image
 
 Triples = set[tuple[str, int, int]]

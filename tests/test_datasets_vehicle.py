@@ -13,17 +13,17 @@ import pytest
 from vehicle_fixtures import (adapter_sources, labels, make_cityflow, make_vehicleid, make_veri, orientation_file,
                               write_jpeg)
 
-import data.datasets.folder as folder_module
-import data.source
-from data.build_shards import main as build_shards_main
-from data.datasets.veri776 import FileNameLabelWarning, read_label_xml
-from data.readers import IndexedShards
-from data.shards import load_index, load_manifest
-from data.source import CountMismatchWarning, DatasetError
-from shared.metrics import vehicleid_draws
+import reidforge.data.datasets.folder as folder_module
+import reidforge.data.source
+from reidforge.data.build_shards import main as build_shards_main
+from reidforge.data.datasets.veri776 import FileNameLabelWarning, read_label_xml
+from reidforge.data.readers import IndexedShards
+from reidforge.data.shards import load_index, load_manifest
+from reidforge.data.source import CountMismatchWarning, DatasetError
+from reidforge.shared.metrics import vehicleid_draws
 
 # Tiny fixtures never have the published counts; the tests that check those warnings record them anyway.
-pytestmark = pytest.mark.filterwarnings("ignore::data.source.CountMismatchWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::reidforge.data.source.CountMismatchWarning")
 
 VERI_TRAIN = {"0001_c001_00016450_0.jpg": (1, 4), "0001_c002_00016460_0.jpg": (1, 4),
               "0003_c002_00020110_0.jpg": (10, 1), "0003_c004_00020500_0.jpg": (10, 1),
@@ -165,7 +165,7 @@ def test_vehicleid_seeded_draws(vehicleid: Path) -> None:
     assert _draws(vehicleid, "--draws", "2", "--seed", "7") == {k: v for k, v in splits.items() if not k.endswith("2")}
     other = _draws(vehicleid, "--draws", "3", "--seed", "8")
     assert [other[f"gallery_{d}"] for d in range(3)] != [splits[f"gallery_{d}"] for d in range(3)]
-    # the builder's draws are the metric's: shared.metrics.vehicleid_draws over the test list's vehicle ids
+    # the builder's draws are the metric's: reidforge.shared.metrics.vehicleid_draws over the test list's vehicle ids
     for d, (q, g) in enumerate(vehicleid_draws([vid for _, vid in VID_TEST], 3, seed=7)):
         for split, rows in ((f"query_{d}", q), (f"gallery_{d}", g)):
             assert [(k, p) for k, p, _ in splits[split]] == [(f"{VID_TEST[i][0]:07d}", VID_TEST[i][1]) for i in rows]
@@ -280,14 +280,14 @@ def test_folder_adapter_csv_and_tree(tmp_path: Path) -> None:
 def test_folder_docstring_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The "add your own dataset" example in data/datasets/folder.py works as printed."""
     doc = folder_module.__doc__
-    code = textwrap.dedent(doc[doc.index("    from data.source"):doc.index("Then ``python")])
-    monkeypatch.setattr(data.source, "ADAPTERS", {})  # keep the example out of the real registry
+    code = textwrap.dedent(doc[doc.index("    from reidforge.data.source"):doc.index("Then ``python")])
+    monkeypatch.setattr(reidforge.data.source, "ADAPTERS", {})  # keep the example out of the real registry
     namespace: dict = {}
     exec(compile(code, "folder-docstring-example", "exec"), namespace)
     for name in ("train/0003_1_0.jpg", "query/0005_2_0.jpg", "gallery/0005_1_0.jpg"):
         write_jpeg(tmp_path / name)
     parser = argparse.ArgumentParser()
-    data.source.ADAPTERS["mycars"].dataset_arguments(parser)  # root_help gives it --root
-    splits = data.source.ADAPTERS["mycars"](parser.parse_args(["--root", str(tmp_path)])).sources()["mycars"]
+    reidforge.data.source.ADAPTERS["mycars"].dataset_arguments(parser)  # root_help gives it --root
+    splits = reidforge.data.source.ADAPTERS["mycars"](parser.parse_args(["--root", str(tmp_path)])).sources()["mycars"]
     assert {s: labels(src) for s, src in splits.items()} == {
         "train": [("0003_1_0", 3, 0)], "query": [("0005_2_0", 5, 1)], "gallery": [("0005_1_0", 5, 0)]}

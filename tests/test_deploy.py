@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from data.transforms import Normalize
-from finetune import export_onnx, search
-from finetune.deploy import OnnxEmbedder, TorchEmbedder, load_pipeline
-from finetune.models import build_model
-from shared.weights import export_model
+from reidforge.data.transforms import Normalize
+from reidforge.finetune import export_onnx, search
+from reidforge.finetune.deploy import OnnxEmbedder, TorchEmbedder, load_pipeline
+from reidforge.finetune.models import build_model
+from reidforge.shared.weights import export_model
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

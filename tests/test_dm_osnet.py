@@ -9,11 +9,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune.losses import Criterion
-from finetune.models import build_model
-from shared.backbones import build_backbone
-from shared.backbones.dm_osnet import DLMHSA, DLMHSAStream
-from shared.backbones.osnet import LightConv3x3
+from reidforge.finetune.losses import Criterion
+from reidforge.finetune.models import build_model
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.backbones.dm_osnet import DLMHSA, DLMHSAStream
+from reidforge.shared.backbones.osnet import LightConv3x3
 
 
 def _params(module: nn.Module) -> int:

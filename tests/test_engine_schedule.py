@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import finetune.engine as engine
+import reidforge.finetune.engine as engine
 from conftest import ToySource
-from data.readers import SampleTally
-from data.shards import WriteOptions, write_split
-from finetune.engine import TrainConfig
-from finetune.models.mbr import MBR4B
-from shared.config import ConfigError, load_config
+from reidforge.data.readers import SampleTally
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.models.mbr import MBR4B
+from reidforge.shared.config import ConfigError, load_config
 
 NO_VIEW = {3, 10, 17, 29} | set(range(20, 24))  # four scattered images and every image of the sixth identity
 

@@ -1,4 +1,4 @@
-"""evaluate.py, export_onnx.py and search.py take every model file a re-ID user has (finetune.deploy.load_model).
+"""evaluate.py, export_onnx.py and search.py take every model file a re-ID user has (reidforge.finetune.deploy.load_model).
 
 Each file is built here with random values in the layout its source writes: our training checkpoint
 (``<run>/checkpoints/epoch-N/model.safetensors`` under the run's ``config.yaml``), the SpCL stage's backbone
@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import finetune.evaluate as evaluate
-from data.readers import IndexedShards, split_keys
-from data.transforms import Normalize, TransformConfig, build_transforms
-from finetune import export_onnx, search
-from finetune.deploy import ModelSource, OnnxEmbedder, TorchEmbedder, load_model, load_pipeline
-from finetune.engine import TrainConfig
-from finetune.models import build_model, load_exported_model
-from shared.backbones import PooledBackbone, build_backbone
-from shared.config import ConfigError, save_config
-from shared.weights import WeightsError, export_model
+import reidforge.finetune.evaluate as evaluate
+from reidforge.data.readers import IndexedShards, split_keys
+from reidforge.data.transforms import Normalize, TransformConfig, build_transforms
+from reidforge.finetune import export_onnx, search
+from reidforge.finetune.deploy import ModelSource, OnnxEmbedder, TorchEmbedder, load_model, load_pipeline
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.models import build_model, load_exported_model
+from reidforge.shared.backbones import PooledBackbone, build_backbone
+from reidforge.shared.config import ConfigError, save_config
+from reidforge.shared.weights import WeightsError, export_model
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 OSNET = {"variant": "osnet_x0_25"}

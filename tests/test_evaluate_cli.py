@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-import finetune.engine as engine
-import finetune.protocols as protocols
-import shared.rerank
-from data.build_shards import main as build_shards_main
-from data.shards import WriteOptions, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from data.transforms import Normalize, TransformConfig
-from finetune.evaluate import main as evaluate_main
-from finetune.models import build_model, load_exported_model
-from shared.config import ConfigError, load_config
-from shared.retrieval import pairwise_distance
-from shared.weights import export_model, read_export_metadata
+import reidforge.finetune.engine as engine
+import reidforge.finetune.protocols as protocols
+import reidforge.shared.rerank
+from reidforge.data.build_shards import main as build_shards_main
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.data.transforms import Normalize, TransformConfig
+from reidforge.finetune.evaluate import main as evaluate_main
+from reidforge.finetune.models import build_model, load_exported_model
+from reidforge.shared.config import ConfigError, load_config
+from reidforge.shared.retrieval import pairwise_distance
+from reidforge.shared.weights import export_model, read_export_metadata
 from vehicle_fixtures import make_cityflow, make_vehicleid
 
 SIZE = (32, 16)
@@ -85,7 +85,7 @@ def test_vehicleid_protocol_averages_the_ten_draws(weights: Path, vehicleid: Pat
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     calls = []
     real = protocols.embed_split
-    monkeypatch.setattr("finetune.evaluate.embed_split", lambda model, path, *a: calls.append(path) or real(
+    monkeypatch.setattr("reidforge.finetune.evaluate.embed_split", lambda model, path, *a: calls.append(path) or real(
         model, path, *a))
     result = _evaluate(weights, tmp_path / "all", vehicleid / "query_{d}", vehicleid / "gallery_{d}",
                        "--protocol", "vehicleid")
@@ -123,13 +123,13 @@ def test_vehicleid_protocol_bad_patterns_fail_in_one_line(weights: Path, vehicle
 def test_rerank_options_reach_the_re_ranking(weights: Path, vehicleid: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    real = shared.rerank.re_rank
+    real = reidforge.shared.rerank.re_rank
 
     def spy(q, g, k1, k2, lambda_value):
         seen.append(((k1, k2, lambda_value), real(q, g, k1=k1, k2=k2, lambda_value=lambda_value)))
         return seen[-1][1]
 
-    monkeypatch.setattr(shared.rerank, "re_rank", spy)
+    monkeypatch.setattr(reidforge.shared.rerank, "re_rank", spy)
     pair = (vehicleid / "query_0", vehicleid / "gallery_0")
     default = _evaluate(weights, tmp_path / "default", *pair, "--rerank")
     fnc = _evaluate(weights, tmp_path / "fnc", *pair, "--rerank", "--rerank-k1", "75", "--rerank-k2", "10",

@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import finetune.engine as engine
-from data.shards import WriteOptions, load_manifest, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from finetune.engine import TrainConfig
-from finetune.evaluate import main as evaluate_main
-from finetune.train import main as train_main
-from shared.config import load_config
+import reidforge.finetune.engine as engine
+from reidforge.data.shards import WriteOptions, load_manifest, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.evaluate import main as evaluate_main
+from reidforge.finetune.train import main as train_main
+from reidforge.shared.config import load_config
 from conftest import killed_in_epoch
-from shared.weights import read_export_metadata
+from reidforge.shared.weights import read_export_metadata
 
 
 @pytest.fixture(scope="module")

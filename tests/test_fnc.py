@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.losses import Criterion
-from finetune.models import build_model
-from finetune.models.fnc import FNC, SPLITS, ChannelAttentionBlock, SpatialAttentionBlock
-from shared.backbones import build_backbone
-from shared.complexity import count_params
+from reidforge.finetune.losses import Criterion
+from reidforge.finetune.models import build_model
+from reidforge.finetune.models.fnc import FNC, SPLITS, ChannelAttentionBlock, SpatialAttentionBlock
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.complexity import count_params
 
 LAYER4 = 16_124_288  # one SE-ResNeXt-101 layer4 copy
 LAYER3_TAIL = 27_688_320  # its layer3[1:], 22 blocks

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from person_fixtures import folder_tree, write_image
 
-from data.build_shards import main as build_shards_main
-from data.readers import IndexedShards
+from reidforge.data.build_shards import main as build_shards_main
+from reidforge.data.readers import IndexedShards
 
 FILES = {
     # The last is a DukeMTMC-reID name: camera 8, which Market's own adapter (6 cameras) would refuse.

@@ -85,8 +85,8 @@ def test_sbatch_is_valid_bash_and_names_existing_files() -> None:
 
 @needs_bash
 def test_sbatch_overrides_load_as_a_spcl_config() -> None:
-    from pretrain.spcl import SpCLConfig
-    from shared.config import load_config
+    from reidforge.pretrain.spcl import SpCLConfig
+    from reidforge.shared.config import load_config
 
     line = re.search(r"^OVERRIDES=\((.*)\)", SBATCH.read_text(), re.M)[1]
     overrides = [item for item in shlex.split(line) if item != "$@"]

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from colour_baseline import colour_histogram_metrics, shard_samples
-from data.shards import WriteOptions, load_manifest, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from finetune.engine import TrainConfig, train
-from shared.config import load_config
+from reidforge.data.shards import WriteOptions, load_manifest, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.finetune.engine import TrainConfig, train
+from reidforge.shared.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 EPOCHS = 5

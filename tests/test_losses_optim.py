@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import CenterLoss, CircleSoftmax, Criterion, LossConfig, batch_hard_triplet, fastreid_cross_entropy
-from finetune.models.base import LossTerm
-from finetune.optim import OptimConfig, build_center_optimizer, build_optimizer, build_scheduler, lr_factor
-from shared.config import ConfigError
+from reidforge.finetune.losses import CenterLoss, CircleSoftmax, Criterion, LossConfig, batch_hard_triplet, fastreid_cross_entropy
+from reidforge.finetune.models.base import LossTerm
+from reidforge.finetune.optim import OptimConfig, build_center_optimizer, build_optimizer, build_scheduler, lr_factor
+from reidforge.shared.config import ConfigError
 
 PIDS = torch.tensor([0, 0, 1, 1])
 POINTS = torch.tensor([[0.0], [1.0], [3.0], [6.0]])

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from vehicle_fixtures import jpeg, write_jpeg
 
-from data.build_shards import main as build_shards_main
-from data.readers import IndexedShards
+from reidforge.data.build_shards import main as build_shards_main
+from reidforge.data.readers import IndexedShards
 
-pytestmark = pytest.mark.filterwarnings("ignore::data.source.CountMismatchWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::reidforge.data.source.CountMismatchWarning")
 
 KEYS = ["00_00_0000_00000000", "00_00_0000_00000001", "00_00_0001_00000002", "01_00_0000_00000003"]
 # Best first, as image names relative to LUP/images/ (the released file's form).

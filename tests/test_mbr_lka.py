@@ -10,20 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-import finetune.engine as engine
-import finetune.protocols as protocols
+import reidforge.finetune.engine as engine
+import reidforge.finetune.protocols as protocols
 from conftest import ToySource
-from data.shards import WriteOptions, write_split
-from data.transforms import Normalize, TransformConfig
-from finetune.evaluate import main as evaluate_main
-from finetune.losses import Criterion
-from finetune.models import build_model
-from finetune.models.lka_reid import HCA, LKA, VANAttention, eca_kernel_size
-from finetune.models.mbr import MHSA
-from shared.backbones import build_backbone
-from shared.complexity import count_macs, count_params
-from shared.config import ConfigError, load_config
-from shared.weights import export_model
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.transforms import Normalize, TransformConfig
+from reidforge.finetune.evaluate import main as evaluate_main
+from reidforge.finetune.losses import Criterion
+from reidforge.finetune.models import build_model
+from reidforge.finetune.models.lka_reid import HCA, LKA, VANAttention, eca_kernel_size
+from reidforge.finetune.models.mbr import MHSA
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.complexity import count_macs, count_params
+from reidforge.shared.config import ConfigError, load_config
+from reidforge.shared.weights import export_model
 
 VERI_IDS = 575
 LAI = {"trunk": "resnet18", "input_size": [64, 64], "n_cams": 3, "n_views": 8}

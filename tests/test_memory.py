@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.memory import HybridMemory, estimate_memory_bytes
+from reidforge.pretrain.memory import HybridMemory, estimate_memory_bytes
 
 
 # -- the reference -----------------------------------------------------------------------------------

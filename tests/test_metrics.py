@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.metrics import cuhk03_classic_metrics, rank_metrics, vehicleid_draws, vehicleid_metrics
+from reidforge.shared.metrics import cuhk03_classic_metrics, rank_metrics, vehicleid_draws, vehicleid_metrics
 
 
 def test_junk_removed_distractor_kept_and_ap_by_hand() -> None:

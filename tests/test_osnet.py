@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune.models import build_model
-from shared.backbones import build_backbone
+from reidforge.finetune.models import build_model
+from reidforge.shared.backbones import build_backbone
 
 OSNETS = {"osnet_x1_0": 512, "osnet_x0_75": 384, "osnet_x0_5": 256, "osnet_x0_25": 128, "osnet_ibn_x1_0": 512}
 

@@ -36,10 +36,10 @@ import pytest
 import torch
 import yaml
 
-import data.datasets  # noqa: F401  (every adapter registered before the registries are snapshotted)
-from data.source import ADAPTERS
-from finetune.models import MODELS, build_model
-from shared.backbones import BACKBONES, build_backbone
+import reidforge.data.datasets  # noqa: F401  (every adapter registered before the registries are snapshotted)
+from reidforge.data.source import ADAPTERS
+from reidforge.finetune.models import MODELS, build_model
+from reidforge.shared.backbones import BACKBONES, build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -49,6 +49,9 @@ NOT_RUN = re.compile(r"<!--\s*not run:\s*\S.*?-->\s*$", re.DOTALL)
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)?)`")
 LAUNCHERS = ("python", "accelerate", "torchrun")
+# Console scripts (pyproject's [project.scripts]) -> the script file each one runs.
+CONSOLE_SCRIPTS = {name: module.replace(".", "/") + ".py" for name, module in re.findall(
+    r'^(reidforge-[\w-]+) = "reidforge\.([\w.]+):main"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)}
 # Bare file names in the README that are a run's outputs, not recipes.
 RUN_OUTPUTS = {"config.yaml"}
 
@@ -125,18 +128,20 @@ def _commands() -> list[tuple[str, str]]:
         if lang != "bash":
             continue
         for n, command in enumerate(body.replace("\\\n", " ").splitlines()):
-            if command.strip().split(" ", 1)[0] in LAUNCHERS:
+            if command.strip().split(" ", 1)[0] in (*LAUNCHERS, *CONSOLE_SCRIPTS):
                 found.append((f"README.md:{line + 1 + n}", command))
     prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
     for m in INLINE.finditer(prose):
         span = " ".join(m.group(1).split())
-        if span.split(" ", 1)[0] in LAUNCHERS and ".py" in span:
+        if (span.split(" ", 1)[0] in LAUNCHERS and ".py" in span) or span.split(" ", 1)[0] in CONSOLE_SCRIPTS:
             found.append((f"README.md:{prose.count(chr(10), 0, m.start()) + 1}", span))
     return found
 
 
 def _script_and_args(command: str) -> tuple[str, list[str]]:
     tokens = shlex.split(command, comments=True)
+    if tokens[0] in CONSOLE_SCRIPTS:
+        return CONSOLE_SCRIPTS[tokens[0]], tokens[1:]
     index = next(i for i, token in enumerate(tokens) if token.endswith(".py"))
     return tokens[index], tokens[index + 1:]
 
@@ -149,7 +154,7 @@ class _Captured(Exception):
 def _load(script: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """A package's script as its module; a script outside the packages (launch/) from its file."""
     if (ROOT / script).parent.joinpath("__init__.py").is_file():
-        return importlib.import_module(script.removesuffix(".py").replace("/", "."))
+        return importlib.import_module("reidforge." + script.removesuffix(".py").replace("/", "."))
     name = "readme_script_" + script.removesuffix(".py").replace("/", "_")
     spec = importlib.util.spec_from_file_location(name, ROOT / script)
     module = importlib.util.module_from_spec(spec)

@@ -1,7 +1,7 @@
 """Recipe cards (launch/cards/<recipe>.yaml) hold every paper recipe to its sources.
 
 Each recipe is resolved exactly as ``finetune/train.py --config`` or ``pretrain/spcl.py --config``
-resolves it (``shared.config.load_config``: schema defaults, then the YAML), and every setting on its
+resolves it (``reidforge.shared.config.load_config``: schema defaults, then the YAML), and every setting on its
 card must equal the resolved value; every key the recipe file sets must be on its card; the settings
 that define a method must be there for every recipe; the README's recipe table must show each card's
 expected numbers. A later edit of a recipe that drifts from its source fails here.
@@ -32,11 +32,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.engine import TrainConfig
-from finetune.models import build_model
-from pretrain.spcl import SpCLConfig
-from shared.backbones import build_backbone
-from shared.config import load_config
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.models import build_model
+from reidforge.pretrain.spcl import SpCLConfig
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS, CARDS = ROOT / "launch" / "configs", ROOT / "launch" / "cards"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.engine import TrainConfig
-from finetune.models import MODELS
-from pretrain.spcl import SpCLConfig
-from shared.config import load_config
+from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.models import MODELS
+from reidforge.pretrain.spcl import SpCLConfig
+from reidforge.shared.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 # paper recipe -> its tiny CPU variant
@@ -43,7 +43,7 @@ def test_recipe_specifics_from_the_papers() -> None:
 
 def _schema(path: Path) -> type:
     if path.name == "synthetic.yaml":
-        from data.synthetic import SyntheticConfig
+        from reidforge.data.synthetic import SyntheticConfig
 
         return SyntheticConfig
     if path.name == "demo.yaml":

@@ -7,8 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from shared import rerank
-from shared.rerank import re_rank
+from reidforge.shared import rerank
+from reidforge.shared.rerank import re_rank
 
 
 def _re_rank_dense(q_feats: np.ndarray, g_feats: np.ndarray, k1: int = 20, k2: int = 6,

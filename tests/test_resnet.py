@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet50 as tv_resnet50
 
-from shared.backbones import build_backbone
-from shared.backbones.resnet import IBN
-from shared.weights import WeightsError, load_pretrained
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.backbones.resnet import IBN
+from reidforge.shared.weights import WeightsError, load_pretrained
 
 
 def _params(module: torch.nn.Module) -> int:

@@ -11,15 +11,15 @@ from conftest import killed_in_epoch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-import finetune.engine as engine
-from data.draws import SeededBatches, SeededDraws, draw_seeds
-from data.readers import IndexedShards, collate
-from data.samplers import PKSampler
-from data.shards import WriteOptions, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from data.transforms import TransformConfig, build_transforms
-from finetune.engine import TrainConfig
-from shared.config import load_config
+import reidforge.finetune.engine as engine
+from reidforge.data.draws import SeededBatches, SeededDraws, draw_seeds
+from reidforge.data.readers import IndexedShards, collate
+from reidforge.data.samplers import PKSampler
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.data.transforms import TransformConfig, build_transforms
+from reidforge.finetune.engine import TrainConfig
+from reidforge.shared.config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from data.shards import WriteOptions, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from finetune import engine
-from finetune.engine import TrainConfig
-from pretrain import spcl
-from pretrain.spcl import SpCLConfig
-from shared.config import ConfigError, load_config, save_config
-from shared.rundir import claim_run_dir
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.finetune import engine
+from reidforge.finetune.engine import TrainConfig
+from reidforge.pretrain import spcl
+from reidforge.pretrain.spcl import SpCLConfig
+from reidforge.shared.config import ConfigError, load_config, save_config
+from reidforge.shared.rundir import claim_run_dir
 
 
 @pytest.fixture(scope="module")

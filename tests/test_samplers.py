@@ -1,4 +1,4 @@
-"""Tests for the identity batch samplers in data.samplers."""
+"""Tests for the identity batch samplers in reidforge.data.samplers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.samplers import CameraAwarePKSampler, MultipleGallerySampler, PKSampler
+from reidforge.data.samplers import CameraAwarePKSampler, MultipleGallerySampler, PKSampler
 
 P, K = 4, 4
 SAMPLERS = [PKSampler, CameraAwarePKSampler]

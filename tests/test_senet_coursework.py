@@ -7,13 +7,13 @@ import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_small
 
-from finetune.models import build_model
-from finetune.models.base import LossTerm
-from finetune.models.coursework import VARIANTS
-from shared.backbones import build_backbone
-from shared.backbones.coursework_resnet18 import CBAM, SqueezeExcite
-from shared.complexity import count_params
-from shared.weights import load_pretrained
+from reidforge.finetune.models import build_model
+from reidforge.finetune.models.base import LossTerm
+from reidforge.finetune.models.coursework import VARIANTS
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.backbones.coursework_resnet18 import CBAM, SqueezeExcite
+from reidforge.shared.complexity import count_params
+from reidforge.shared.weights import load_pretrained
 
 from conftest import assert_gradients_reach_every_parameter
 

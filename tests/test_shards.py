@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import ToySource
 
-import data.shards as shards
-from data.build_shards import main as build_shards_main
-from data.readers import IndexedShards, Problem, SampleTally, StreamingShards, TooManyBadSamples, collate, decode
-from data.shards import ShardError, WriteOptions, load_index, load_manifest, verify_split, write_split
+import reidforge.data.shards as shards
+from reidforge.data.build_shards import main as build_shards_main
+from reidforge.data.readers import IndexedShards, Problem, SampleTally, StreamingShards, TooManyBadSamples, collate, decode
+from reidforge.data.shards import ShardError, WriteOptions, load_index, load_manifest, verify_split, write_split
 
 OPTS = WriteOptions(samples_per_shard=16, progress=False)
 
@@ -202,8 +202,8 @@ def test_unwritable_output_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_concatenated_splits_never_collide(tmp_path: Path, toy_source: ToySource) -> None:
-    from data.readers import ConcatShards
-    from data.samplers import PKSampler
+    from reidforge.data.readers import ConcatShards
+    from reidforge.data.samplers import PKSampler
 
     for name in ("a", "b"):
         write_split(toy_source, tmp_path / name, "train", relabel=True, options=OPTS)

@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pretrain.spcl as spcl
-from data.shards import WriteOptions, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from finetune.models import build_model
-from pretrain.spcl import SpCLConfig
-from shared.config import load_config
+import reidforge.pretrain.spcl as spcl
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.finetune.models import build_model
+from reidforge.pretrain.spcl import SpCLConfig
+from reidforge.shared.config import load_config
 from conftest import killed_in_epoch
-from shared.weights import load_pretrained, read_export_metadata
+from reidforge.shared.weights import load_pretrained, read_export_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from data.source import RecordSource
-from data.synthetic import (
+from reidforge.data.source import RecordSource
+from reidforge.data.synthetic import (
     PERSON_COLORS,
     PERSON_DATASET,
     POOL_DATASET,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.table import Percent, format_table
+from reidforge.shared.table import Percent, format_table
 
 
 def test_percentages_have_one_decimal_and_zero_is_not_a_bare_0() -> None:

@@ -13,8 +13,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from finetune.train import main as train_main
-from pretrain.spcl import main as spcl_main
+from reidforge.finetune.train import main as train_main
+from reidforge.pretrain.spcl import main as spcl_main
 
 FINETUNE = "launch/configs/dm_osnet_tiny.yaml"
 SPCL = "launch/configs/spcl_tiny.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.transforms import Normalize, TransformConfig, build_transforms
-from shared.config import ConfigError
+from reidforge.data.transforms import Normalize, TransformConfig, build_transforms
+from reidforge.shared.config import ConfigError
 
 
 def _image() -> torch.Tensor:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from finetune.models import MODELS, build_model
-from shared.visualize import (FlatMapWarning, cam_overlay, cmc_curve, epoch_curves, flat_maps, grad_cam,
+from reidforge.finetune.models import MODELS, build_model
+from reidforge.shared.visualize import (FlatMapWarning, cam_overlay, cmc_curve, epoch_curves, flat_maps, grad_cam,
                               layer_name, ranked_grid)
 
 PNG = b"\x89PNG\r\n\x1a\n"

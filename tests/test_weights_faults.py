@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import shared.io
-from finetune.evaluate import main as evaluate_main
-from finetune.export_onnx import main as export_main
-from finetune.train import main as train_main
-from pretrain.spcl import main as spcl_main
-from shared.weights import METADATA_KEY, WeightsError, export_model, read_checkpoint, read_export_metadata
+import reidforge.shared.io
+from reidforge.finetune.evaluate import main as evaluate_main
+from reidforge.finetune.export_onnx import main as export_main
+from reidforge.finetune.train import main as train_main
+from reidforge.pretrain.spcl import main as spcl_main
+from reidforge.shared.weights import METADATA_KEY, WeightsError, export_model, read_checkpoint, read_export_metadata
 
 
 def _good(path: Path) -> Path:
@@ -91,16 +91,16 @@ def test_export_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     export_model(model, path, {"kind": "model"})
     before = path.read_bytes()
 
-    real_fsync = shared.io.os.fsync
+    real_fsync = reidforge.shared.io.os.fsync
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shared.io.os, "fsync", full)
+    monkeypatch.setattr(reidforge.shared.io.os, "fsync", full)
     with torch.no_grad():
         model.weight.add_(1)
     with pytest.raises(WeightsError, match="model_final.safetensors: No space left"):
         export_model(model, path, {"kind": "model"})
-    monkeypatch.setattr(shared.io.os, "fsync", real_fsync)
+    monkeypatch.setattr(reidforge.shared.io.os, "fsync", real_fsync)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.safetensors"]

@@ -23,14 +23,14 @@ import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 
-from data.shards import WriteOptions, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from finetune.models import build_model, load_exported_model
-from finetune.models.base import ReIDModel
-from finetune.train import main as train_main
-from pretrain.spcl import main as spcl_main
-from shared.backbones import build_backbone
-from shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.finetune.models import build_model, load_exported_model
+from reidforge.finetune.models.base import ReIDModel
+from reidforge.finetune.train import main as train_main
+from reidforge.pretrain.spcl import main as spcl_main
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 CLASSES = 16  # identities of the train split below

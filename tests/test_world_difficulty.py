@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from colour_baseline import describe, source_samples
-from data.synthetic import SyntheticConfig, build_sources
-from shared.metrics import rank_metrics
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.shared.metrics import rank_metrics
 
 
 def test_colour_histogram_baseline_is_bounded() -> None:

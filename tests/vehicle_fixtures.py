@@ -12,8 +12,8 @@ from typing import Any
 
 from PIL import Image
 
-import data.datasets  # noqa: F401  (registers every adapter)
-from data.source import ADAPTERS, RecordSource, Sources
+import reidforge.data.datasets  # noqa: F401  (registers every adapter)
+from reidforge.data.source import ADAPTERS, RecordSource, Sources
 
 # A GB2312 comment and attribute, as a Chinese annotation tool would leave them: expat refuses the
 # declared encoding, and decoding these bytes as UTF-8 fails.

@@ -9,7 +9,7 @@ Layout (``--root``: the ``AIC20_ReID`` folder, or a folder that holds ``AIC20_tr
     train_label.xml                           <Item imageName vehicleID cameraID/>, declared gb2312
     train_track_id.txt  test_track_id.txt     one track per line: the integer image ids in it
 
-Identity and camera exist only in ``train_label.xml`` (read by :func:`data.datasets.veri776.read_label_xml`,
+Identity and camera exist only in ``train_label.xml`` (read by :func:`reidforge.data.datasets.veri776.read_label_xml`,
 which decodes the gb2312 that expat refuses): pid is the raw ``vehicleID``, camid maps
 ``c001``..``c040`` to 0..39. Each sample's json holds ``track_id``, the 0-based line of the image's
 track in its track file (None for query images, which belong to no track).
@@ -50,9 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.datasets.folder import image_files, read_fields
-from data.datasets.veri776 import item_labels, read_label_xml
-from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
+from reidforge.data.datasets.folder import image_files, read_fields
+from reidforge.data.datasets.veri776 import item_labels, read_label_xml
+from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
 
 LAYOUT = ("AIC20_ReID/{image_train,image_query,image_test}/<image id>.jpg + train_label.xml + "
           "train_track_id.txt + test_track_id.txt")

@@ -45,8 +45,8 @@ import numpy as np
 from scipy.io import loadmat
 from scipy.io.matlab import MatReadError
 
-from data.datasets.market1501 import file_source, find_data_dir, market_style_splits
-from data.source import DatasetAdapter, DatasetError, FileRecord, Sources, register, require
+from reidforge.data.datasets.market1501 import file_source, find_data_dir, market_style_splits
+from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, Sources, register, require
 
 VARIANTS = ("labeled", "detected")
 DATA_FOLDER = "cuhk03"

@@ -20,8 +20,8 @@ in sorted order and names or cameras out of pattern fail in one line.
 
 from __future__ import annotations
 
-from data.datasets.market1501 import find_data_dir, market_style_splits
-from data.source import DatasetAdapter, Sources, register
+from reidforge.data.datasets.market1501 import find_data_dir, market_style_splits
+from reidforge.data.source import DatasetAdapter, Sources, register
 
 DATA_FOLDER = "DukeMTMC-reID"
 LAYOUT = f"ROOT[/{DATA_FOLDER}]/{{bounding_box_train,query,bounding_box_test}}/*.jpg"

@@ -30,7 +30,7 @@ new file under ``data/datasets/`` (it is registered when the package is imported
 file names hold the labels, e.g. ``<root>/{train,query,gallery}/<vid>_<cam>_<n>.jpg`` with 1-based
 cameras::
 
-    from data.source import DatasetAdapter, FileRecord, FileSource, register, require
+    from reidforge.data.source import DatasetAdapter, FileRecord, FileSource, register, require
 
     LAYOUT = "<root>/{train,query,gallery}/<vid>_<cam>_<n>.jpg"
 
@@ -69,8 +69,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, register
-from shared.text import printable
+from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, register
+from reidforge.shared.text import printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TREE_LAYOUT = "<root>/<split>/<pid>/<camid>/*.jpg (integer pid and camid folders)"
@@ -183,7 +183,7 @@ def _holds_images(folder: Path) -> bool:
 
 def _flat_records(split_dir: Path, name: str) -> list[FileRecord]:
     # Imported here: market1501 imports this module's helpers at its top.
-    from data.datasets.market1501 import market_records
+    from reidforge.data.datasets.market1501 import market_records
 
     subfolder = next((p for p in sorted(split_dir.iterdir()) if p.is_dir()), None)
     if subfolder is not None:

@@ -63,8 +63,8 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from data.datasets.folder import IMAGE_SUFFIXES, image_files, key_of, read_fields
-from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
+from reidforge.data.datasets.folder import IMAGE_SUFFIXES, image_files, key_of, read_fields
+from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
 
 DATASET = "luperson"
 LAYOUT = ("<root>/lmdb/ + <root>/keys.pkl (the released LMDB), or <root>/images/<key>.jpg [+ <root>/CFS_list.pkl] "

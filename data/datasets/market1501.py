@@ -35,8 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from data.datasets.folder import check_unique_keys, image_files, key_of
-from data.source import (DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register,
+from reidforge.data.datasets.folder import check_unique_keys, image_files, key_of
+from reidforge.data.source import (DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register,
                          require)
 
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")

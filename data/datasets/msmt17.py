@@ -39,9 +39,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data.datasets.folder import key_of, read_fields
-from data.datasets.market1501 import file_source
-from data.source import DatasetAdapter, DatasetError, FileRecord, Sources, register, require
+from reidforge.data.datasets.folder import key_of, read_fields
+from reidforge.data.datasets.market1501 import file_source
+from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, Sources, register, require
 
 VERSIONS = {"V1": ("train", "test"), "V2": ("mask_train_v2", "mask_test_v2")}  # train and test image folders
 LISTS = {"train": "list_train.txt", "val": "list_val.txt", "query": "list_query.txt", "gallery": "list_gallery.txt"}

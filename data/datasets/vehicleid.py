@@ -11,7 +11,7 @@ Splits: ``train`` (train_list.txt) and, for the test list of ``--test-size`` (de
 (default 10) random query/gallery partitions ``query_0``/``gallery_0`` ... ``query_{N-1}``/
 ``gallery_{N-1}``. The protocol: each draw puts one random image of every test vehicle in the gallery
 and every other image in the query; results are averaged over the draws. The draws are
-:func:`shared.metrics.vehicleid_draws` of the test list's vehicle ids (draw ``d`` seeded with
+:func:`reidforge.shared.metrics.vehicleid_draws` of the test list's vehicle ids (draw ``d`` seeded with
 ``np.random.default_rng([seed, d])``), the function the metric side uses too, so each depends only on
 ``--seed``, ``d`` and the list file: the same seed gives the same splits, and ``--draws 3`` gives the
 first three of ``--draws 10``. Within a split images keep their list-file order; pid is the raw vehicle
@@ -37,9 +37,9 @@ import argparse
 import os
 from pathlib import Path
 
-from data.datasets.folder import read_fields
-from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
-from shared.metrics import vehicleid_draws
+from reidforge.data.datasets.folder import read_fields
+from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
+from reidforge.shared.metrics import vehicleid_draws
 
 TEST_SIZES = (800, 1600, 2400, 13164)
 LAYOUT = ("<root>/image/<image id>.jpg + <root>/train_test_split/{train_list.txt,test_list_{800,1600,2400,13164}.txt} "

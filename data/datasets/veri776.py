@@ -45,9 +45,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from data.datasets.folder import check_unique_keys, image_files, key_of, read_fields
-from data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
-from data.synthetic import VEHICLE_VIEWS
+from reidforge.data.datasets.folder import check_unique_keys, image_files, key_of, read_fields
+from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, FileSource, Sources, check_counts, register, require
+from reidforge.data.synthetic import VEHICLE_VIEWS
 
 LAYOUT = ("<root>/{image_train,image_query,image_test}/VVVV_cCCC_*.jpg + train_label.xml + test_label.xml "
           "[+ list_color.txt, list_type.txt]")

@@ -1,6 +1,6 @@
 """Re-ID models (the seed models and their baselines), built by name: ``build_model(name, num_classes, **options)``.
 
-Each model is a :class:`finetune.models.base.ReIDModel` in its own file, named as its paper names it,
+Each model is a :class:`reidforge.finetune.models.base.ReIDModel` in its own file, named as its paper names it,
 registered in ``MODELS``.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.models.base import ReIDModel
-from shared.registry import Registry
-from shared.weights import WeightsError, read_checkpoint, read_export_metadata
+from reidforge.finetune.models.base import ReIDModel
+from reidforge.shared.registry import Registry
+from reidforge.shared.weights import WeightsError, read_checkpoint, read_export_metadata
 
 MODELS: Registry[ReIDModel] = Registry("model")
 

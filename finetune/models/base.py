@@ -8,7 +8,7 @@
 - In evaluation mode it returns the final (N, feature_dim) inference feature.
 - ``cam_layer()`` names the module whose output is the last spatial feature map (for Grad-CAM).
 - ``trunk_map()`` says where the pretrained backbone lives in the model, so that one loader reaches
-  every copy of a duplicated stage (``shared.weights``) and one freeze covers them (``finetune.optim``).
+  every copy of a duplicated stage (``reidforge.shared.weights``) and one freeze covers them (``reidforge.finetune.optim``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shared.heads import BNNeck, build_pooling
+from reidforge.shared.heads import BNNeck, build_pooling
 
 
 @dataclass(frozen=True)

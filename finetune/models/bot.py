@@ -2,12 +2,12 @@
 Re-identification", CVPRW 2019); models.md §3.
 
 - Backbone with **last stride 1** (§3.4): 2048x16x8 at 256x128.
-- Global average pooling gives ``f_t``; **BNNeck** (§3.5, :class:`shared.heads.BNNeck`): BatchNorm1d with
+- Global average pooling gives ``f_t``; **BNNeck** (§3.5, :class:`reidforge.shared.heads.BNNeck`): BatchNorm1d with
   a frozen zero bias gives ``f_i``, a bias-free linear classifier (init N(0, 0.001)) gives the logits.
 - Losses (§3.3, §3.6): label-smoothed CE (ε = 0.1) on the logits, batch-hard triplet (margin 0.3) on
   ``f_t``, and, with ``center_loss=True``, center loss on ``f_t`` with weight 5e-4. The ε, the margin and
-  the centres belong to ``finetune.losses``, the centres' own SGD (lr 0.5, ``optim.center_lr``) to
-  ``finetune.optim``; the model only routes outputs.
+  the centres belong to ``reidforge.finetune.losses``, the centres' own SGD (lr 0.5, ``optim.center_lr``) to
+  ``reidforge.finetune.optim``; the model only routes outputs.
 - Train mode returns ``{"global/feat": f_t, "global/bn_feat": f_i, "global/logits": logits}``; eval mode returns ``f_i``
   (the paper's "after" feature, compared by cosine distance).
 
@@ -16,7 +16,7 @@ Registered: ``bot_resnet50`` (the paper's), ``bot_resnet50_ibn_a`` (IBN-Net-a tr
 models.md §4, whose recommendation this is: BoT head and last stride 1 for comparability with §3).
 Options: ``last_stride`` (1), ``center_loss`` (False), ``pooling`` ("avg", or "gem" as in fast-reid).
 The paper starts from ImageNet weights; here they come from a local file (``model.weights``), mapped onto
-``backbone.`` by ``shared.weights.load_pretrained`` whatever its layout.
+``backbone.`` by ``reidforge.shared.weights.load_pretrained`` whatever its layout.
 Deviation: center loss is off by default (the BNNeck-only setting, 94.1/85.7 on Market in the paper,
 against 94.5/85.9 with it); ``center_loss=True`` with ``optim.center_lr=0.5`` is the paper's full recipe
 (launch/configs/bot_market.yaml sets the lr, so the option alone switches it on).
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.models import MODELS
-from finetune.models.base import BNNeckModel, LossTerm
-from shared.backbones import build_backbone
+from reidforge.finetune.models import MODELS
+from reidforge.finetune.models.base import BNNeckModel, LossTerm
+from reidforge.shared.backbones import build_backbone
 
 CENTER_LOSS_WEIGHT = 5e-4  # BoT §3.6: beta in L = L_ID + L_Triplet + beta * L_C
 

@@ -9,7 +9,7 @@ Input 224x224 (§2.1 and the 14x14 / 7x7 stage shapes of §3.1); the tuned Mobil
 went on to 512x512 (Table 7), which the engine can set. The report says "MobileNet V3"; the starter
 code it builds on uses the Small variant.
 
-| registered name | report row | backbone (``shared.backbones``) | fusion | d |
+| registered name | report row | backbone (``reidforge.shared.backbones``) | fusion | d |
 |---|---|---|---|---|
 | ``coursework_mobilenetv3_small`` | Table 1, baseline + custom head | ``mobilenetv3_small`` | | 1024 |
 | ``coursework_resnet18`` | Table 2, ResNet18 | ``resnet18`` | | 1024 |
@@ -37,7 +37,7 @@ Deviations:
 - The triplet loss takes the embedding after dropout, as the code does (the dropout is the head's last
   layer before the classifier).
 - Label smoothing is not stated by the report (the starter code makes it a flag); it is the engine's
-  ``finetune.losses`` setting, like every other model's.
+  ``reidforge.finetune.losses`` setting, like every other model's.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.models import MODELS
-from finetune.models.base import LossTerm, ReIDModel
-from shared.backbones import build_backbone
+from reidforge.finetune.models import MODELS
+from reidforge.finetune.models.base import LossTerm, ReIDModel
+from reidforge.shared.backbones import build_backbone
 
 
 class EmbeddingHead(nn.Module):

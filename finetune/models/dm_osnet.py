@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from finetune.models import MODELS
-from finetune.models.base import BNNeckModel, LossTerm
-from shared.backbones import build_backbone
+from reidforge.finetune.models import MODELS
+from reidforge.finetune.models.base import BNNeckModel, LossTerm
+from reidforge.shared.backbones import build_backbone
 
 
 class DMOSNet(BNNeckModel):

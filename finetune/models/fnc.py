@@ -13,7 +13,7 @@ Networks for Vehicle Re-identification", CVPRW 2020, §3-§4); models.md §7.
 - ``fusion="add"`` is Table 6's ablation: both blocks add their attention map to x (x + T(y),
   x + SE(x_raw)) instead of gating x with its sigmoid.
 - Per branch (§3.1): global average pooling -> feature reduction (1x1 conv + BN + ReLU) to 1024-d
-  (spatial) or 512-d (channel) -> BNNeck (``shared.heads.BNNeck``). Train mode returns
+  (spatial) or 512-d (channel) -> BNNeck (``reidforge.shared.heads.BNNeck``). Train mode returns
   ``spatial/feat``, ``channel/feat`` (the reduced, pre-BN vectors: batch-hard triplet) and
   ``spatial/logits``, ``channel/logits`` (label-smoothed CE); L = 2 (L_id,s + L_id,c) + L_tri,s + L_tri,c
   (Eq. 7, lambda = 2). Eval returns the two post-BN vectors concatenated: 1536-d.
@@ -50,14 +50,14 @@ The default follows the text, the most specific of the three and the one that na
 copies (MGN); nothing in the paper (no parameter count, no code) settles it further.
 
 Options: ``split`` (above), ``fusion`` ("multiply" | "add"), ``input_size`` ((384, 288), see below),
-``trunk`` ("seresnext101_32x4d"): any ResNet-family backbone of ``shared.backbones`` (stem,
+``trunk`` ("seresnext101_32x4d"): any ResNet-family backbone of ``reidforge.shared.backbones`` (stem,
 layer1..layer4, ``out_channels``), built with last stride 1; SAB and CAB size themselves from its C, so
 ``trunk="resnet18"`` (C = 512: SAB inner width 256, CAB width 256 in 32 groups of 8) is a tiny FNC for
 CPU runs. Pretrained trunk weights come in through ``model.weights``: :meth:`FNC.trunk_map` lists the
 shared ``backbone.`` and, per branch, ``<branch>.trunk.layer3.`` and ``<branch>.trunk.layer4.``, so one
 backbone file fills both copies.
 
-Counts (the paper publishes none), from ``shared.complexity``: trainable parameters without classifiers,
+Counts (the paper publishes none), from ``reidforge.shared.complexity``: trainable parameters without classifiers,
 with CityFlow's 333-id classifiers (+1536 x 333), and MACs at 384 x 288 (convolutions, linear layers and
 matrix products, the SAB affinity included); ``python finetune/complexity.py --models fnc`` prints the
 SE-ResNeXt-101 rows.
@@ -101,10 +101,10 @@ import copy
 import torch
 from torch import nn
 
-from finetune.models import MODELS
-from finetune.models.base import LossTerm, ReIDModel
-from finetune.models.mbr import split_trunk
-from shared.heads import BNNeck
+from reidforge.finetune.models import MODELS
+from reidforge.finetune.models.base import LossTerm, ReIDModel
+from reidforge.finetune.models.mbr import split_trunk
+from reidforge.shared.heads import BNNeck
 
 FUSIONS = ("multiply", "add")
 SPLITS = ("after_conv4_1", "after_conv3", "after_conv4", "none")

@@ -26,7 +26,7 @@ multiplies the input. k = |log2(C) / gamma + b / gamma|_odd with gamma = b = 2 (
 2k = 10 parameters per module.
 
 Table II against this code (575 classes, trainable parameters, no LAI; MACs of convolutions, linear
-layers and matrix products at 256 x 256, ``shared.complexity``), as params / MACs:
+layers and matrix products at 256 x 256, ``reidforge.shared.complexity``), as params / MACs:
 
 - baseline (``lka=False, hca=False``): 61,440,064 / 12.236G; Table II 61.44M / 14.44G.
 - +LKA (``hca=False``): 61,575,232 / 11.690G (-0.546G); Table II 61.57M / 13.89G (-0.55G).
@@ -77,8 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.models import MODELS
-from finetune.models.mbr import MBR4B
+from reidforge.finetune.models import MODELS
+from reidforge.finetune.models.mbr import MBR4B
 
 
 class LKA(nn.Module):

@@ -22,7 +22,7 @@ Re-Identification", ITSC 2023) as the authors' code builds ``MBR_4B`` (vehicle_r
 
 Options: ``n_cams``, ``n_views``; ``input_size`` (default (256, 256)): the position tensors are sized
 to its layer3 map (input / 16), so another size changes the parameter count; ``trunk``
-("resnet50_ibn_a"): any ResNet-family backbone of ``shared.backbones`` (stem, layer1..layer4,
+("resnet50_ibn_a"): any ResNet-family backbone of ``reidforge.shared.backbones`` (stem, layer1..layer4,
 ``out_channels``); the widths above are for D = its ``out_channels`` = 2048: the R50 branches are its
 layer4, the BoT blocks take the layer3 map and have D / 4 planes and D outputs, and the LAI tensor,
 the BNNecks and the 4 x D feature follow D. ``trunk="resnet18"`` (D = 512: BoT blocks 256 -> 512 over
@@ -65,10 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.models import MODELS
-from finetune.models.base import LossTerm, ReIDModel
-from shared.backbones import build_backbone
-from shared.heads import BNNeck
+from reidforge.finetune.models import MODELS
+from reidforge.finetune.models.base import LossTerm, ReIDModel
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.heads import BNNeck
 
 # (loss, weight) per branch, in branch order: R50 CE, R50 triplet, BoT CE, BoT triplet (MBR_4B).
 LBS_LOSSES = (("ce", 0.6), ("triplet", 1.0), ("ce", 0.4), ("triplet", 0.4))

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finetune.models import MODELS
-from finetune.models.base import LossTerm, ReIDModel
-from shared.backbones import build_backbone
-from shared.backbones.osnet import OSNet
+from reidforge.finetune.models import MODELS
+from reidforge.finetune.models.base import LossTerm, ReIDModel
+from reidforge.shared.backbones import build_backbone
+from reidforge.shared.backbones.osnet import OSNet
 
 
 class OSNetReID(ReIDModel):

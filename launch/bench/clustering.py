@@ -47,9 +47,9 @@ import faiss
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from pretrain.clustering import ClusterConfig, SelfPacedClustering
-from shared.io import atomic_write_json
-from shared.table import format_table
+from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.table import format_table
 
 ROOT = Path(__file__).resolve().parents[2]
 GB = 2**30

@@ -26,13 +26,13 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from data.readers import IndexedShards, SampleTally, StreamingShards, collate
-from data.samplers import PKSampler
-from data.shards import WriteOptions, load_manifest, write_split
-from data.synthetic import SyntheticConfig, build_sources
-from data.transforms import Normalize, TransformConfig, build_transforms
-from shared.io import atomic_write_json
-from shared.table import format_table
+from reidforge.data.readers import IndexedShards, SampleTally, StreamingShards, collate
+from reidforge.data.samplers import PKSampler
+from reidforge.data.shards import WriteOptions, load_manifest, write_split
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.data.transforms import Normalize, TransformConfig, build_transforms
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.table import format_table
 
 BATCH = 64
 

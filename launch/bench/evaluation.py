@@ -37,10 +37,10 @@ from types import ModuleType
 
 import numpy as np
 
-from shared.io import atomic_write_json
-from shared.metrics import rank_metrics
-from shared.rerank import re_rank
-from shared.table import format_table
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.metrics import rank_metrics
+from reidforge.shared.rerank import re_rank
+from reidforge.shared.table import format_table
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED_CYTHON_S = 3.0  # torchreid rank_cy on synthetic Market-size distances, 2-core machine

@@ -79,9 +79,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from shared.io import atomic_write_json
-from shared.runlog import LOG_NAME
-from shared.table import format_table
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.runlog import LOG_NAME
+from reidforge.shared.table import format_table
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "launch" / "configs"

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.io import atomic_write_json
-from shared.table import format_table
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.table import format_table
 
 ROOT = Path(__file__).resolve().parents[2]
 GB = 2**30
@@ -128,7 +128,7 @@ def _run_case(method: str, slots: int, dim: int, batch: int, dtype: str, steps: 
     labels = torch.from_numpy(synthetic_labels(slots, seed))
     start = time.perf_counter()
     if method == "ours":
-        from pretrain.memory import HybridMemory
+        from reidforge.pretrain.memory import HybridMemory
 
         memory = HybridMemory(slots, dim, dtype=getattr(torch, dtype), chunk_size=chunk)
         _fill(lambda a, rows: memory.initialize(rows, torch.arange(a, a + len(rows))), labels, dim, seed)

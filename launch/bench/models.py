@@ -9,7 +9,7 @@
    The loss is the sum of the mean squares of all train outputs, so that every output's backward runs.
    Ratios are against ``bot_resnet50``, measured in the same run.
 2. attention: forward + backward time and peak tensor memory of DL-MHSA (DM-OSNet's attention,
-   ``shared.backbones.dm_osnet.DLMHSA``: 8x8-pixel windows, K/V pooled by 8) against full MHSA over all
+   ``reidforge.shared.backbones.dm_osnet.DLMHSA``: 8x8-pixel windows, K/V pooled by 8) against full MHSA over all
    H*W positions, at 64 channels and 2 heads (DM-OSNet's conv2 stage) on 64x32 (the stage's map at
    256x128 input) and 128x64 maps. The baseline of the ratios is full MHSA with explicit
    softmax(QK^T/sqrt(d))V matrices, the O((HW)^2) cost the paper compares against; full MHSA also runs
@@ -35,10 +35,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from finetune.models import MODELS, build_model
-from shared.backbones.dm_osnet import DLMHSA
-from shared.io import atomic_write_json
-from shared.table import format_table
+from reidforge.finetune.models import MODELS, build_model
+from reidforge.shared.backbones.dm_osnet import DLMHSA
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.table import format_table
 
 BASELINE_MODEL = "bot_resnet50"
 NUM_CLASSES = 751  # Market-1501's training identities: the size of the classifier in the timed step

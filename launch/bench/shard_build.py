@@ -29,10 +29,10 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from data.datasets.folder import FolderAdapter
-from data.shards import WriteOptions, write_split
-from shared.io import atomic_write_json
-from shared.table import format_table
+from reidforge.data.datasets.folder import FolderAdapter
+from reidforge.data.shards import WriteOptions, write_split
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.table import format_table
 
 TARGET = 0.8
 

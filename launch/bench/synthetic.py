@@ -12,9 +12,9 @@ import os
 import time
 from pathlib import Path
 
-from data.synthetic import SyntheticConfig, build_sources
-from shared.io import atomic_write_json
-from shared.table import format_table
+from reidforge.data.synthetic import SyntheticConfig, build_sources
+from reidforge.shared.io import atomic_write_json
+from reidforge.shared.table import format_table
 
 TARGET = 300.0
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.registry import Registry
+from reidforge.shared.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
@@ -26,7 +26,7 @@ def build_backbone(name: str, **options: Any) -> nn.Module:
 
 class PooledBackbone(nn.Module):
     """backbone -> pooling -> the (N, ``feature_dim``) feature; the model interface of the re-ID models
-    (camera/view ids accepted and unused, ``cam_layer``, ``trunk_keys`` for ``shared.weights.load_pretrained``)."""
+    (camera/view ids accepted and unused, ``cam_layer``, ``trunk_keys`` for ``reidforge.shared.weights.load_pretrained``)."""
 
     def __init__(self, backbone: nn.Module, pool: nn.Module, feature_dim: int):
         super().__init__()

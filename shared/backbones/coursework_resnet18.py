@@ -1,6 +1,6 @@
 """ResNet-18 with stage attention and stage fusion, as in the EEEM071 coursework (Aricatt, §3, Table 2).
 
-The trunk is :class:`shared.backbones.resnet.ResNetBackbone` (torchvision ResNet-18, output stride 32,
+The trunk is :class:`reidforge.shared.backbones.resnet.ResNetBackbone` (torchvision ResNet-18, output stride 32,
 so torchvision ImageNet weights load by key). On top of it:
 
 - **Attention after every stage** (§3.2): an SE unit (Hu et al., CVPR 2018, §3: GAP, FC C->C/16, ReLU,
@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.backbones import BACKBONES
-from shared.backbones.resnet import ResNetBackbone
+from reidforge.shared.backbones import BACKBONES
+from reidforge.shared.backbones.resnet import ResNetBackbone
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 FUSIONS = ("none", "concat", "add", "global_concat")

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.backbones import BACKBONES
-from shared.backbones.osnet import OSNet, StreamFactory
+from reidforge.shared.backbones import BACKBONES
+from reidforge.shared.backbones.osnet import OSNet, StreamFactory
 
 
 class DLMHSA(nn.Module):

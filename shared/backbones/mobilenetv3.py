@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import mobilenetv3
 
-from shared.backbones import BACKBONES
+from reidforge.shared.backbones import BACKBONES
 
 
 class MobileNetV3Backbone(nn.Module):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from shared.backbones import BACKBONES
+from reidforge.shared.backbones import BACKBONES
 
 # Builds the module that replaces the 4-unit (9x9) stream of a block, given the block's mid width.
 StreamFactory = Callable[[int], nn.Module]

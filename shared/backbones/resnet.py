@@ -1,7 +1,7 @@
 """ResNet-18/50/101 (He et al., CVPR 2016) and ResNet-IBN-a (Pan et al., ECCV 2018, IBN-Net §3.2).
 
 The networks are torchvision's, built without weights and without the classifier, so that a local
-torchvision ImageNet state dict loads onto them unchanged (see ``shared.weights``). Options:
+torchvision ImageNet state dict loads onto them unchanged (see ``reidforge.shared.weights``). Options:
 
 - ``last_stride=1`` removes the last down-sampling (layer4's first block: the 3x3 conv of a
   bottleneck, or the first conv of a basic block, and the shortcut's 1x1 conv), doubling the output
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 
-from shared.backbones import BACKBONES
+from reidforge.shared.backbones import BACKBONES
 
 
 class IBN(nn.Module):

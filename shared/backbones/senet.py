@@ -4,7 +4,7 @@ Layout (models.md §4): 7x7/2 stem and 3x3/2 max-pool, stages [3, 4, 6, 3] (50) 
 bottleneck inner width 2x planes with a 32-group 3x3 conv, an SE unit (reduction 16) on each block's
 output before the residual add, 1x1 strided shortcut + BN. The network is built with
 ``timm.create_model(..., pretrained=False, num_classes=0, global_pool="")``; weights come only from a
-local file through ``shared.weights``.
+local file through ``reidforge.shared.weights``.
 
 Two layouts of the same network, both 25,510,896 parameters for the 50-layer trunk (models.md §4;
 46,906,416 for 101):
@@ -33,7 +33,7 @@ import timm
 import torch
 from torch import nn
 
-from shared.backbones import BACKBONES
+from reidforge.shared.backbones import BACKBONES
 
 
 class SEResNeXtBackbone(nn.Module):

@@ -2,7 +2,7 @@
 
 timm (huggingface/pytorch-image-models, ``timm/models/_factory.py`` ``create_model``) builds the network
 with ``pretrained=False``, so nothing is downloaded (the weights come from a local file through
-``shared.weights.load_pretrained``), and ``num_classes=0``, which makes the classifier an identity: the
+``reidforge.shared.weights.load_pretrained``), and ``num_classes=0``, which makes the classifier an identity: the
 forward returns timm's own pooled feature, (N, ``num_features``) (``forward_head(pre_logits=True)``: the
 global pooling of a CNN, the class token or pooled tokens after the final norm of a ViT). Unlike the
 registered backbones it returns no feature map, so it is pooled by nothing further.
@@ -18,7 +18,7 @@ import timm
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from shared.config import ConfigError
+from reidforge.shared.config import ConfigError
 
 TIMM_PREFIX = "timm:"
 
