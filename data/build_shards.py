@@ -20,6 +20,7 @@ from reidforge.data.build import build_all, select_splits, summary
 from reidforge.data.shards import ShardError, WriteOptions, check_writable_dir, load_manifest, verify_split
 from reidforge.data.source import ADAPTERS, DatasetError
 from reidforge.shared.config import ConfigError
+from reidforge.shared.progress import progress_settings
 
 
 def _split_dirs(root: Path) -> list[Path]:
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--splits", help="comma-separated split names to build (default: all)")
         p.add_argument("--samples-per-shard", type=int, default=WriteOptions.samples_per_shard)
         p.add_argument("--workers", type=int, default=1, help="processes that encode samples (default 1)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
         if adapter.config_schema is not None:
             p.add_argument("--config", type=Path, help="YAML config with the fields to override")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print(summary([load_manifest(d) for d in dirs]))
             return 0
         check_writable_dir(args.out)  # before any work
+        progress_settings()  # a bad REIDFORGE_PROGRESS too
         sources = select_splits(adapter(args).sources(), args.splits.split(",") if args.splits else None)
         options = WriteOptions(samples_per_shard=args.samples_per_shard, workers=args.workers,
                                progress=not args.no_progress)

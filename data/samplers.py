@@ -3,6 +3,7 @@
 All three are batch samplers (``DataLoader(dataset, batch_sampler=sampler)``) over a map-style
 dataset addressed by sample index; they only need the label arrays. Indices whose pid is negative
 (outliers / un-clustered samples of pseudo labels) are never sampled.
+``EpochBatches`` makes epochs of a fixed number of batches of one of them, passes following passes.
 
 Semantics follow:
 
@@ -53,6 +54,7 @@ Deviations from the sources:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -399,3 +401,45 @@ class MultipleGallerySampler(PKSampler):
         flat = np.concatenate(passes)
         n_batches = len(flat) // size
         return flat[: n_batches * size].reshape(n_batches, size)
+
+
+class EpochBatches(torch.utils.data.Sampler[list[int]]):
+    """Exactly ``iters`` batches an epoch from a P x K sampler (``iters_per_epoch`` > 0 of the run config).
+
+    The epoch is the sampler's current one; its batches come first, and when they run out the sampler's
+    further passes follow, pass r of epoch e being the sampler's epoch ``e + r * PASS_STRIDE``: drawn
+    afresh, with batch keys (and so augmentation seeds) no other epoch or pass has. With ``iters`` up to
+    one pass the batches are the first ``iters`` of the epoch. ``set_epoch``, ``state_dict`` and resume
+    are the sampler's, at epoch boundaries.
+    """
+
+    PASS_STRIDE = 1 << 32
+
+    def __init__(self, sampler: PKSampler, iters: int) -> None:
+        super().__init__()
+        if iters < 1:
+            raise ValueError(f"iters (batches per epoch) must be >= 1, got {iters}")
+        self.sampler, self.iters = sampler, iters
+
+    def keyed(self) -> Iterator[tuple[tuple[int, int], list[int]]]:
+        """The epoch's batches with their keys ``(sampler epoch of the pass, global batch number)``."""
+        epoch, done = self.sampler.epoch, 0
+        for round_ in itertools.count():
+            if round_:
+                self.sampler.set_epoch(epoch + round_ * self.PASS_STRIDE)
+            before = done
+            for key, batch in self.sampler.keyed():
+                yield key, batch
+                done += 1
+                if done == self.iters:
+                    return
+            if round_ and done == before:  # a fresh pass without a batch (pass 0 may just be used up)
+                raise ValueError(f"epoch {epoch}: the sampler has no batch for this rank (world_size "
+                                 f"{self.sampler.world_size}), so no epoch of {self.iters} iterations can be drawn")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, batch in self.keyed():
+            yield batch
+
+    def __len__(self) -> int:
+        return self.iters

@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from reidforge.data.source import RecordSource
 from reidforge.shared.text import printable
 from reidforge.shared.io import atomic_open, atomic_write_json
+from reidforge.shared.progress import Progress
 
 SCHEMA_VERSION = 2  # 2: per-sample crc32 in the index, the index's sha256 in the manifest
 MANIFEST = "manifest.json"
@@ -163,13 +163,13 @@ def _screen(source: RecordSource, progress: bool) -> tuple[RecordSource, list[li
     if problem is None:
         return source, []
     keep, skipped = [], []
-    for i in tqdm(range(len(source)), desc=f"{source.dataset}: checking images", unit="img", disable=not progress,
-                  leave=False):
-        reason = problem(i)
-        if reason is None:
-            keep.append(i)
-        else:
-            skipped.append([str(source.meta(i).get("source", source.key(i))), reason])
+    with Progress(len(source), f"{source.dataset}: checking images", "check", unit="img", enabled=progress) as bar:
+        for i in bar.wrap(range(len(source))):
+            reason = problem(i)
+            if reason is None:
+                keep.append(i)
+            else:
+                skipped.append([str(source.meta(i).get("source", source.key(i))), reason])
     return (source if not skipped else _Kept(source, keep)), skipped
 
 
@@ -306,7 +306,7 @@ class _Encoder:
             self.pool.terminate()
 
 
-def _write_shard(path: Path, runs: Iterator[tuple[bytes, np.ndarray]], first: int, bar: tqdm
+def _write_shard(path: Path, runs: Iterator[tuple[bytes, np.ndarray]], first: int, bar: Progress
                  ) -> tuple[dict[str, Any], np.ndarray]:
     offsets: list[np.ndarray] = []
     try:
@@ -442,24 +442,23 @@ def _write_locked(source: RecordSource, split_dir: Path, split: str, relabel: bo
     shards: list[dict[str, Any]] = []
     offsets: list[np.ndarray] = []
     encoder = _Encoder(source, encoded, options.workers)
-    bar = tqdm(total=n, desc=f"{source.dataset}/{split}", unit="img", disable=not options.progress, leave=False)
     try:
-        for k, first in enumerate(range(0, n, size)):
-            name = shard_name(split, k)
-            last = min(first + size, n)
-            if name in done:
-                shards.append(done[name])
-                offsets.append(_scan_shard(split_dir / name, last - first))
-                bar.update(last - first)
-                continue
-            entry, rows = _write_shard(split_dir / name, encoder(_chunks(first, last, options.chunk)), first, bar)
-            shards.append(entry)
-            offsets.append(rows)
-            # Vouch for what is finished so far: a crash after this line never loses this shard.
-            _write_json(split_dir / MANIFEST, {**manifest, "shards": shards})
+        with Progress(n, f"{source.dataset}/{split}", "shards", unit="img", enabled=options.progress) as bar:
+            for k, first in enumerate(range(0, n, size)):
+                name = shard_name(split, k)
+                last = min(first + size, n)
+                if name in done:
+                    shards.append(done[name])
+                    offsets.append(_scan_shard(split_dir / name, last - first))
+                    bar.update(last - first)
+                    continue
+                entry, rows = _write_shard(split_dir / name, encoder(_chunks(first, last, options.chunk)), first, bar)
+                shards.append(entry)
+                offsets.append(rows)
+                # Vouch for what is finished so far: a crash after this line never loses this shard.
+                _write_json(split_dir / MANIFEST, {**manifest, "shards": shards})
     finally:
         encoder.close()
-        bar.close()
     # Only this split's own numbering beyond the new shard count: a smaller rebuild's leftovers.
     numbered = re.compile(re.escape(split) + r"-(\d{6})\.tar")
     for stale in split_dir.iterdir():

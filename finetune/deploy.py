@@ -34,6 +34,15 @@ input size, mean/std, and the notes to print), from:
 5. ``timm:<name>``: any timm architecture (``reidforge.shared.backbones.timm_any``), no classifier, random init
    (never downloaded), its weights from the file (a timm state dict), features timm's pooled output.
 
+Input size (``--input-size H W``, ``ModelSource.input_size``): forms 1-3 record the size they were trained
+at, which ``--input-size`` may repeat but not change (a model evaluated at another size is not the model
+the file describes: its BN statistics, MBR's position tensors; the ONNX and results metadata would then
+contradict the file). A foreign file records none: it runs at ``--input-size`` when given (a torchreid
+OSNet at 256x128, a FastReID model at 384x128), else at the model's own size (a registered model's
+``input_size``, 256x128 for a backbone, timm's config); a note says which. A given size is tried on a
+blank image first, so a size the model cannot take is one line before any image is read; timm
+architectures with a fixed size are built for it (``timm_any``).
+
 ``load_embedder`` opens a model as a numpy-in, numpy-out ``Embedder``: a ``.safetensors`` file (or a
 checkpoint directory) through ``load_model`` and ``FeaturePipeline`` in torch, a ``.onnx`` export through
 onnxruntime (the graph holds the preprocessing). Both take the same uint8 batches.
@@ -47,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +76,7 @@ from reidforge.finetune.engine import TrainConfig
 from reidforge.finetune.models import MODELS, build_model, class_keys, infer_num_classes, load_exact, load_exported_model
 from reidforge.finetune.models.base import BNNeckModel
 from reidforge.shared.backbones import BACKBONES, PooledBackbone, build_backbone
-from reidforge.shared.backbones.timm_any import TIMM_PREFIX, build_timm_pooled, timm_data_config
+from reidforge.shared.backbones.timm_any import TIMM_PREFIX, build_timm_pooled
 from reidforge.shared.checkpoint_layouts import head_candidates
 from reidforge.shared.config import ConfigError, load_config
 from reidforge.shared.heads import build_pooling
@@ -108,35 +118,66 @@ PARTIAL = "--allow-partial"
 POOLINGS = ("avg", "gem")  # reidforge.shared.heads.build_pooling
 
 
+def input_size_of(value: Any, flag: str = "input_size") -> tuple[int, int]:
+    """(height, width) from two positive whole numbers (ints, or their digits as the command line gives them);
+    anything else is a ``ConfigError`` naming ``flag``."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def whole(item: Any) -> int | None:
+        if isinstance(item, str):
+            return int(item) if item.strip().lstrip("+-").isdigit() else None
+        return int(item) if isinstance(item, numbers.Integral) and not isinstance(item, bool) else None
+
+    sizes = [whole(item) for item in items]
+    if len(sizes) != 2 or None in sizes or min(sizes) < 1:
+        shown = " ".join(str(item) for item in items)
+        raise ConfigError(f"{flag} {shown}: expected two positive integers, the height and width in pixels "
+                          "(e.g. 256 128)")
+    return sizes[0], sizes[1]
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """How to read a weights file: ``name`` None for our own files (they name their model), else the model of
-    a foreign file: a registered model, a registered backbone or ``timm:<architecture>``."""
+    a foreign file: a registered model, a registered backbone or ``timm:<architecture>``. ``input_size``
+    (height, width): the size a foreign file's model runs at (default: the model's own); our files record
+    theirs, which it may only repeat."""
 
     name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     allow_partial: bool = False
+    input_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", input_size_of(self.input_size))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--model-options`` and ``--allow-partial``: the model of a foreign ``--weights`` file."""
+    """``--model``, ``--model-options``, ``--allow-partial`` and ``--input-size``: the model of a foreign
+    ``--weights`` file."""
     parser.add_argument("--model", help="the model of a foreign checkpoint (torchreid, FastReID, ImageNet ...): a "
                         f"registered model, a registered backbone (pooled feature) or {TIMM_PREFIX}<architecture>; "
                         "our exports and training checkpoints name their own")
     parser.add_argument("--model-options", help='JSON object of the model\'s options, e.g. \'{"variant": "osnet_x0_25"}\'')
     parser.add_argument("--allow-partial", action="store_true",
                         help="accept a foreign file that leaves tensors the features need at their init")
+    # Read as text and checked by model_source, so a bad value is one line naming the flag, as for the others.
+    parser.add_argument("--input-size", nargs=2, metavar=("H", "W"),
+                        help="height and width a foreign file's model runs at (default: the model's own, e.g. "
+                             "256 128 for OSNet, 224 224 for most timm models); our files record theirs")
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
     """The :class:`ModelSource` of parsed :func:`add_model_arguments`; a bad combination is a ``ConfigError``."""
+    size = None if args.input_size is None else input_size_of(args.input_size, "--input-size")
     if args.model is None:
         given = [flag for flag, value in (("--model-options", args.model_options), (PARTIAL, args.allow_partial))
                  if value]
         if given:
             raise ConfigError(f"{given[0]} goes with --model (our exports and checkpoints load exactly, with their "
                               "own options)")
-        return ModelSource()
+        return ModelSource(input_size=size)
     options: Any = {}
     if args.model_options is not None:
         try:
@@ -145,7 +186,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
             raise ConfigError(f"--model-options {args.model_options!r}: not JSON ({e})") from None
         if not isinstance(options, dict):
             raise ConfigError(f"--model-options {args.model_options!r}: expected a JSON object")
-    return ModelSource(args.model, options, args.allow_partial)
+    return ModelSource(args.model, options, args.allow_partial, size)
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -174,11 +215,13 @@ def load_model(path: str | Path, source: ModelSource = ModelSource()) -> tuple[n
             if source.name is not None:
                 raise ConfigError(f"--model {source.name}: {file} is a reidforge {kind} export of "
                                   f"{meta.get('architecture')!r}, which names its own model: drop --model")
-            model, meta = _backbone_export(file, meta) if kind == "backbone" else _model_export(file)
+            _recorded_size(file, f"reidforge {kind} export", meta.get("input_size"), source.input_size)
+            model, meta = (_backbone_export(file, meta, source.input_size) if kind == "backbone"
+                           else _model_export(file))
         elif source.name is not None:
             model, meta = _foreign(file, source)
         else:
-            model, meta = _training_checkpoint(file)
+            model, meta = _training_checkpoint(file, source.input_size)
         model.eval()
     except (WeightsError, ConfigError):
         raise
@@ -195,13 +238,35 @@ def _meta(architecture: str, options: dict[str, Any], input_size: Sequence[int],
             "source": source, "notes": notes}
 
 
+def _recorded_size(file: Path, what: str, recorded: Sequence[int] | None, given: tuple[int, int] | None) -> None:
+    """Our files record the size they were trained at, part of the model as much as its weights (the BN
+    statistics, MBR's and LKA-ReID's position tensors): ``--input-size`` may repeat it, not change it."""
+    if given is not None and recorded is not None and tuple(int(v) for v in recorded) != given:
+        raise ConfigError(f"--input-size {given[0]} {given[1]}: {file} is a {what} trained at {recorded[0]} "
+                          f"{recorded[1]}, which it records: drop --input-size")
+
+
+def _runs_at(model: nn.Module, size: tuple[int, int], name: str) -> None:
+    """One forward pass of a blank image at ``size``, so that a size the model cannot take (a ViT's fixed
+    patch grid, MBR's position tensors, a map strided down to nothing) fails here, before any image is read."""
+    ids = {"camids": torch.zeros(1, dtype=torch.long), "viewids": torch.zeros(1, dtype=torch.long)}
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *size), **ids)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--input-size {size[0]} {size[1]}: {name} does not run at that size ({first})") from None
+
+
 def _model_export(file: Path) -> tuple[nn.Module, dict[str, Any]]:
     model, meta = load_exported_model(file)
     return model, {**meta, "source": "reidforge model export", "notes": []}
 
 
-def _backbone_export(file: Path, meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    """A pre-training backbone export: the backbone (exact) and the run's pooling."""
+def _backbone_export(file: Path, meta: dict[str, Any], input_size: tuple[int, int] | None
+                     ) -> tuple[nn.Module, dict[str, Any]]:
+    """A pre-training backbone export: the backbone (exact) and the run's pooling, at the input size it records
+    (an export without one: ``input_size``, else the default crop)."""
     if "architecture" not in meta:
         raise WeightsError(f"{file}: a backbone export whose metadata names no architecture")
     options = meta.get("options", {})
@@ -210,7 +275,8 @@ def _backbone_export(file: Path, meta: dict[str, Any]) -> tuple[nn.Module, dict[
                                                        f"{meta['architecture']!r}")
     config = file.parent / RUN_CONFIG
     pooling, origin = meta.get("pooling"), "its metadata"
-    if pooling is None:  # exports written before the pooling was recorded: the run's config beside the file
+    if pooling is None:  # exports written before the pooling was recorded: the run's config beside the file,
+        # whose key was still encoder.pooling (model.pooling in runs since, whose exports record it)
         pooling = _read_yaml(config).get("encoder", {}).get("pooling") if config.is_file() else None
         origin = f"encoder.pooling of {config}" if pooling else f"SpCL's default: no {RUN_CONFIG} beside it names one"
     if (pooling or "avg") not in POOLINGS:
@@ -226,7 +292,7 @@ def _backbone_export(file: Path, meta: dict[str, Any]) -> tuple[nn.Module, dict[
                          "(its init)")
     model = PooledBackbone(backbone, pool, backbone.out_channels)
     t = TransformConfig()
-    return model, _meta(meta["architecture"], options, meta.get("input_size", [t.height, t.width]),
+    return model, _meta(meta["architecture"], options, meta.get("input_size", input_size or [t.height, t.width]),
                         meta.get("mean", t.mean), meta.get("std", t.std), model.feature_dim,
                         "reidforge backbone export", notes)
 
@@ -239,7 +305,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _training_checkpoint(file: Path) -> tuple[nn.Module, dict[str, Any]]:
+def _training_checkpoint(file: Path, input_size: tuple[int, int] | None) -> tuple[nn.Module, dict[str, Any]]:
     """``<run>/checkpoints/epoch-N/model.safetensors`` with the run's config.yaml: loaded exactly."""
     config = next((p / RUN_CONFIG for p in list(file.parents)[:3] if (p / RUN_CONFIG).is_file()), None)
     if file.suffix != ".safetensors" or config is None:
@@ -249,12 +315,13 @@ def _training_checkpoint(file: Path) -> tuple[nn.Module, dict[str, Any]]:
         cfg = load_config(TrainConfig, config)
     except ConfigError as e:
         raise ConfigError(f"{config}: not a fine-tuning run's config, which {file} needs ({e})") from None
+    t = cfg.data.transform
+    _recorded_size(file, f"reidforge training checkpoint (its {config})", (t.height, t.width), input_size)
     name, options = cfg.model.name, dict(cfg.model.options)
     tensors = read_checkpoint(file).tensors
     num_classes = infer_num_classes(class_keys(name, **options), {k: tuple(v.shape) for k, v in tensors.items()})
     model = build_model(name, num_classes, **options)
     load_exact(model, tensors, f"{file}: does not match {name!r} with options {options} of {config}")
-    t = cfg.data.transform
     note = f"{file}: training checkpoint of {name} ({num_classes} classes), config {config}"
     return model, _meta(name, options, [t.height, t.width], t.mean, t.std, model.feature_dim,
                         "reidforge training checkpoint", [note])
@@ -265,11 +332,12 @@ def _foreign(file: Path, source: ModelSource) -> tuple[nn.Module, dict[str, Any]
     name, options = source.name, dict(source.options)
     t = TransformConfig()
     size, mean, std = (t.height, t.width), t.mean, t.std
+    origin = "the default person crop"
     classes: dict[str, tuple[int, int]] = {}
     if name.startswith(TIMM_PREFIX):
-        network = build_timm_pooled(name[len(TIMM_PREFIX):], **options)
-        model: nn.Module = PooledBackbone(network, nn.Identity(), network.num_features)
-        size, mean, std = timm_data_config(network)
+        model: nn.Module = build_timm_pooled(name[len(TIMM_PREFIX):], source.input_size, **options)
+        size, mean, std, options = model.input_size, model.mean, model.std, dict(model.options)
+        origin = "its img_size option" if "img_size" in source.options else "its timm config"
         what = "timm's pooled output (num_classes=0)"
     elif name in MODELS:
         classes = class_keys(name, **options)
@@ -278,7 +346,7 @@ def _foreign(file: Path, source: ModelSource) -> tuple[nn.Module, dict[str, Any]
         theirs = {**{k: k for k in classes}, **head_candidates(list(shapes), shapes)}
         model = build_model(name, infer_num_classes(classes, {k: shapes[f] for k, f in theirs.items()
                                                               if k in classes and f in shapes}), **options)
-        size = model.input_size
+        size, origin = model.input_size, f"{name}'s own"
         what = f"{name}'s own eval feature"
     elif name in BACKBONES:
         pooling = options.pop("pooling", "avg")
@@ -291,7 +359,22 @@ def _foreign(file: Path, source: ModelSource) -> tuple[nn.Module, dict[str, Any]
     else:
         raise ConfigError(f"--model {name!r}: not a registered model ({', '.join(MODELS.names())}), backbone "
                           f"({', '.join(BACKBONES.names())}) or {TIMM_PREFIX}<timm architecture>")
-    report = load_pretrained(model, file, source.allow_partial, partial_option=PARTIAL)
+    built_for_size = "img_size" in options and "img_size" not in source.options  # by build_timm_pooled
+    if source.input_size is not None:
+        size, origin = source.input_size, "--input-size"
+        if built_for_size:
+            origin += ", the architecture built for it with timm's img_size"
+        _runs_at(model, size, name)
+    else:
+        origin += "; --input-size H W gives the size the file was trained at"
+    try:
+        report = load_pretrained(model, file, source.allow_partial, partial_option=PARTIAL)
+    except WeightsError as e:
+        if built_for_size:
+            raise WeightsError(f"{e} (the architecture was built for --input-size {size[0]} {size[1]} with timm's "
+                               "img_size: a file trained at another size needs that size, or --model-options "
+                               '\'{"dynamic_img_size": true}\' to resample its position embedding)') from None
+        raise
     notes = [report.line()]
     trunk = model.trunk_keys()
     needed = [k for k in model.state_dict() if k not in trunk and k not in classes
@@ -308,6 +391,7 @@ def _foreign(file: Path, source: ModelSource) -> tuple[nn.Module, dict[str, Any]
     elif missing:
         what += f", with {len(missing)} head tensors at their init ({PARTIAL}: first {missing[0]})"
     notes.append(f"features: {what}")
+    notes.append(f"input size {size[0]}x{size[1]} ({origin})")
     return model, _meta(name, options, size, mean, std, model.feature_dim, "foreign checkpoint", notes)
 
 
@@ -382,7 +466,9 @@ def load_embedder(path: str | Path, device: torch.device | str = "cpu", source: 
             raise ConfigError(f"--model {source.name}: {path} is an ONNX export, which holds its own model")
         if not path.is_file():
             raise WeightsError(f"{path}: no such file")
-        return OnnxEmbedder(path, ["CPUExecutionProvider"] if torch.device(device).type == "cpu" else None)
+        embedder = OnnxEmbedder(path, ["CPUExecutionProvider"] if torch.device(device).type == "cpu" else None)
+        _recorded_size(path, "reidforge ONNX export", embedder.input_size, source.input_size)
+        return embedder
     pipeline, meta = load_pipeline(path, source)
     for line in meta["notes"]:
         note(f"note: {line}")

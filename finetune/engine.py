@@ -28,6 +28,8 @@ import itertools
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,30 +37,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from reidforge.data.config import DataConfig
 from reidforge.data.draws import SeededBatches, SeededDraws
 from reidforge.data.readers import ConcatShards, IndexedShards, Problem, SampleTally, collate
-from reidforge.data.samplers import CameraAwarePKSampler, PKSampler
+from reidforge.data.samplers import CameraAwarePKSampler, EpochBatches, PKSampler
 from reidforge.data.shards import load_manifest
-from reidforge.data.transforms import Normalize, TransformConfig, build_transforms
+from reidforge.data.transforms import Normalize, build_transforms
 from reidforge.finetune.losses import Criterion, LossConfig
 from reidforge.finetune.models import build_model
 from reidforge.finetune.models.base import ReIDModel
-from reidforge.finetune.optim import (OptimConfig, TrunkFreeze, build_center_optimizer, build_optimizer, build_scheduler,
-                            check_schedule, freeze_iterations)
+from reidforge.finetune.optim import (TrainOptimConfig, TrunkFreeze, build_center_optimizer, freeze_iterations,
+                                      freeze_lr_factor)
 from reidforge.finetune.protocols import (draw_features, embed_split, eval_splits, has_labels, lai_keep, ranked_picture,
                                 write_submission)
 from reidforge.shared.checkpoints import Checkpoints
 from reidforge.shared.config import ConfigError, bounded, choice, save_config
 from reidforge.shared.io import atomic_write_json
+from reidforge.shared.optim import build_optimizer, build_scheduler, check_schedule, clip_gradients
+from reidforge.shared.progress import RunProgress
 from reidforge.shared.retrieval import distance_matrix, evaluate, evaluate_draws
+from reidforge.shared.run_config import ModelConfig, RunConfig
 from reidforge.shared.rundir import claim_run_dir
 from reidforge.shared.runlog import log_to
 from reidforge.shared.table import Percent, format_table
-from reidforge.shared.tensorboard import (TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams,
+from reidforge.shared.tensorboard import (TrainScalars, write_config_text, write_embedding, write_hparams,
                                 write_picture)
 from reidforge.shared.visualize import cmc_curve
 from reidforge.shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
@@ -68,48 +73,22 @@ TB_QUERIES, TB_TOP_K = 4, 8  # the ranked-list picture written to TensorBoard at
 
 
 @dataclass
-class ModelConfig:
-    name: str = "bot_resnet50"
-    options: dict[str, Any] = field(default_factory=dict)
-    # A local pretrained file, its layout detected by structure (shared/weights.py: torchvision, timm, Cadene,
-    # IBN-Net, torchreid, FastReID, DM-OSNet authors', our exports); "" = random init.
-    weights: str = ""
-    allow_partial: bool = False  # accept a file that leaves some trunk tensors at their init
-
-
-@dataclass
-class DataConfig:
-    train: list[str] = field(default_factory=lambda: ["runs/demo/shards/synthetic_person/train"])
-    query: str = "runs/demo/shards/synthetic_person/query"
-    gallery: str = "runs/demo/shards/synthetic_person/gallery"
+class TrainDataConfig(DataConfig):
     # The validation pair that alone chooses model_best ("" = none: model_final only), e.g. CityFlow's
     # 100-id carve-out (FNC paper Table 1) or ids held out of train; same eval_protocol as query/gallery.
     val_query: str = ""
     val_gallery: str = ""
-    sampler: str = choice("pk", "camera_aware")
-    p: int = bounded(16, 1)
-    k: int = bounded(4, 1)
-    workers: int = bounded(2, 0)
-    test_batch_size: int = bounded(128, 1)
-    max_bad_fraction: float = bounded(0.01, 0, 1)
-    transform: TransformConfig = field(default_factory=TransformConfig)
+    sampler: str = choice("pk", "camera_aware")  # torchreid's RandomIdentitySampler, or one camera-diverse group per id
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     run_name: str = "finetune"
-    output_dir: str = "runs"
-    seed: int = 0
-    epochs: int = bounded(120, 0)
-    eval_every: int = bounded(10, 1)
-    checkpoint_every: int = bounded(1, 1)
-    keep_checkpoints: int = bounded(2, 1)
     # Trunk frozen for the first iterations (FastReID SOLVER.FREEZE_ITERS) or epochs (MBR's
     # epoch_freeze_L1toL3); at most one non-zero; optim.freeze_mode says how (finetune/optim.py).
     freeze_backbone_iters: int = bounded(0, 0)
     freeze_backbone_epochs: float = bounded(0.0, 0)
-    amp: str = choice("no", "bf16", "fp16")
-    flip_test: bool = False
+    flip_test: bool = False  # evaluation adds the horizontally flipped image's feature (evaluate.py --flip-test)
     # market: one query/gallery pair; vehicleid: data.query/gallery are patterns such as
     # shards/vehicleid/query_{d}, every draw d = 0, 1, ... of the build is ranked and the metrics averaged.
     eval_protocol: str = choice("market", "vehicleid")
@@ -118,11 +97,9 @@ class TrainConfig:
     rerank_k2: int = bounded(6, 1)
     rerank_lambda: float = bounded(0.3, 0, 1)
     distance: str = choice("cosine", "euclidean")
-    max_iters_per_epoch: int = bounded(0, 0)  # 0 = every P×K batch of the epoch; > 0 caps it (tiny and smoke runs)
-    log_every: int = bounded(20, 1)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="bot_resnet50"))
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -162,8 +139,10 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self._check_inputs()
         cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg.amp if cuda else "no",
-                                       log_with="tensorboard", project_dir=str(self.run_dir))
+        self.accelerator = Accelerator(
+            cpu=not cuda, mixed_precision=cfg.amp if cuda else "no", log_with="tensorboard",
+            project_dir=str(self.run_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
         acc = self.accelerator
         if cfg.amp != "no" and not cuda:
             acc.print(f"amp={cfg.amp} needs a GPU; training in float32 on the CPU")
@@ -195,12 +174,12 @@ class Trainer:
                                    rank=acc.process_index, world_size=acc.num_processes)
         # Each image's augmentation is seeded by (seed, epoch, batch, position) (data/draws.py), and the loader's
         # own generator keeps its worker seeds off the global RNG: any worker count resumes bit for bit.
-        self.loader = DataLoader(SeededDraws(self.train_set), batch_sampler=SeededBatches(self.sampler, cfg.seed),
+        # iters_per_epoch > 0: exactly that many batches an epoch, from further passes when one is shorter.
+        batches = EpochBatches(self.sampler, cfg.iters_per_epoch) if cfg.iters_per_epoch > 0 else self.sampler
+        self.loader = DataLoader(SeededDraws(self.train_set), batch_sampler=SeededBatches(batches, cfg.seed),
                                  num_workers=d.workers, collate_fn=collate, persistent_workers=d.workers > 0,
                                  generator=torch.Generator().manual_seed(cfg.seed))
-        self.iters_per_epoch = len(self.sampler)
-        if cfg.max_iters_per_epoch > 0:
-            self.iters_per_epoch = min(self.iters_per_epoch, cfg.max_iters_per_epoch)
+        self.iters_per_epoch = len(batches)
         freeze_iters = freeze_iterations(cfg.freeze_backbone_iters, cfg.freeze_backbone_epochs, self.iters_per_epoch)
         check_schedule(cfg.optim, cfg.epochs)
 
@@ -225,7 +204,8 @@ class Trainer:
             # accelerate updates the fp16 GradScaler after each optimiser's step, so the second optimiser's
             # gradients would be unscaled with a scale the first one's step may already have changed.
             raise ConfigError("optim.center_lr > 0 needs amp=no or amp=bf16, not fp16")
-        self.scheduler = build_scheduler(optimizer, cfg.optim, self.iters_per_epoch, cfg.epochs, freeze_iters)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.iters_per_epoch, cfg.epochs,
+                                         partial(freeze_lr_factor, freeze_iters=freeze_iters))
         if center_optimizer is None:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         else:  # prepared too, so that checkpoints save and restore its state with the main optimiser's
@@ -269,21 +249,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
-        tally = SampleTally(len(self.train_set), cfg.data.max_bad_fraction,
-                            "training")
-        for epoch in range(self.state["epoch"], cfg.epochs):
-            self.sampler.set_epoch(epoch)
-            self._train_epoch(epoch, tally)
-            self.state["epoch"] = epoch + 1
-            last = epoch + 1 == cfg.epochs
-            if (epoch + 1) % cfg.eval_every == 0 or last:
-                self._evaluate(epoch + 1)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or last:
-                self.state["sampler"] = self.sampler.state_dict()
-                self.state["scheduler"] = self.scheduler.state_dict()
-                self.checkpoints.save(acc, epoch + 1, self.state, {"criterion": self.criterion.state_dict()})
+        # One display for the whole run, from the resumed epoch on (reidforge.shared.progress).
+        with RunProgress(cfg.epochs, self.iters_per_epoch, self.state["epoch"],
+                         enabled=acc.is_main_process) as progress:
+            tally = self._epochs(progress)
+            progress.set_phase("export")
+            if acc.is_main_process:
+                self._export("model_final.safetensors")
         if acc.is_main_process:
-            self._export("model_final.safetensors")
             acc.print(tally.summary())
             acc.print(self.results_table())
             acc.print(f"run directory: {self.run_dir}")
@@ -291,21 +264,41 @@ class Trainer:
         acc.end_training()
         return self.state
 
+    def _epochs(self, progress: RunProgress) -> SampleTally:
+        """Train, evaluate and checkpoint every epoch left; the tally of the training samples lost."""
+        cfg, acc = self.cfg, self.accelerator
+        tally = SampleTally(len(self.train_set), cfg.data.max_bad_fraction,
+                            "training")
+        for epoch in range(self.state["epoch"], cfg.epochs):
+            self.sampler.set_epoch(epoch)
+            self._train_epoch(epoch, tally, progress)
+            self.state["epoch"] = epoch + 1
+            last = epoch + 1 == cfg.epochs
+            if (epoch + 1) % cfg.eval_every == 0 or last:
+                progress.set_phase("eval")
+                self._evaluate(epoch + 1)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+                progress.set_phase("checkpoint")
+                self.state["sampler"] = self.sampler.state_dict()
+                self.state["scheduler"] = self.scheduler.state_dict()
+                self.checkpoints.save(acc, epoch + 1, self.state, {"criterion": self.criterion.state_dict()})
+        return tally
+
     def _final_metrics(self) -> dict[str, float]:
         """The last evaluation's mAP and R1 per split, by their scalar tags (``test/mAP``, ``val/R1``, ...)."""
         return {f"{row['split']}/{k}": row[k] for row in self.state["history"]
                 if row["epoch"] == self.state["epoch"] for k in ("mAP", "R1") if k in row}
 
-    def _train_epoch(self, epoch: int, tally: SampleTally) -> None:
+    def _train_epoch(self, epoch: int, tally: SampleTally, progress: RunProgress) -> None:
         acc, model = self.accelerator, self.model
         model.train()
         batches = itertools.islice(tally.wrap(self.loader), self.iters_per_epoch)
-        bar = tqdm(batches, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-                   disable=not acc.is_local_main_process, leave=False)
+        progress.start_epoch(epoch)
+        progress.set_phase("train")
         if self.train_dropped and self.state["iteration"] == 0:
             acc.log({"data/train_images_dropped": self.train_dropped}, step=0)
         self.scalars.start_epoch()
-        for batch in self.scalars.timed(bar):
+        for batch in self.scalars.timed(batches):
             self.freeze.set_mode(self.state["iteration"])
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
             pids = batch["pid"].to(acc.device)
@@ -318,10 +311,7 @@ class Trainer:
             acc.backward(loss)
             self._average_criterion_grads()
             self.freeze.drop_grads(self.state["iteration"])
-            if self.cfg.optim.clip_grad_norm > 0:
-                norm = acc.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
-            else:
-                norm = grad_norm(acc, model.parameters())
+            norm = clip_gradients(acc, model.parameters(), self.cfg.optim)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step applies
             accuracy = self._train_accuracy(outputs, pids)
             self.optimizer.step()
@@ -329,11 +319,12 @@ class Trainer:
                 self.center_optimizer.step()
             self.scheduler.step()
             self.state["iteration"] += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            progress.step(loss.item())
             self.scalars.step(self.state["iteration"], {
                 "lr": lr, "loss": loss, "grad_norm": norm, **({"accuracy": accuracy} if accuracy is not None else {}),
                 **{f"loss/{k}": self.term_weights[k] * v for k, v in values.items()}})
         self.scalars.end_epoch(epoch + 1)
+        progress.end_epoch()
 
     @torch.no_grad()
     def _train_accuracy(self, outputs: dict[str, torch.Tensor], pids: torch.Tensor) -> torch.Tensor | None:

@@ -2,7 +2,7 @@
 
     python finetune/evaluate.py --weights runs/bot_tiny/model_final.safetensors \
         --query runs/demo/shards/synthetic_person/query --gallery runs/demo/shards/synthetic_person/gallery \
-        [--flip] [--rerank [--rerank-k1 20 --rerank-k2 6 --rerank-lambda 0.3]] [--ap standard|trapezoid] \
+        [--flip-test] [--rerank [--rerank-k1 20 --rerank-k2 6 --rerank-lambda 0.3]] [--ap standard|trapezoid] \
         [--pictures ranked,cmc,gradcam] [--device cuda|cpu] [--out DIR] [--save-features FILE]
     python finetune/evaluate.py --weights W --protocol vehicleid \
         --query shards/vehicleid/query_{d} --gallery shards/vehicleid/gallery_{d}
@@ -12,7 +12,8 @@
 ``--weights``: our export (``model_*.safetensors``, ``backbone_*.safetensors``), a training checkpoint
 (``<run>/checkpoints/epoch-N/model.safetensors`` or its directory), or a foreign checkpoint (torchreid,
 FastReID, the DM-OSNet authors', SpCL, ImageNet, timm) with ``--model NAME [--model-options JSON]
-[--allow-partial]``: ``reidforge.finetune.deploy.load_model`` says how each is read and which feature it gives.
+[--allow-partial] [--input-size H W]``: ``reidforge.finetune.deploy.load_model`` says how each is read, at
+which input size, and which feature it gives.
 
 Protocols: ``market`` (default) ranks one query/gallery pair (Market-1501 rules: same identity and
 camera is junk). ``vehicleid`` ranks every draw of a VehicleID build (``{d}`` = 0, 1, ... for as long
@@ -21,7 +22,10 @@ per-draw mAP and CMC; each test image is embedded once, whatever the number of d
 
 Writes ``results.md`` and ``results.json`` (mAP, mINP, CMC) to ``--out`` (default: beside the weights),
 and the requested pictures (of the first draw under ``vehicleid``): ``ranked.png`` (query + top-k,
-green = same identity, red = another, grey = junk), ``cmc.png`` and ``gradcam.png``.
+green = same identity, red = another, grey = junk), ``cmc.png`` and ``gradcam.png`` (at the last feature
+map before the pooling, named in the title: the model's ``cam_layer``; a timm ViT's tokens entering its
+last block, laid out on the patch grid; a model without such a map gets a note instead of a picture).
+``results.json`` records the input size the images were resized to.
 
 A query or gallery split without identity labels (CityFlow-ReID's challenge_query/challenge_gallery:
 the AI City Challenge withholds them) has no metrics; it is ranked into ``track2.txt``, the track-2
@@ -33,10 +37,11 @@ Re-ranking: ``--rerank`` with k1/k2/lambda (defaults 20/6/0.3, Zhong et al. CVPR
 Runs on the GPU when there is one (``--device``).
 
 ``--save-features FILE`` (``market`` protocol) writes the ranked features as safetensors: tensors
-``query_features``/``gallery_features`` (float32, N x D, after ``--flip`` when given), ``query_pids``,
+``query_features``/``gallery_features`` (float32, N x D, after ``--flip-test`` when given), ``query_pids``,
 ``gallery_pids``, ``query_camids``, ``gallery_camids`` (int64); header metadata ``query_keys`` and
 ``gallery_keys`` (JSON lists of the samples' shard keys, row order) and ``settings`` (JSON: weights,
-model, splits, flip). :func:`evaluate_features` ranks such a file into the metrics the command reports.
+model, options, input size, splits, flip). :func:`evaluate_features` ranks such a file into the metrics the
+command reports.
 """
 
 from __future__ import annotations
@@ -51,14 +56,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reidforge.data.readers import split_keys
+from reidforge.data.config import DataConfig
 from reidforge.data.shards import ShardError
 from reidforge.data.transforms import Normalize, TransformConfig
-from reidforge.finetune.engine import DataConfig
 from reidforge.finetune.deploy import add_model_arguments, load_model, model_source
 from reidforge.finetune.protocols import draw_features, embed_split, eval_splits, has_labels, ranked_picture, write_submission
+from reidforge.shared.backbones import NoFeatureMap
 from reidforge.shared.config import ConfigError
 from reidforge.shared.io import atomic_write_json
 from reidforge.shared.metrics import AP_FLAVOURS, rank_metrics
+from reidforge.shared.progress import progress_options, progress_settings
 from reidforge.shared.retrieval import distance_matrix, evaluate_draws
 from reidforge.shared.table import Percent, format_table
 from reidforge.shared.visualize import cam_overlay, cmc_curve, grad_cam, layer_name
@@ -89,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gallery", required=True, help="gallery split directory (vehicleid: a pattern with {d})")
     parser.add_argument("--protocol", choices=("market", "vehicleid"), default="market",
                         help="market: one query/gallery pair; vehicleid: every draw, averaged")
-    parser.add_argument("--flip", action="store_true", help="add the flipped image's feature")
+    parser.add_argument("--flip-test", "--flip", dest="flip", action="store_true",
+                        help="add the flipped image's feature, as training's flip_test does (--flip is accepted too)")
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking with the k1/k2/lambda below")
     parser.add_argument("--rerank-k1", type=int, default=20, help="k1 (default 20; FNC: 75)")
     parser.add_argument("--rerank-k2", type=int, default=6, help="k2 (default 6; FNC: 10)")
@@ -104,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="default: cuda when present, else cpu")
     parser.add_argument("--out", type=Path, help="output directory (default: the weights' directory)")
     parser.add_argument("--save-features", type=Path, help="write the query/gallery features here (.safetensors)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     return parser
 
 
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rerank-k1 and --rerank-k2 must be >= 1 and --rerank-lambda in [0, 1], got {rerank}")
     try:
         device = _device(args.device)
+        progress_settings()  # a bad REIDFORGE_PROGRESS stops here, before any model loads
         pairs = eval_splits(args.protocol, args.query, args.gallery)
         labelled = has_labels(pairs[0])
         if pictures and not labelled:
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def embed(path: str) -> tuple:
             if path not in embedded:
-                embedded[path] = embed_split(model, path, data, normalize, device, args.flip)
+                with progress_options(not args.no_progress):
+                    embedded[path] = embed_split(model, path, data, normalize, device, args.flip)
             return embedded[path]
 
         out = args.out or Path(meta["file"]).parent
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_features is not None:
             save_features(args.save_features, (qf, qi, query), (gf, gi, gallery),
                           {"weights": str(args.weights), "model": meta["architecture"], "options": meta["options"],
-                           "query": pairs[0][0], "gallery": pairs[0][1], "flip": args.flip})
+                           "input_size": meta["input_size"], "query": pairs[0][0], "gallery": pairs[0][1],
+                           "flip": args.flip})
         if not labelled:
             path = write_submission(out / "track2.txt", qf, qi, query, gf, gi, gallery, args.distance, rerank,
                                     SUBMISSION_TOP)
@@ -162,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"weights": str(args.weights), "query": args.query, "gallery": args.gallery,
                 "protocol": args.protocol, "flip": args.flip, "ap": args.ap, "distance": args.distance,
                 "rerank": dict(zip(("k1", "k2", "lambda"), rerank)) if rerank else None, "device": str(device),
-                "model": meta["architecture"], "model_source": meta["source"]}
+                "model": meta["architecture"], "model_source": meta["source"], "input_size": meta["input_size"]}
     if not labelled:
         atomic_write_json(out / "results.json", {**settings, "submission": str(path), "queries": len(qi),
                                                  "gallery": len(gi), "top": SUBMISSION_TOP})
@@ -213,10 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         batch = normalize(torch.stack([s["image"] for s in samples]).to(device))
         meta_ids = {"camids": torch.tensor([s["camid"] for s in samples], device=device),
                     "viewids": torch.tensor([max(s["viewid"], 0) for s in samples], device=device)}
-        layer = model.cam_layer()
-        maps = grad_cam(model, layer, batch, **meta_ids).cpu()
-        cam_overlay([s["image"].permute(1, 2, 0).numpy() for s in samples], maps, out / "gradcam.png",
-                    layer=layer_name(model, layer))
+        try:
+            layer = model.cam_layer()
+        except NoFeatureMap as e:
+            print(f"note: no gradcam.png: {e}")
+        else:
+            # token layers (a timm ViT's) say how they lay out as a map
+            maps = grad_cam(model, layer, batch, getattr(model, "cam_reshape", None), **meta_ids).cpu()
+            cam_overlay([s["image"].permute(1, 2, 0).numpy() for s in samples], maps, out / "gradcam.png",
+                        layer=layer_name(model, layer))
     print(table)
     print(f"results and pictures in {out}")
     return 0

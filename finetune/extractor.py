@@ -26,6 +26,7 @@ from reidforge.data.readers import MAX_IMAGE_PIXELS, decode
 from reidforge.data.transforms import TransformConfig, build_transforms
 from reidforge.finetune.deploy import Embedder, ModelSource, load_embedder
 from reidforge.shared.config import ConfigError
+from reidforge.shared.progress import Progress
 from reidforge.shared.text import printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -60,9 +61,11 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
-def embed_images(embedder: Embedder, paths: Sequence[Path], batch_size: int,
-                 warn: Callable[[str], None]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """L2-normalised float32 features of the readable images, their positions in ``paths``, the skipped ones."""
+def embed_images(embedder: Embedder, paths: Sequence[Path], batch_size: int, warn: Callable[[str], None],
+                 desc: str = "embedding images", progress: bool = True
+                 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """L2-normalised float32 features of the readable images, their positions in ``paths``, the skipped ones;
+    a progress bar ``desc`` unless ``progress`` is False."""
     h, w = embedder.input_size
     resize = build_transforms(TransformConfig(height=h, width=w), train=False)
     feats: list[np.ndarray] = []
@@ -75,22 +78,23 @@ def embed_images(embedder: Embedder, paths: Sequence[Path], batch_size: int,
         feats.append(embedder(np.stack(batch), ids))
         batch.clear()
 
-    for i, path in enumerate(paths):
-        try:
-            image = read_image(path)
-        except (OSError, ValueError) as e:
-            # PIL's message for a file it does not recognise repeats the path, which the warning names already.
-            reason = ("not an image PIL can decode" if isinstance(e, UnidentifiedImageError)
-                      else str(e).splitlines()[0] if str(e) else type(e).__name__)
-            warn(f"warning: {printable(str(path))}: unreadable image, skipped ({reason})")
-            skipped.append((i, reason))
-            continue
-        batch.append(resize(torch.from_numpy(image)).numpy())
-        kept.append(i)
-        if len(batch) == batch_size:
+    with Progress(len(paths), desc, "extract", unit="img", enabled=progress) as bar:
+        for i, path in bar.wrap(enumerate(paths)):
+            try:
+                image = read_image(path)
+            except (OSError, ValueError) as e:
+                # PIL's message for a file it does not recognise repeats the path, which the warning names already.
+                reason = ("not an image PIL can decode" if isinstance(e, UnidentifiedImageError)
+                          else str(e).splitlines()[0] if str(e) else type(e).__name__)
+                warn(f"warning: {printable(str(path))}: unreadable image, skipped ({reason})")
+                skipped.append((i, reason))
+                continue
+            batch.append(resize(torch.from_numpy(image)).numpy())
+            kept.append(i)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
     if not feats:
         return np.zeros((0, 0), dtype=np.float32), kept, skipped
     x = np.concatenate(feats).astype(np.float32)
@@ -111,20 +115,22 @@ class FeatureExtractor:
     """``FeatureExtractor(model_path)(images)``: L2-normalised float32 features, one row per image.
 
     ``images`` is a folder (its images found recursively, in sorted path order), one image file, or a list
-    of image files (rows in list order). ``model``, ``model_options`` and ``allow_partial`` say how to read
-    a foreign checkpoint, as ``--model``, ``--model-options`` and ``--allow-partial`` do on the command
-    line. ``device`` defaults to CUDA when there is one. An image that cannot be decoded is an error naming
-    it (rows never silently go missing); ``paths`` of the last call lists the images in row order.
+    of image files (rows in list order). ``model``, ``model_options``, ``allow_partial`` and ``input_size``
+    ((height, width)) say how to read a foreign checkpoint, as ``--model``, ``--model-options``,
+    ``--allow-partial`` and ``--input-size`` do on the command line. ``device`` defaults to CUDA when there
+    is one. An image that cannot be decoded is an error naming it (rows never silently go missing);
+    ``paths`` of the last call lists the images in row order.
     """
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None, batch_size: int = 32,
                  model: str | None = None, model_options: dict[str, Any] | None = None,
-                 allow_partial: bool = False, note: Callable[[str], None] = print):
+                 allow_partial: bool = False, input_size: Sequence[int] | None = None,
+                 note: Callable[[str], None] = print):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        source = ModelSource(model, dict(model_options or {}), allow_partial, input_size)
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.embedder: Embedder = load_embedder(model_path, device, ModelSource(model, dict(model_options or {}),
-                                                                                allow_partial), note)
+        self.embedder: Embedder = load_embedder(model_path, device, source, note)
         self.batch_size = batch_size
         self.paths: list[Path] = []
 

@@ -1,25 +1,5 @@
-"""Optimisers and learning-rate schedules of the seed recipes.
+"""Fine-tuning's additions to the optimiser block (``reidforge.shared.optim``): trunk freeze and BoT's centres.
 
-- Optimisers: Adam, AdamW, SGD (momentum, optional Nesterov), RMSprop, and Ranger = RAdam inside
-  Lookahead (k = 6, α = 0.5; Wright 2019, as the FNC paper §4.2 trains) built from torch's RAdam and
-  timm's Lookahead.
-- Schedule (per iteration, so a warm-up is smooth even over few epochs): linear warm-up from
-  ``warmup_factor`` x lr to lr over ``warmup_epochs``, then either ×``gamma`` at each epoch in
-  ``milestones`` (BoT: ×0.1 at 40 and 70) or a cosine decay to ``min_lr_factor`` x lr at the end.
-- Delayed cosine (``delay_epochs`` > 0): FastReID's ``SOLVER.DELAY_EPOCHS`` with ``SCHED:
-  CosineAnnealingLR``, as ``fastreid/solver/build.py`` (``build_lr_scheduler``) and
-  ``fastreid/engine/hooks.py`` (``LRScheduler``) run it. The warm-up (``WarmupLR``, linear,
-  ``WARMUP_FACTOR``) steps after every iteration, ending at the base lr; torch's ``CosineAnnealingLR``
-  steps once per epoch, in ``after_epoch``, only once ``next_iter > WARMUP_ITERS`` and ``epoch + 1 >
-  DELAY_EPOCHS``, with ``T_max = MAX_EPOCH - max(ceil(WARMUP_ITERS / iters_per_epoch), DELAY_EPOCHS)``
-  and ``eta_min = ETA_MIN_LR``. So 0-based epoch e trains at
-  ``eta_min + (lr - eta_min) (1 + cos(pi k / T_max)) / 2`` with ``k = max(0, e - s)``,
-  ``s = max(floor(delay), ceil(warmup) - 1)`` (warm-up and delay in epochs here), constant within the
-  epoch. Base-SBS (``configs/Base-SBS.yml``: 60 epochs, ``DELAY_EPOCHS: 30``, ``WARMUP_ITERS: 2000``,
-  ``WARMUP_FACTOR: 0.1``, ``ETA_MIN_LR: 7e-7``) on Market (202 iterations an epoch) holds 3.5e-4 from
-  iteration 2000 to the end of epoch 30 and ends at k = 29 of T_max = 30. FastReID's warm-up is given
-  in iterations: ``warmup_epochs = WARMUP_ITERS / iters_per_epoch`` expresses it, where FastReID's epoch is
-  ``len(dataset) // IMS_PER_BATCH`` iterations whatever the sampler (``fastreid/engine/defaults.py``).
 - Trunk freezing (``freeze_backbone_iters`` / ``freeze_backbone_epochs`` of the engine): the parameters
   of the model's trunk (:meth:`ReIDModel.trunk_map`) lose their gradient before each optimiser step
   while frozen, so no optimiser moves them or keeps state for them (no momentum or Adam moments build
@@ -54,65 +34,23 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from timm.optim import Lookahead
 from torch import nn
 
 from reidforge.finetune.models.base import ReIDModel
 from reidforge.shared.config import ConfigError, bounded, choice
+from reidforge.shared.optim import OptimConfig, lr_factor
 
 
 @dataclass
-class OptimConfig:
-    name: str = choice("adam", "adamw", "sgd", "rmsprop", "ranger")  # optimiser of every trainable parameter
-    lr: float = bounded(3.5e-4, 0, None, lo_open=True)  # base learning rate, reached after the warm-up
-    weight_decay: float = bounded(5e-4, 0)  # L2 decay of the weights (and of biases/norms with bias_decay)
-    momentum: float = bounded(0.9, 0, 1)  # SGD and RMSprop
-    nesterov: bool = False  # SGD only
-    bias_decay: bool = True  # decay 1-d parameters (biases, norm scales) too
-    schedule: str = choice("multistep", "cosine")  # per-epoch lr after the warm-up
-    warmup_epochs: float = bounded(10.0, 0)  # linear warm-up length; 0 = none
-    warmup_factor: float = bounded(0.01, 0, 1)  # the warm-up starts at lr x this
-    milestones: list[int] = field(default_factory=lambda: [40, 70])  # multistep: epochs where lr is multiplied by gamma
-    gamma: float = bounded(0.1, 0, 1, lo_open=True)  # multistep: lr factor at each milestone
-    min_lr_factor: float = bounded(0.0, 0, 1)  # cosine: the final lr as a fraction of lr
-    delay_epochs: float = bounded(0.0, 0)  # cosine only: FastReID's SOLVER.DELAY_EPOCHS (held at lr, then per-epoch cosine)
+class TrainOptimConfig(OptimConfig):
+    """The shared optimiser block and what only fine-tuning does: trunk freezing and BoT's centre SGD."""
+
     freeze_mode: str = choice("fastreid", "mbr")  # how a trunk freeze runs (see the module docstring)
-    clip_grad_norm: float = bounded(0.0, 0)  # 0 disables clipping
     center_lr: float = bounded(0.0, 0)  # > 0: center-loss centres get BoT's own SGD at this lr (BoT: 0.5); 0: main optimiser
-
-
-def param_groups(module: nn.Module, weight_decay: float, bias_decay: bool,
-                 exclude: Collection[nn.Parameter] = ()) -> list[dict]:
-    """Trainable parameters (but ``exclude``) grouped by weight decay."""
-    excluded = {id(p) for p in exclude}
-    groups: dict[bool, list[nn.Parameter]] = {}
-    for p in module.parameters():
-        if p.requires_grad and id(p) not in excluded:
-            groups.setdefault(bias_decay or p.ndim > 1, []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decays else 0.0}
-            for decays, params in sorted(groups.items())]
-
-
-def build_optimizer(module: nn.Module, cfg: OptimConfig, exclude: Collection[nn.Parameter] = ()
-                    ) -> torch.optim.Optimizer:
-    """The optimiser ``cfg.name`` over the trainable parameters of ``module`` except ``exclude``."""
-    groups = param_groups(module, cfg.weight_decay, cfg.bias_decay, exclude)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.name == "ranger":
-        return Lookahead(torch.optim.RAdam(groups, lr=cfg.lr), alpha=0.5, k=6)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
 def freeze_iterations(iters: int, epochs: float, iters_per_epoch: int) -> int:
@@ -124,21 +62,9 @@ def freeze_iterations(iters: int, epochs: float, iters_per_epoch: int) -> int:
     return iters or round(epochs * iters_per_epoch)
 
 
-def check_schedule(cfg: OptimConfig, total_epochs: int) -> None:
-    """One-line errors for schedule settings that cannot run, before any model is built."""
-    if cfg.delay_epochs < 0:
-        raise ConfigError(f"optim.delay_epochs={cfg.delay_epochs} must be >= 0")
-    if cfg.delay_epochs > 0 and cfg.schedule != "cosine":
-        raise ConfigError(f"optim.delay_epochs={cfg.delay_epochs} delays a cosine schedule; "
-                          f"optim.schedule is {cfg.schedule!r}")
-    if cfg.delay_epochs > 0 and total_epochs - max(math.ceil(cfg.warmup_epochs), cfg.delay_epochs) <= 0:
-        raise ConfigError(f"optim.delay_epochs={cfg.delay_epochs} with optim.warmup_epochs={cfg.warmup_epochs} "
-                          f"leaves no cosine epoch in epochs={total_epochs}")
-
-
 class TrunkFreeze:
     """Keeps the trunk of ``model`` still for the first ``iterations`` optimiser steps (``mode`` as in
-    :class:`OptimConfig`): call :meth:`set_mode` before the forward pass and :meth:`drop_grads` between
+    :class:`TrainOptimConfig`): call :meth:`set_mode` before the forward pass and :meth:`drop_grads` between
     backward and the optimiser step (and clipping) of every iteration."""
 
     def __init__(self, model: ReIDModel, iterations: int, mode: str):
@@ -200,41 +126,20 @@ class CenterSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def build_center_optimizer(centers: Sequence[tuple[nn.Parameter, float]], cfg: OptimConfig) -> CenterSGD | None:
+def build_center_optimizer(centers: Sequence[tuple[nn.Parameter, float]], cfg: TrainOptimConfig) -> CenterSGD | None:
     """BoT's separate optimiser for ``centers`` (pairs of centre tensor and loss weight), or None when
     ``cfg.center_lr`` is 0 or there are no centres (they then belong to the main optimiser)."""
     return CenterSGD(centers, cfg.center_lr) if cfg.center_lr > 0 and centers else None
 
 
-def lr_factor(iteration: int, iters_per_epoch: int, total_epochs: float, cfg: OptimConfig,
-              freeze_iters: int = 0) -> float:
-    """The learning-rate multiplier at ``iteration`` (0-based, counted over the whole run).
-
-    ``freeze_iters`` matters in ``freeze_mode="mbr"`` only: 1 until then, then the schedule from its
-    start, per epoch (MBR's, see the module docstring), over the epochs left.
-    """
+def freeze_lr_factor(iteration: int, iters_per_epoch: int, total_epochs: float, cfg: TrainOptimConfig,
+                     freeze_iters: int = 0) -> float:
+    """:func:`reidforge.shared.optim.lr_factor`, but in ``freeze_mode="mbr"``: 1 until ``freeze_iters``, then
+    the schedule from its start, per epoch (MBR's, see the module docstring), over the epochs left."""
     if cfg.freeze_mode == "mbr":
         if iteration < freeze_iters:
             return 1.0
         iteration -= freeze_iters
         total_epochs -= freeze_iters / iters_per_epoch
         iteration = (iteration // iters_per_epoch + 1) * iters_per_epoch  # stepped before each epoch
-    epoch = iteration / iters_per_epoch
-    if epoch < cfg.warmup_epochs:
-        return cfg.warmup_factor + (1 - cfg.warmup_factor) * epoch / cfg.warmup_epochs
-    if cfg.schedule == "multistep":
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    if cfg.delay_epochs > 0:  # FastReID: one cosine step per epoch once warm-up and delay are over
-        start = max(math.floor(cfg.delay_epochs), math.ceil(cfg.warmup_epochs) - 1)
-        span = total_epochs - max(math.ceil(cfg.warmup_epochs), cfg.delay_epochs)
-        progress = min(1.0, max(0, iteration // iters_per_epoch - start) / span)
-    else:
-        progress = min(1.0, (epoch - cfg.warmup_epochs) / max(total_epochs - cfg.warmup_epochs, 1e-8))
-    return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, iters_per_epoch: int,
-                    total_epochs: int, freeze_iters: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration scheduler (call ``step()`` after every optimizer step) of :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters_per_epoch, total_epochs, cfg, freeze_iters))
+    return lr_factor(iteration, iters_per_epoch, total_epochs, cfg)

@@ -28,11 +28,12 @@ from reidforge.data.transforms import Normalize, build_transforms
 from reidforge.finetune.models.base import ReIDModel
 from reidforge.shared.config import ConfigError
 from reidforge.shared.io import atomic_open
+from reidforge.shared.progress import Progress
 from reidforge.shared.retrieval import distance_matrix, extract_features, top_k
 from reidforge.shared.visualize import ranked_grid
 
 if TYPE_CHECKING:
-    from reidforge.finetune.engine import DataConfig
+    from reidforge.data.config import DataConfig
 
 
 def lai_keep(train: ConcatShards, options: dict[str, Any], split: str = "data.train") -> tuple[np.ndarray, str]:
@@ -56,7 +57,8 @@ def lai_keep(train: ConcatShards, options: dict[str, Any], split: str = "data.tr
 def embed_split(model: ReIDModel, split_dir: str | Path, data: DataConfig, normalize: Normalize,
                 device: torch.device | str, flip: bool = False, rank: int = 0, world_size: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor, IndexedShards]:
-    """Features and indices of the samples ``rank, rank + world_size, ...`` of a split (test transforms).
+    """Features and indices of the samples ``rank, rank + world_size, ...`` of a split (test transforms),
+    its progress shown by rank 0.
     A model that embeds cameras or views (LAI) sees only the samples with those ids, as MBR tests; the
     indices returned are the kept ones, so labels read through them line up."""
     dataset = IndexedShards(split_dir, build_transforms(data.transform, train=False))
@@ -71,7 +73,9 @@ def embed_split(model: ReIDModel, split_dir: str | Path, data: DataConfig, norma
     mine = Subset(dataset, kept[rank::world_size].tolist())
     loader = DataLoader(mine, batch_size=data.test_batch_size, num_workers=data.workers, collate_fn=collate)
     tally = SampleTally(len(mine), data.max_bad_fraction, f"embedding {split_dir}")
-    feats, index = extract_features(model, tally.wrap(loader), device, normalize, flip=flip)
+    with Progress(len(loader), f"embedding {Path(split_dir).name}", "eval", unit="batch",
+                  enabled=rank == 0) as bar:
+        feats, index = extract_features(model, tally.wrap(bar.wrap(loader)), device, normalize, flip=flip)
     return feats, index, dataset
 
 

@@ -5,8 +5,8 @@
     python finetune/search.py --weights fastreid/model_final.pth --model bot_resnet50 --gallery G --query Q
 
 ``--weights`` takes every file ``finetune/evaluate.py`` takes (``reidforge.finetune.deploy.load_model``: our exports,
-training checkpoints, foreign checkpoints with ``--model NAME [--model-options JSON] [--allow-partial]``),
-and our ONNX exports.
+training checkpoints, foreign checkpoints with ``--model NAME [--model-options JSON] [--allow-partial]
+[--input-size H W]``), and our ONNX exports.
 
 Images are .jpg/.jpeg/.png/.bmp files found recursively under each folder, in sorted path order (the
 query may also be one image file). Each is decoded to uint8 RGB (JPEG and PNG of any mode, 16-bit
@@ -26,13 +26,14 @@ similarity}]}``.
 
 ``--index PATH`` saves the gallery index to PATH and its description to PATH.json: the gallery files
 in index order, the images skipped, and a fingerprint of the weights (sha256, and ``--model`` with its
-options) and of the gallery's file list with sizes and modification times. The next run with the same weights and an unchanged gallery
-reuses it ("reused" on stderr) without decoding the whole gallery; anything else rebuilds it. The
-description is not trusted: its file list must be the gallery's own (every listed image either indexed
-or skipped, in order), and the stored features of ``SPOT_CHECKS`` gallery images, drawn at random
-each run, must match those images' features (cosine >= ``SPOT_TOLERANCE``); an index that fails either
-check is rebuilt, with one line saying why. A forged index must therefore plant vectors the model
-gives to the images themselves, or hope that none of its planted rows is drawn.
+options and ``--input-size``) and of the gallery's file list with sizes and modification times. The next
+run with the same weights and an unchanged gallery reuses it ("reused" on stderr) without decoding the
+whole gallery; anything else rebuilds it. The description is not trusted: its file list must be the
+gallery's own (every listed image either indexed or skipped, in order), and the stored features of
+``SPOT_CHECKS`` gallery images, drawn at random each run, must match those images' features (cosine >=
+``SPOT_TOLERANCE``); an index that fails either check is rebuilt, with one line saying why. A forged
+index must therefore plant vectors the model gives to the images themselves, or hope that none of its
+planted rows is drawn.
 
 An unreadable image is skipped with a warning naming it; a missing or empty folder, or an unusable
 weights file, is a one-line error (exit status 2) before any model is loaded.
@@ -56,6 +57,7 @@ from reidforge.finetune.deploy import Embedder, add_model_arguments, load_embedd
 from reidforge.finetune.extractor import embed_images, list_images
 from reidforge.shared.config import ConfigError
 from reidforge.shared.io import atomic_open, atomic_write_json
+from reidforge.shared.progress import progress_settings
 from reidforge.shared.table import format_table
 from reidforge.shared.text import printable
 from reidforge.shared.weights import WeightsError
@@ -102,7 +104,8 @@ def spot_check(index: Any, files: Sequence[str], root: Path, embedder: Embedder,
     """None when the stored features of a random draw of ``SPOT_CHECKS`` indexed images match the images'
     own; else the first mismatching file, one line."""
     draw = np.random.default_rng().choice(len(files), size=min(SPOT_CHECKS, len(files)), replace=False)
-    fresh, kept, _ = embed_images(embedder, [root / files[i] for i in draw], batch_size, lambda _: None)
+    fresh, kept, _ = embed_images(embedder, [root / files[i] for i in draw], batch_size, lambda _: None,
+                                  progress=False)
     for row, position in enumerate(draw):
         stored = index.reconstruct(int(position))
         if row not in kept or float(fresh[kept.index(row)] @ stored) < SPOT_TOLERANCE:
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=Path, help="save the gallery index here, and reuse it while still valid")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     args = parser.parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         parser.error("--topk and --batch-size must be at least 1")
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         query_paths = list_images(args.query)
         if args.index is not None and not args.index.parent.is_dir():
             raise ConfigError(f"{args.index.parent}: no such directory (for --index)")
+        progress_settings()  # a bad REIDFORGE_PROGRESS stops here, before any model loads
         device = "cuda" if torch.cuda.is_available() else "cpu"
         source = model_source(args)
         weights = args.weights if args.weights.suffix == ".onnx" else resolve_weights(args.weights)
@@ -173,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cached = None
     if args.index is not None:
-        weights_id = sha256_file(weights) + (json.dumps([source.name, source.options], sort_keys=True)
-                                              if source.name else "")
+        # --input-size changes a foreign file's features (our files only accept their own size)
+        weights_id = sha256_file(weights) + (json.dumps([source.name, source.options, source.input_size],
+                                                        sort_keys=True) if source.name else "")
         fingerprint = gallery_fingerprint(weights_id, args.gallery, gallery_paths)
         cached = load_index(args.index, fingerprint,
                             [p.relative_to(args.gallery).as_posix() for p in gallery_paths])
@@ -189,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             warn(f"warning: {printable(str(args.gallery / name))}: unreadable image, skipped ({printable(reason)})")
         warn(f"index: reused {args.index} ({len(gallery_files)} gallery images)")
     else:
-        features, kept, skipped = embed_images(embedder, gallery_paths, args.batch_size, warn)
+        features, kept, skipped = embed_images(embedder, gallery_paths, args.batch_size, warn, "embedding gallery",
+                                               not args.no_progress)
         if not kept:
             warn(f"error: {args.gallery}: no readable image")
             return 2
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 "skipped": [[gallery_paths[i].relative_to(args.gallery).as_posix(), r] for i, r in skipped]})
             warn(f"index: built {args.index} ({len(gallery_files)} gallery images)")
 
-    queries, kept, _ = embed_images(embedder, query_paths, args.batch_size, warn)
+    queries, kept, _ = embed_images(embedder, query_paths, args.batch_size, warn, "embedding queries",
+                                    not args.no_progress)
     if not kept:
         warn(f"error: {args.query}: no readable image")
         return 2

@@ -3,7 +3,8 @@
     python launch/demo.py [--config launch/configs/demo.yaml] [key=value ...]     (bash launch/demo.sh does set-up first)
 
 Each stage is one of the platform's own commands, run as a child process with its output shown and
-kept in ``<out>/logs/<stage>.log``:
+kept in ``<out>/logs/<stage>.log`` (its progress as plain lines, ``reidforge.shared.progress``; none with
+``--no-progress``, which the stages get as ``REIDFORGE_PROGRESS=0``):
 
  1. render    ``data/build_shards.py synthetic``: persons, a LUPerson-like pool and vehicles, as shards
  2. init      ``finetune/train.py epochs=0``: DM-OSNet at its seeded initialisation, exported
@@ -32,6 +33,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -116,7 +118,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
               ("init", "scratch")),
         Stage("spcl", [*py, "pretrain/spcl.py", "--config", str(CONFIGS / "spcl_dm_osnet_synthetic.yaml"),
                        f"output_dir={runs}", "run_name=spcl", f"seed={cfg.seed}",
-                       f"data.splits=[{split('synthetic_lup', 'pool')}]",
+                       f"data.train=[{split('synthetic_lup', 'pool')}]",
                        f"data.cfs_ranking={cfs_dir / 'cfs_ranking.txt'}", f"data.cfs_keep={cfg.cfs_keep}",
                        f"data.query={split('synthetic_person', 'query')}",
                        f"data.gallery={split('synthetic_person', 'gallery')}", *cfg.pretrain],
@@ -148,8 +150,8 @@ class StageError(RuntimeError):
 class Runner:
     """Runs stages in order, skipping finished ones; ``<out>/stages/<name>.json`` vouches for a stage."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, env: dict[str, str] | None = None):
+        self.out, self.env = out, env
         self.state_dir, self.log_dir = out / "stages", out / "logs"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -180,9 +182,9 @@ class Runner:
         start = time.perf_counter()
         log = self.log_dir / f"{stage.name}.log"
         with open(log, "wb") as sink:
-            proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
             assert proc.stdout is not None
-            while chunk := proc.stdout.read1(1 << 16):  # progress bars pass through as they are drawn
+            while chunk := proc.stdout.read1(1 << 16):  # progress lines pass through as they are written
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 sink.write(chunk)
@@ -270,6 +272,7 @@ def _shown(command: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=CONFIGS / "demo.yaml")
+    parser.add_argument("--no-progress", action="store_true", help="the stages show no progress lines")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
-    runner = Runner(out)
+    # Through the environment, so that a stage's command (and the fingerprint that vouches for it) stays the same.
+    runner = Runner(out, {**os.environ, "REIDFORGE_PROGRESS": "0"} if args.no_progress else None)
     todo = stages(cfg)
     try:
         for number, stage in enumerate(todo, 1):

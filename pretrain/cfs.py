@@ -70,7 +70,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from reidforge.data.datasets.luperson import read_ranking
 from reidforge.data.readers import SampleTally, StreamingShards, collate, split_keys
@@ -82,6 +81,7 @@ from reidforge.shared.checkpoint_layouts import GEM_P
 from reidforge.shared.config import ConfigError
 from reidforge.shared.heads import build_pooling
 from reidforge.shared.io import atomic_open, atomic_write_json
+from reidforge.shared.progress import Progress, progress_settings
 from reidforge.shared.weights import MatchReport, WeightsError, load_pretrained, read_export_metadata
 
 RANKING = "cfs_ranking.txt"
@@ -228,7 +228,7 @@ def score_pass(model_a: nn.Module, model_b: nn.Module, split_dir: str | Path, si
     keys: list[str | None] = [None] * n
     model_a.eval().to(device)
     model_b.eval().to(device)
-    with tqdm(total=n, desc="CFS", unit="img", disable=not progress, leave=False) as bar:
+    with Progress(n, "CFS", "score", unit="img", enabled=progress) as bar:
         for batch in loader:
             tally.update(batch)
             bar.update(len(batch.get("index", ())) + sum(p.lost for p in batch["problems"]))
@@ -403,7 +403,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda when present, else cpu")
     p.add_argument("--max-bad-fraction", type=float, default=0.01, help="abort when more images are unreadable")
     p.add_argument("--out", type=Path, help="output directory (default: the split directory)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p = sub.add_parser("select", help="the sample indices of a split that a ranking keeps")
     p.add_argument("split_dir", type=Path)
     p.add_argument("--ranking", type=Path,
@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "score":
+            progress_settings()  # a bad REIDFORGE_PROGRESS stops here, before any model loads
             summary = score_split(ScoreConfig(
                 split_dir=args.split_dir, pretrained=args.pretrained, finetuned=args.finetuned, arch=args.arch,
                 options=args.options, pooling=args.pooling, allow_partial=args.allow_partial, size=args.size,

@@ -9,7 +9,8 @@ implemented in SpCL's ``compute_jaccard_distance``; both computed here without a
 The Jaccard distance (``jaccard_distance``), over N L2-normalised features:
 
 1. kNN table, k1 columns per row, self included (the reference slices ``[:k1+1]`` of a k1-column faiss
-   result, so it sees k1 columns). Neighbours are ranked by float64 cosine similarity, ties by index.
+   result, so it sees k1 columns). Neighbours are ranked by float64 cosine similarity, ties by index
+   (``pretrain/knn.py``: certified exact, or approximate with ``knn``).
 2. R(i, p) = the members j of row i's first p columns that have i among their own first p columns, for
    p = k1 and p = round(k1/2) + 1 (NumPy rounding; capped at k1, the table's width).
 3. Expansion: R(c, round(k1/2)) of each c in R(i, k1) is merged in when |R(c, .) ∩ R(i, k1)| >
@@ -18,17 +19,20 @@ The Jaccard distance (``jaccard_distance``), over N L2-normalised features:
 5. When k2 != 1, row i of V becomes the mean of V's rows over i's first min(k2, k1) columns.
 6. m_ij = sum_l min(V[i, l], V[j, l]); d_ij = max(0, 1 - m_ij / (2 - m_ij)).
 
-Nothing is N x N. The kNN table comes from a blocked brute-force scan (``knn_search``; faiss on GPU);
-R(i, p) is the kNN pattern's first p columns times its transpose, entry by entry; the expansion test is a
-product of N x N 0/1 CSR matrices with about k1 entries per row, in chunks of rows; V and its query
-expansion are CSR matrices (a few times k1 entries per row). The min-sums are computed only for pairs that
-share support, by walking V's column index from each entry (i, l) to the rows j > i of column l, chunk by
-chunk: a chunk's pairs get compact ids through a stamp array (no sort) and one bincount sums each pair's
-terms in ascending l, as the reference's running ``temp_min`` does; only pairs with d <= ``max_distance``
-are kept, then mirrored. Pairs sharing no support are not stored and are implicitly at distance 1, so the
-three DBSCAN runs of an epoch share one graph stored up to eps + gap. Memory grows with N times the
-support size (measured ~2-3 kB per image at k1 = 30 on synthetic re-ID features, plus the features and the
-search's buffers), time with N times the squared support size.
+Nothing is N x N. R(i, p) is the kNN pattern's first p columns times its transpose, entry by entry; the
+expansion test is a product of N x N 0/1 CSR matrices with about k1 entries per row, in chunks of rows;
+V and its query expansion are CSR matrices (a few times k1 entries per row). The min-sums are computed
+only for pairs that share support, by a compiled walk (numba, ``_walk``) of V's column index from each
+entry (i, l) to the rows j > i of column l: one float64 accumulator per j, each pair's terms added in
+ascending l as the reference's running ``temp_min`` does.
+The graph keeps only some of them: the pairs with d <= ``max_distance`` (DBSCAN: the three runs of an
+epoch share one graph stored up to eps + gap), or each row's ``nearest`` smallest distances plus the
+entries mirrored from the other rows' (HDBSCAN, below), so it grows with N, not with the pairs sharing
+support, whose number grows like N^2 on hard features (near-duplicates, collapsed early features);
+``max_distance=None`` without ``nearest`` keeps them all, on request. Pairs not stored are implicitly at
+distance 1. Memory grows with N times the support size (measured ~2-3 kB per image at k1 = 30 on
+synthetic re-ID features, plus the features and the search's buffers), time with N times the squared
+support size.
 
 The returned CSR matrix is what sklearn's DBSCAN(metric="precomputed") needs to give the labels of the
 dense matrix. In sklearn's sparse precomputed mode only stored entries are neighbours (``<= eps``, as in
@@ -43,16 +47,9 @@ loop over rows otherwise) has nothing to do. DBSCAN's labels depend only on each
 neighbour sets give identical labels.
 
 Exactness. Neighbour sets and the ``<= eps`` decisions are discrete, so rounding can flip them.
-(a) Ranking: the search computes float32 inner products. On CPU it is a symmetric scan over blocks of
-2,048 rows (``_blocked_top``: torch GEMMs, each block pair serving the rows of both blocks, so half the
-products of a full scan, and only entries above a per-row floor kept); on GPU faiss's brute force. Each
-row's k1 + 8 candidates are re-ranked by float64 similarities (sums of float64 products of the float32
-features) with the index tie-break. A row is certified exact when its k1-th float64 similarity exceeds the
-smallest float32 candidate similarity by more than the float32 error bound gamma_D = D u / (1 - D u), u =
-2^-24 (valid for any summation order, hence for BLAS); otherwise it is searched again with k1 + 120
-candidates, then computed whole in float64. What remains against a dense float64 reference is float64
-summation order (~1e-16): it flips a neighbour only between similarities within ~1e-15 of each other that
-are not exactly equal; exact ties (duplicates, dyadic features) are exact in both and resolved by index.
+(a) Ranking: certified against a dense float64 reference (``pretrain/knn.py``) up to float64 summation
+order, which flips a neighbour only between similarities within ~1e-15 of each other that are not
+exactly equal.
 (b) The Jaccard values agree with a dense float64 evaluation to ~1e-15 (the weights' sums and the
 similarities are summed in another order). That matters at exact-arithmetic ties, which are structural:
 two images whose query expansions share four of their six rows (and nothing else) have m = 2/3, d = 0.5
@@ -60,19 +57,8 @@ exactly, computed as 0.5 +- 1e-16 depending on the order of the sums, and eps = 
 So distances are rounded to 12 decimals, in the dense reference of the tests too: a tie at a decimal
 eps then counts as a neighbour (<= eps, as exact arithmetic says) in both. Only distinct values within
 ~1e-12 of eps and of each other could still be decided differently.
-The other searches (``int8``, ``ivf``, ``hnsw``) make no such promise: their recall against brute-force
-search on 500 queries is reported in ``ClusterResult.stats["knn_recall"]``.
-
-``knn="int8"`` is the same blocked scan on int8 features, q = round(x / s) with one scale s = max |x| / 127
-for all rows (so products compare as integers along rows and columns), through exact int32 GEMMs
-(``torch._int_mm``, VNNI kernels on x86): about 4x the float32 rate on the 2-core CPU here. Its k1 + 8
-candidates get the same float64 re-ranking, so only the candidate set can differ from the exact one.
-Rounding moves a similarity by at most |x| |r_y| + |r_x| |y| + |r_x| |r_y| (r = x - s q; |r| ~ 0.01 at
-2048-d), typically by ~1e-4: a neighbour is missed only where the exact top k1 and the int8 top k1 + 8
-disagree beyond that. That bound is too coarse to certify rows whose k1-th neighbour sits in the dense
-floor of unrelated similarities, so nothing is certified. On the bench's 32,621 x 2048 features: 99.998 %
-of the exact table (recall@30 1.0 on the 500 sampled queries) and labels identical to the dense
-reference's.
+The approximate searches (``int8``, ``ivf``, ``hnsw``) make no such promise: their recall against
+brute-force search on 500 queries is reported in ``ClusterResult.stats["knn_recall"]``.
 
 The self-paced step (``SelfPacedClustering``, as in spcl_train_usl.py): DBSCAN at eps, eps - gap, eps + gap
 on the same graph; noise becomes singleton ids (clusters first, then noise in index order, as SpCL's
@@ -101,85 +87,68 @@ Deviations from the reference code, all deliberate:
   1-member clusters under their old id; the partition is the same). ``drop_outliers`` gives them -1
   instead (cluster-contrast's choice, Dai et al. 2021) and is off by default.
 - k2 > k1 uses k1 rows for the query expansion: the reference's table has k1 columns.
-- The exact search is the blocked float32 scan on CPU and faiss's brute force on GPU when
-  ``faiss.get_num_gpus() > 0`` (as the reference always does), assuming its default full-fp32 GEMM;
-  ``int8`` takes the GPU search too (it is a CPU speed path). ``knn="int8"``, ``"ivf"`` and ``"hnsw"``
-  are approximate (not in the reference). ``ivf`` is IVF-Flat with faiss k-means lists (sqrt(nprobe N)
-  of them, 40 training points per list, 10 iterations), each point probing ``ivf_nprobe`` lists (8 by
-  default), scanned list by list with one GEMM per list instead of faiss's per-query scan (measured on
-  the 2-core CPU here: ~2.4 G multiply-adds/s for faiss's IndexIVFFlat scan, ~6 for the list GEMMs), and
-  symmetrically: a pair is scored when either point probes the other's list, which raises the recall of
-  mutual neighbours, the ones k-reciprocal sets are made of. The scan costs ~sqrt(nprobe) N^1.5.
-  Recall@30 against brute force on the bench's synthetic features at nprobe 8: 0.79 at 50k, 0.69 at
-  200k, 0.54 at 1M (the far, noise-level neighbours are the ones missed); labels at 50k: ARI 0.90
-  against exact kNN. ``hnsw`` is faiss's IndexHNSWFlat (M 32, efConstruction 80, efSearch 128); its
-  build is slow on CPU (~1 min per 100k at 512-d here).
+- The exact search is a blocked brute-force scan, float32 on CPU and float16 with float32 sums on CUDA
+  (``knn_device``), certified either way (``pretrain/knn.py``); the reference always takes faiss's GPU
+  search when it has one. ``knn="int8"``, ``"ivf"`` and ``"hnsw"`` are approximate (not in the
+  reference).
 - DBSCAN runs single-threaded (the reference: n_jobs=-1; labels do not depend on it).
 - ``method="hdbscan"`` is a method change (no reference uses it). The hdbscan package's
   precomputed mode needs a dense matrix or a connected sparse graph with >= min_samples stored entries
-  per row; sklearn's HDBSCAN has the same requirements. So the dense-equivalent minimum spanning tree is
-  built here from the full Jaccard graph (every pair sharing support, ``max_distance=None``): core
-  distance = the min_samples-th smallest distance besides the point itself, 1 when fewer are stored
-  (the implicit value; the hdbscan package computes it so on a dense matrix); mutual reachability
-  max(core_i, core_j, d_ij) on stored pairs; scipy's MST per connected component (a zero weight stored as
-  the smallest subnormal float, below every other weight, because scipy and the hdbscan package read a
-  stored 0 as no edge; 1 / w overflows to the infinite lambda the package gives a zero); the components
-  joined by edges of weight 1, which is what every missing pair weighs in the dense mutual-reachability
-  graph. That tree goes to the package's public ``HDBSCAN(metric="precomputed", min_samples=1)`` as a
-  sparse graph: with min_samples = 1 a point's core distance is its lightest edge, so every edge's mutual
-  reachability is its own weight and the package's MST is the tree itself (its sparse path loops in
-  Python over the 2(N - 1) entries: ~55 us per image here). The package orders the edges by numpy's
-  default sort, which is unstable and CPU-dependent, and which of two tied edges merges first changes the
-  condensed tree (ARI 0.93 between two tie orders on 3,000 synthetic features, min_samples 4), so ties
-  are broken first, in the stable order of the MST's edges: each weight is raised to at least one ulp
-  above the one before, so the k-th of k tied weights moves by about k ulps (2.2e-16 k relative), and
-  lambdas and excess-of-mass stabilities by as little. Mutual reachability is full of ties (each edge
-  carries a core distance), so the MST is not unique: the clusters equal the package's on the dense
+  per row; sklearn's HDBSCAN has the same requirements. So a minimum spanning tree is built here from
+  the Jaccard graph bounded to each image's ``hdbscan_neighbours`` (k) smallest distances plus the
+  entries mirrored from the other images' (at most 2 N k entries): core distance = the min_samples-th
+  smallest distance besides the point itself, 1 when fewer are stored (the implicit value; the hdbscan
+  package computes it so on a dense matrix); mutual reachability max(core_i, core_j, d_ij) on stored
+  pairs; scipy's MST per connected component (a zero weight stored as the smallest subnormal float,
+  below every other weight, because scipy and the hdbscan package read a stored 0 as no edge; 1 / w
+  overflows to the infinite lambda the package gives a zero); the components joined by edges of weight
+  1, which is what every missing pair weighs in the dense mutual-reachability graph. That tree goes to
+  the package's public ``HDBSCAN(metric="precomputed", min_samples=1)`` as a sparse graph: with
+  min_samples = 1 a point's core distance is its lightest edge, so every edge's mutual reachability is
+  its own weight and the package's MST is the tree itself (its sparse path loops in Python over the
+  2(N - 1) entries: ~55 us per image here). The package orders the edges by numpy's default sort, which
+  is unstable and CPU-dependent, and which of two tied edges merges first changes the condensed tree
+  (ARI 0.93 between two tie orders on 3,000 synthetic features, min_samples 4), so ties are broken
+  first, in the stable order of the MST's edges: each weight is raised to at least one ulp above the one
+  before, so the k-th of k tied weights moves by about k ulps (2.2e-16 k relative), and lambdas and
+  excess-of-mass stabilities by as little.
+  What HDBSCAN sees against the dense matrix: the core distances are exact (min_samples <= k is
+  required: a row's k smallest are all stored, everything mirrored into it is no smaller); a pair is
+  left out only when it is beyond the k-th smallest distance of both its rows, so every pair below
+  tau = the smallest k-th distance of the rows with k stored (``stats["graph_complete_below"]``, 1 when
+  no row is full) is stored, and every merge the hierarchy makes below tau is the dense one's (Kruskal
+  takes the same edges in the same order). Above tau a pair left out weighs 1 instead of its d in
+  (tau, 1], so clusters that the dense hierarchy joins there may join later or only at 1, which can
+  change the condensed tree's stabilities and so the selected clusters; with k >= N - 1 the graph is
+  complete and the tree is the dense one's. Mutual reachability is full of ties (each edge carries a
+  core distance), so the MST is not unique even then: the clusters equal the package's on the dense
   matrix, but a few points hanging on tied edges may be labelled differently (as two valid dense MSTs
-  would); with min_samples = 1 and no tie among the tree's positive weights the labels are the package's.
-  The self-paced criteria are not applied: they are defined through DBSCAN's eps (tight and loose runs at
-  eps -/+ gap), which HDBSCAN does not have; its own excess-of-mass selection already keeps the
-  persistent clusters. The full graph holds
-  every pair sharing support (tens per image, see ``graph_nnz_per_row``), several times the DBSCAN graph.
+  would); with min_samples = 1 and no tie among the tree's positive weights the labels are the
+  package's. The self-paced criteria are not applied: they are defined through DBSCAN's eps (tight and
+  loose runs at eps -/+ gap), which HDBSCAN does not have; its own excess-of-mass selection already
+  keeps the persistent clusters.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import faiss
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.sparse import csgraph
 from sklearn.cluster import DBSCAN
 
+from reidforge.pretrain.knn import DEVICES, INDICES, IVF_NPROBE, check_features, check_k, check_search, knn_table
 from reidforge.shared.config import bounded, choice
 
-_MARGIN = 8  # candidates per row beyond k, so that the float32 boundary is settled among them
-_WIDE_MARGIN = 120  # second search for the rows the first could not certify
-_QUERY_CHUNK = 1 << 14  # queries searched and re-ranked at once
-_PAIR_CHUNK = 1 << 13  # pairs whose float64 similarities are computed at once
-_TRIPLE_CHUNK = 1 << 14  # (i, l, j) terms of the min-sums handled at once (cache-sized)
-_CHUNK_ROWS = 64  # rows per min-sum chunk at most, which bounds its rows x distinct-j accumulator
-_FULL_ROW_CHUNK = 1 << 22  # float64 similarities of whole rows computed at once (fallback)
-_RANK_CHUNK = 1 << 9  # candidate vectors gathered (float32, then float64) per re-ranking step
-_BLOCK = 2048  # rows per block of the blocked brute-force scan: one block product is 16 MB
-_HOLD = 2  # the blocked scan cuts its candidates to each row's top once it holds this many per row and slot
-_IVF_NPROBE = 8  # default inverted lists visited per query; sqrt(nprobe N) lists balance assignment and scan
-_IVF_TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
-_IVF_NITER = 10  # k-means iterations
-_HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF_SEARCH = 32, 80, 128
-_RECALL_QUERIES = 500  # queries for the approximate indices' recall against brute-force search
-_NORM_TOL = 1e-3  # accepted |norm - 1| of a feature row
+_ROW_CHUNK = 1 << 14  # rows whose expanded k-reciprocal sets are built at once
+_SIM_CHUNK = 1 << 9  # pairs whose float64 similarities are computed at once
 _DECIMALS = 12  # Jaccard distances are rounded to this many decimals: exact-arithmetic ties at eps count in
-_UNIT = 2.0**-24  # float32 unit roundoff
-_INDICES = ("exact", "int8", "ivf", "hnsw")
+_SPCL_LOOSE_EPS = 0.62  # SpCL's eps + eps_gap (0.6 + 0.02): the largest distance its three DBSCANs read
 
 
 @dataclass
@@ -192,13 +161,15 @@ class ClusterConfig:
     min_samples: int = bounded(4, 1)
     k1: int = bounded(30, 1)
     k2: int = bounded(6, 1)
-    knn: str = choice("exact", "int8", "ivf", "hnsw")  # kNN search (module docstring); GPU faiss when available
-    ivf_nprobe: int = bounded(_IVF_NPROBE, 1)  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
+    knn: str = choice("exact", "int8", "ivf", "hnsw")  # kNN search (pretrain/knn.py)
+    knn_device: str = choice("auto", "cpu", "cuda")  # where the exact/int8 scan runs; auto = CUDA when available
+    ivf_nprobe: int = bounded(IVF_NPROBE, 1)  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
     independence_quantile: float = bounded(0.9, 0, 1)  # SpCL: threshold fixed at the first clustering
     self_paced: bool = True  # False = plain DBSCAN labels (no reliability criteria)
     drop_outliers: bool = False  # cluster-contrast style: un-clustered -> label -1 instead of singleton ids
     hdbscan_min_cluster_size: int = bounded(4, 2)
     hdbscan_cluster_selection: str = choice("eom", "leaf")
+    hdbscan_neighbours: int = bounded(30, 1)  # method=hdbscan: each image's smallest distances kept (>= min_samples)
 
 
 @dataclass
@@ -209,352 +180,15 @@ class ClusterResult:
     stats: dict[str, float]
 
 
-def _check_features(features: np.ndarray) -> np.ndarray:
-    """The features as C-contiguous float32, after the checks every entry point needs."""
-    x = np.asarray(features)
-    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
-        raise ValueError(f"features must be a 2-D (N, D) array with N >= 2, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"features must be floating point, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # NaN/inf anywhere in a row shows in its norm
-    bad = np.flatnonzero(~np.isfinite(sq))
-    if bad.size:
-        raise ValueError(f"features must be finite: row {bad[0]} contains NaN or inf")
-    off = np.abs(np.sqrt(sq) - 1)
-    worst = int(np.argmax(off))
-    if off[worst] > _NORM_TOL:
-        raise ValueError(f"features must be L2-normalised rows: row {worst} has norm {math.sqrt(sq[worst]):.6g}")
-    return x
-
-
-def _check_search(index: str, nprobe: int) -> None:
-    """The kNN arguments of the public entry points."""
-    if index not in _INDICES:
-        raise ValueError(f"index must be one of {', '.join(_INDICES)}, got {index!r}")
-    if nprobe < 1:
-        raise ValueError(f"nprobe must be >= 1, got nprobe={nprobe}")
-
-
-def _check_k(k: int, n: int, name: str = "k1") -> None:
-    if not 1 <= k < n:
-        raise ValueError(f"{name} must be in [1, N) with N = {n} features, got {name}={k}")
-
-
 def _pair_sims(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Float64 inner products of the pairs (rows[t], cols[t]), _RANK_CHUNK pairs at a time; symmetric
+    """Float64 inner products of the pairs (rows[t], cols[t]), _SIM_CHUNK pairs at a time; symmetric
     in the pair."""
     table = torch.from_numpy(x)
     out = np.empty(len(rows))
-    for s in range(0, len(rows), _RANK_CHUNK):
-        a, b = (torch.index_select(table, 0, torch.from_numpy(ends[s:s + _RANK_CHUNK])) for ends in (rows, cols))
-        out[s:s + _RANK_CHUNK] = (a.double() * b.double()).sum(1).numpy()
+    for s in range(0, len(rows), _SIM_CHUNK):
+        a, b = (torch.index_select(table, 0, torch.from_numpy(ends[s:s + _SIM_CHUNK])) for ends in (rows, cols))
+        out[s:s + _SIM_CHUNK] = (a.double() * b.double()).sum(1).numpy()
     return out
-
-
-def _flat_index(x: np.ndarray) -> faiss.Index:
-    """Exact inner-product search over ``x``; on all GPUs when faiss has any."""
-    index = faiss.IndexFlatIP(x.shape[1])
-    if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(x)
-    return index
-
-
-def _hnsw_index(x: np.ndarray) -> faiss.Index:
-    index = faiss.IndexHNSWFlat(x.shape[1], _HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
-    index.hnsw.efSearch = _HNSW_EF_SEARCH
-    index.add(x)
-    return index
-
-
-def _ivf_candidates(x: np.ndarray, take: int, nprobe: int, stats: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    """IVF-Flat search of every row among all rows: float32 similarities and ids (N x take, -1 = none).
-
-    Each point probes the lists of its nprobe most similar k-means centroids, as faiss's IndexIVFFlat
-    does, but the scan runs list by list: the queries probing a list against its members are one GEMM,
-    whose rows update the queries' running top ``take`` and whose columns the members' (a pair is
-    scored when either point probes the other's list; a pair scored twice is kept once).
-    """
-    n, dim = x.shape
-    nlist = max(1, min(int(round(math.sqrt(nprobe * n))), n // _IVF_TRAIN_PER_LIST))
-    nprobe = min(nprobe, nlist)
-    sample = np.sort(np.random.default_rng(0).choice(n, min(n, nlist * _IVF_TRAIN_PER_LIST), replace=False))
-    kmeans = faiss.Kmeans(dim, nlist, niter=_IVF_NITER, spherical=True, seed=1)
-    kmeans.train(x[sample])
-    _, probes = _flat_index(kmeans.centroids).search(x, nprobe)  # probes[:, 0] is the point's own list
-    members = np.argsort(probes[:, 0], kind="stable")
-    member_at = np.concatenate([[0], np.cumsum(np.bincount(probes[:, 0], minlength=nlist))])
-    queries = np.argsort(probes.ravel(), kind="stable") // nprobe
-    query_at = np.concatenate([[0], np.cumsum(np.bincount(probes.ravel(), minlength=nlist))])
-    del probes
-    best_s = np.full((n, take), -np.inf, np.float32)
-    best_i = np.full((n, take), -1, np.int64)
-    for lst in range(nlist):
-        m = members[member_at[lst]:member_at[lst + 1]]
-        q = queries[query_at[lst]:query_at[lst + 1]]
-        if len(m) and len(q):
-            sims = x[q] @ x[m].T
-            _merge_top(best_s, best_i, q, sims, m)
-            _merge_top(best_s, best_i, m, sims.T, q)  # the block also serves the members: symmetric probing
-    stats.update(ivf_nlist=float(nlist), ivf_nprobe=float(nprobe))
-    return best_s, best_i
-
-
-def _rank(x: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates (len(rows) x c; -1 = none) sorted by float64 similarity to their row, ties by index;
-    missing candidates get -inf and go last. The float32 candidate vectors are gathered _RANK_CHUNK at a
-    time and widened to float64, where their products with the row are exact and summed by BLAS."""
-    c, dim = cand.shape[1], x.shape[1]
-    step = max(1, _RANK_CHUNK // c)
-    table = torch.from_numpy(x)
-    gathered = torch.empty(step * c, dim)
-    wide = torch.empty(step * c, dim, dtype=torch.float64)
-    sims = np.empty(cand.shape)
-    for s in range(0, len(rows), step):
-        part = np.maximum(cand[s:s + step], 0)
-        m = part.size
-        torch.index_select(table, 0, torch.from_numpy(part.ravel()), out=gathered[:m])
-        wide[:m].copy_(gathered[:m])
-        left = x[rows[s:s + step]].astype(np.float64)
-        sims[s:s + step] = np.matmul(wide[:m].numpy().reshape(len(part), c, dim), left[:, :, None])[:, :, 0]
-    sims[cand < 0] = -np.inf
-    order = np.lexsort((cand, -sims), axis=-1)
-    return np.take_along_axis(sims, order, 1), np.take_along_axis(cand, order, 1)
-
-
-def _full_rows(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of whole rows: float64 similarities to every point; everything tied with the k-th
-    (with a slack for the re-ranking's own rounding) is re-ranked, so ties are broken by index."""
-    n = len(x)
-    sims, ids = np.empty((len(rows), k)), np.empty((len(rows), k), np.int64)
-    step = max(1, _FULL_ROW_CHUNK // n)
-    for s in range(0, len(rows), step):
-        part = rows[s:s + step]
-        left = x[part].astype(np.float64)
-        full = np.empty((len(part), n))
-        for c0 in range(0, n, _PAIR_CHUNK):
-            full[:, c0:c0 + _PAIR_CHUNK] = left @ x[c0:c0 + _PAIR_CHUNK].T.astype(np.float64)
-        kth = -np.partition(-full, k - 1, axis=1)[:, k - 1]
-        for r, row in enumerate(part):
-            cand = np.flatnonzero(full[r] >= kth[r] - 1e-12)
-            s64, cand = _rank(x, np.array([row]), cand[None, :])
-            sims[s + r], ids[s + r] = s64[0, :k], cand[0, :k]
-    return sims, ids
-
-
-def _merge_top(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray) -> None:
-    """Merge the block ``sims`` (len(rows) x len(ids)) into the running top candidates of ``rows``
-    (distinct); an id already held is not taken twice."""
-    take = best_s.shape[1]
-    if sims.shape[1] > take:
-        top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
-        sims, ids = np.take_along_axis(sims, top, 1), ids[top]
-    else:
-        ids = np.broadcast_to(ids, sims.shape)
-    cat_i = np.concatenate([best_i[rows], ids], 1)
-    by_id = np.argsort(cat_i, axis=1, kind="stable")
-    cat_i = np.take_along_axis(cat_i, by_id, 1)
-    cat_s = np.take_along_axis(np.concatenate([best_s[rows], sims], 1), by_id, 1)
-    again = np.zeros(cat_i.shape, bool)
-    again[:, 1:] = cat_i[:, 1:] == cat_i[:, :-1]  # the same pair seen in two blocks
-    cat_s[again], cat_i[again] = -np.inf, -1
-    keep = np.argpartition(-cat_s, take - 1, axis=1)[:, :take]
-    best_s[rows], best_i[rows] = np.take_along_axis(cat_s, keep, 1), np.take_along_axis(cat_i, keep, 1)
-
-
-@contextlib.contextmanager
-def _full_float32() -> Iterator[None]:
-    """float32 matrix products in full precision (the error bound assumes it), whatever the caller set."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
-def _scan_operand(x: np.ndarray, kind: str) -> tuple[torch.Tensor, float]:
-    """The rows as the blocked scan multiplies them, and the factor from their products to similarities:
-    float32 as they are, or int8 with one scale for all rows, so that products compare as integers
-    along rows and columns alike."""
-    rows = torch.from_numpy(x)
-    if kind != "int8":
-        return rows, 1.0
-    scale = max(float(x.max()), -float(x.min())) / 127  # > 0: the rows have unit norm
-    quantized = torch.empty(x.shape, dtype=torch.int8)
-    for s in range(0, len(x), _BLOCK):
-        quantized[s:s + _BLOCK] = torch.round(rows[s:s + _BLOCK] / scale)
-    return quantized, scale * scale
-
-
-def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """a b^T into the front of the flat buffer ``out``: exact int32 sums of int8 products (oneDNN's VNNI
-    kernels), or float32."""
-    out = out[:len(a) * len(b)].view(len(a), len(b))
-    return torch._int_mm(a, b.T, out=out) if a.dtype == torch.int8 else torch.mm(a, b.T, out=out)
-
-
-def _lowest(dtype: torch.dtype) -> int | float:
-    return torch.finfo(dtype).min if dtype.is_floating_point else torch.iinfo(dtype).min
-
-
-def _ordinal(vals: torch.Tensor) -> torch.Tensor:
-    """int64 in [0, 2^32) ordered as ``vals`` (int32, or finite float32 through its bit pattern)."""
-    if vals.dtype == torch.int32:
-        return vals.long() + 2**31
-    bits = vals.view(torch.int32).long()
-    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1) + 2**31
-
-
-def _top_per_row(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, start: int, end: int,
-                 take: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``take`` largest (row, col, val) triples of each row in [start, end), rows ascending and values
-    descending (ties in the order given), and each row's take-th value (the dtype's lowest where a row
-    has fewer)."""
-    order = torch.sort(rows.long() * 2**32 + (2**32 - 1 - _ordinal(vals)), stable=True).indices  # rows, then -vals
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    local = rows.long() - start
-    counts = torch.bincount(local, minlength=end - start)
-    rank = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[local]
-    keep = rank < take
-    rows, cols, vals, rank, local = rows[keep], cols[keep], vals[keep], rank[keep], local[keep]
-    floor = torch.full((end - start,), _lowest(vals.dtype), dtype=vals.dtype)
-    last = rank == take - 1
-    floor[local[last]] = vals[last]
-    return rows, cols, vals, floor
-
-
-def _blocked_top(feat: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``take`` largest products of every row with all rows, itself included: (N, take) values,
-    descending, and their ids. ``take`` <= N.
-
-    A symmetric scan over blocks of _BLOCK rows, so half the products of a full scan. The diagonal
-    blocks come first: each row's top ``take`` within its own block is a lower bound (its floor) of the
-    row's final take-th product. Then each pair of blocks I < J is one product: its entries at or above
-    their row's floor become candidates of the rows of I, those at or above their column's floor
-    candidates of the rows of J, so nothing is transposed and only entries that can still make a row's
-    top are held. A block whose rows hold more than _HOLD ``take`` candidates each is cut to each row's
-    top, which also raises their floors; once I has met every J its rows are final. Every (row, column)
-    pair is produced once, and memory stays at one product plus a few ``take`` candidates per row."""
-    n = len(feat)
-    starts = list(range(0, n, _BLOCK))
-    ends = starts[1:] + [n]
-    dtype = torch.int32 if feat.dtype == torch.int8 else feat.dtype
-    floor = torch.full((n,), _lowest(dtype), dtype=dtype)
-    held: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in starts]
-    # one product and one mask, reused: fresh 16-64 MB arrays per block pair fragment the heap
-    side = min(n, _BLOCK)
-    product, mask = torch.empty(side * side, dtype=dtype), torch.empty(side * side, dtype=torch.bool)
-
-    def cut(b: int) -> None:
-        r, c, v = (torch.cat(part) for part in zip(*held[b]))
-        r, c, v, floor[starts[b]:ends[b]] = _top_per_row(r, c, v, starts[b], ends[b], take)
-        held[b] = [(r, c, v)]
-
-    for b, (i0, i1) in enumerate(zip(starts, ends)):
-        v, c = torch.topk(_product(feat[i0:i1], feat[i0:i1], product), min(take, i1 - i0), dim=1)
-        held[b].append((torch.arange(i0, i1, dtype=torch.int32).repeat_interleave(v.shape[1]), (c + i0).int().ravel(),
-                        v.ravel()))
-        if v.shape[1] == take:
-            floor[i0:i1] = v[:, -1]
-    for a, (i0, i1) in enumerate(zip(starts, ends)):
-        for b in range(a + 1, len(starts)):
-            j0, j1 = starts[b], ends[b]
-            s = _product(feat[i0:i1], feat[j0:j1], product)
-            above = mask[:s.numel()].view(s.shape)
-            r, c = torch.nonzero(torch.ge(s, floor[i0:i1, None], out=above), as_tuple=True)  # candidates of I's rows
-            held[a].append(((r + i0).int(), (c + j0).int(), s[r, c]))
-            r, c = torch.nonzero(torch.ge(s, floor[None, j0:j1], out=above), as_tuple=True)  # and of J's
-            held[b].append(((c + j0).int(), (r + i0).int(), s[r, c]))
-            for blk in (a, b):
-                if sum(len(part[0]) for part in held[blk]) > _HOLD * (ends[blk] - starts[blk]) * take:
-                    cut(blk)
-        cut(a)
-    return (torch.cat([h[0][2] for h in held]).view(n, take),
-            torch.cat([h[0][1] for h in held]).long().view(n, take))
-
-
-def _rows_top(x: np.ndarray, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 brute force for some rows: their ``width`` largest similarities (descending) and ids."""
-    table = torch.from_numpy(x)
-    sims, ids = np.empty((len(rows), width), np.float32), np.empty((len(rows), width), np.int64)
-    step = max(1, _FULL_ROW_CHUNK // len(x))
-    with _full_float32():
-        for s in range(0, len(rows), step):
-            v, c = torch.topk(table[torch.from_numpy(rows[s:s + step])] @ table.T, width, dim=1)
-            sims[s:s + step], ids[s:s + step] = v.numpy(), c.numpy()
-    return sims, ids
-
-
-def _knn(x: np.ndarray, k: int, kind: str, stats: dict[str, float],
-         nprobe: int = _IVF_NPROBE) -> tuple[np.ndarray, np.ndarray]:
-    n, dim = x.shape
-    # |float32 <x, y> - <x, y>| <= gamma_D |x| |y| for any summation order, plus the float64 re-ranking's own
-    err = dim * _UNIT / (1 - dim * _UNIT) * (1 + _NORM_TOL) ** 2 + 1e-12
-    start = time.perf_counter()
-    take = min(n, k + _MARGIN)
-    brute = kind in ("exact", "int8")
-    if kind == "hnsw" or (brute and faiss.get_num_gpus() > 0):
-        index = _hnsw_index(x) if kind == "hnsw" else _flat_index(x)
-
-        def search(rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-            return index.search(x[rows], width)
-    else:
-        if kind == "ivf":
-            cand_s, cand_i = _ivf_candidates(x, take, nprobe, stats)
-        else:
-            feat, unit = _scan_operand(x, kind)
-            with _full_float32():
-                cand_s, cand_i = _blocked_top(feat, take)
-            cand_s, cand_i = cand_s.numpy().astype(np.float32) * np.float32(unit), cand_i.numpy()
-
-        def search(rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-            return (cand_s[rows], cand_i[rows]) if width == take else _rows_top(x, rows, width)
-    stats["knn_index_s"] = time.perf_counter() - start
-    sims, ids = np.empty((n, k)), np.empty((n, k), np.int64)
-    retry = []
-    for q0 in range(0, n, _QUERY_CHUNK):
-        rows = np.arange(q0, min(n, q0 + _QUERY_CHUNK))
-        s32, cand = search(rows, take)
-        s64, cand = _rank(x, rows, cand)
-        sims[rows], ids[rows] = s64[:, :k], cand[:, :k]
-        if kind == "exact":
-            certain = (cand.shape[1] == n) | (s64[:, k - 1] > s32.min(axis=1) + err)
-        else:  # approximate: only rows the index could not fill are redone
-            certain = np.isfinite(s64[:, k - 1])
-        retry.append(rows[~certain])
-    retry = np.concatenate(retry)
-    stats["knn_rows_widened"] = float(len(retry))
-    if retry.size and kind == "exact" and take < n:
-        s32, cand = search(retry, min(n, k + _WIDE_MARGIN))
-        s64, cand = _rank(x, retry, cand)
-        certain = (cand.shape[1] == n) | (s64[:, k - 1] > s32.min(axis=1) + err)
-        sims[retry[certain]], ids[retry[certain]] = s64[certain, :k], cand[certain, :k]
-        retry = retry[~certain]
-    stats["knn_rows_full"] = float(len(retry))
-    if retry.size:
-        sims[retry], ids[retry] = _full_rows(x, retry, k)
-    if kind != "exact":
-        sample = np.random.default_rng(1).choice(n, min(n, _RECALL_QUERIES), replace=False)
-        truth = _rank(x, sample, _rows_top(x, sample, take)[1])[1][:, :k]
-        stats["knn_recall"] = float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids[sample], truth)]) / k)
-    stats["knn_s"] = time.perf_counter() - start
-    return sims, ids
-
-
-def knn_search(features: np.ndarray, k: int, index: str = "exact",
-               nprobe: int = _IVF_NPROBE) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest neighbours of every row among all rows, self included: (N, k) float64 cosine
-    similarities, descending, and (N, k) int64 ids, ties by index. ``index="exact"`` is certified exact
-    (module docstring); ``"int8"`` (the same blocked scan on int8 features), ``"ivf"`` (IVF-Flat:
-    sqrt(nprobe N) k-means lists, each point probing ``nprobe``) and ``"hnsw"`` (M 32, efSearch 128) are
-    approximate; their k + 8 candidates are re-ranked the same way."""
-    _check_search(index, nprobe)  # the arguments first: checking the features reads them all
-    x = _check_features(features)
-    _check_k(k, len(x), "k")
-    return _knn(x, k, index, {}, nprobe)
 
 
 def _index_type(n: int) -> type:
@@ -589,8 +223,8 @@ def _expanded_weights(x: np.ndarray, sims: np.ndarray, ids: np.ndarray, k1: int)
     ids_by_id, sims_by_id = np.take_along_axis(ids, by_id, 1), np.take_along_axis(sims, by_id, 1)
     del by_id
     data, indices, lens = [], [], []
-    for r0 in range(0, n, _QUERY_CHUNK):
-        r1 = min(n, r0 + _QUERY_CHUNK)
+    for r0 in range(0, n, _ROW_CHUNK):
+        r1 = min(n, r0 + _ROW_CHUNK)
         block = recip[r0:r1]
         # (i, c) for c in R(i, k1), valued |R(c, k1/2) ∩ R(i, k1)|
         overlap = block.multiply(block @ half_t).tocsr()
@@ -619,65 +253,130 @@ def _expanded_weights(x: np.ndarray, sims: np.ndarray, ids: np.ndarray, k1: int)
     return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=(n, n))
 
 
-def _shared_pairs(v: sp.csr_matrix, max_distance: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, d_ij) for the pairs j > i whose rows of ``v`` (sorted indices) share support and whose
-    d_ij = max(0, 1 - m/(2 - m)), m = sum_l min(v_il, v_jl), rounded to _DECIMALS decimals, is
-    <= ``max_distance`` (all when None).
+@numba.njit(cache=True)
+def _offer(heap_d: np.ndarray, heap_j: np.ndarray, size: np.ndarray, row: int, d: float, col: int) -> None:
+    """Offer (d, col) to the ``heap_d.shape[1]`` smallest (d, col) of ``row``: a max-heap per row, its root
+    the largest kept, so the result is the same set whatever the order of the offers."""
+    hd, hj, k = heap_d[row], heap_j[row], heap_d.shape[1]
+    if size[row] < k:
+        at = size[row]
+        size[row] += 1
+        while at > 0:  # sift up past the parents below (d, col)
+            up = (at - 1) // 2
+            if hd[up] > d or (hd[up] == d and hj[up] > col):
+                break
+            hd[at], hj[at] = hd[up], hj[up]
+            at = up
+    elif d < hd[0] or (d == hd[0] and col < hj[0]):
+        at = 0
+        while 2 * at + 1 < k:  # sift down past the children above (d, col)
+            down = 2 * at + 1
+            if down + 1 < k and (hd[down + 1] > hd[down] or (hd[down + 1] == hd[down] and hj[down + 1] > hj[down])):
+                down += 1
+            if hd[down] < d or (hd[down] == d and hj[down] < col):
+                break
+            hd[at], hj[at] = hd[down], hj[down]
+            at = down
+    else:
+        return
+    hd[at], hj[at] = d, col
 
-    Walks v's column index from each entry (i, l) to the rows j >= i of column l, a chunk of rows at a
-    time (about _TRIPLE_CHUNK terms, at most _CHUNK_ROWS rows). Each chunk's pairs get compact ids (the
-    distinct j through a stamp array, no sort) and one bincount sums their terms, each pair's in
-    ascending l, as the reference's running ``temp_min`` does.
+
+@numba.njit(cache=True)
+def _walk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, col_ptr: np.ndarray, col_rows: np.ndarray,
+          col_data: np.ndarray, first: np.ndarray, max_distance: float, nearest: int,
+          scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """The min-sum walk of ``_shared_pairs`` (CSR arrays of v, its CSC arrays, the CSC slot of each CSR
+    entry); d rounded as np.round(d, decimals) does, rint(d scale) / scale. ``nearest`` 0: the pairs
+    (i, j > i, d <= max_distance), rows ascending, each row's in the order its walk first reaches them
+    (ascending l, then ascending j); else every row's heap entries as (min, max, d), and the smallest root
+    of the full heaps (inf when none is full)."""
+    n = len(indptr) - 1
+    acc = np.zeros(n)
+    last = np.full(n, -1, np.int64)  # the row whose walk last touched j: acc[j] is that row's
+    touched = np.empty(n, np.int64)
+    heaps = n if nearest > 0 else 0
+    heap_d = np.empty((heaps, max(nearest, 1)))
+    heap_j = np.empty((heaps, max(nearest, 1)), np.int64)
+    size = np.zeros(heaps, np.int64)
+    out_i, out_j, out_d = np.empty(1024, np.int64), np.empty(1024, np.int64), np.empty(1024)
+    count = 0
+    for i in range(n):
+        t = 0
+        for e in range(indptr[i], indptr[i + 1]):
+            v_il = data[e]
+            for f in range(first[e] + 1, col_ptr[indices[e] + 1]):  # the rows j > i of column l
+                j = col_rows[f]
+                if last[j] != i:
+                    last[j], acc[j], touched[t] = i, 0.0, j
+                    t += 1
+                acc[j] += min(v_il, col_data[f])
+        for s in range(t):
+            j = touched[s]
+            m = acc[j]
+            d = 1.0 - m / (2.0 - m)
+            d = np.rint((d if d >= 0.0 else 0.0) * scale) / scale  # np.maximum(d, 0), then np.round
+            if d > max_distance:
+                continue
+            if nearest > 0:
+                _offer(heap_d, heap_j, size, i, d, j)
+                _offer(heap_d, heap_j, size, j, d, i)
+                continue
+            if count == len(out_d):  # grow by doubling
+                out_i = np.concatenate((out_i, np.empty_like(out_i)))
+                out_j = np.concatenate((out_j, np.empty_like(out_j)))
+                out_d = np.concatenate((out_d, np.empty_like(out_d)))
+            out_i[count], out_j[count], out_d[count] = i, j, d
+            count += 1
+    complete_below = np.inf
+    if nearest > 0:
+        out_i, out_j, out_d = np.empty(size.sum(), np.int64), np.empty(size.sum(), np.int64), np.empty(size.sum())
+        for r in range(n):
+            for s in range(size[r]):
+                c = heap_j[r, s]
+                out_i[count], out_j[count], out_d[count] = min(r, c), max(r, c), heap_d[r, s]
+                count += 1
+            if size[r] == nearest:
+                complete_below = min(complete_below, heap_d[r, 0])
+    return out_i[:count], out_j[:count], out_d[:count], complete_below
+
+
+def _shared_pairs(v: sp.csr_matrix, max_distance: float | None,
+                  nearest: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(i, j, d_ij) for pairs j > i whose rows of ``v`` (canonical CSR: sorted indices, no duplicates)
+    share support, d_ij = max(0, 1 - m/(2 - m)), m = sum_l min(v_il, v_jl) summed in ascending l, rounded
+    to _DECIMALS decimals: those with d_ij <= ``max_distance`` (all when None), rows ascending, each
+    row's pairs in the order the walk first reaches them (its entries (i, l) in ascending l, then the
+    rows j of column l ascending); with ``nearest`` only those among the ``nearest`` smallest (d, column)
+    of row i or of row j, in (i, j) order. Also the smallest d_ij of a full row's kept ones (a pair left
+    out is at least that far; inf when no row is full or without ``nearest``).
+
+    Walks v's column index from each entry (i, l) to the rows j > i of column l (module docstring).
     """
-    n = v.shape[0]
-    index_type = np.int32 if v.nnz < 2**31 else np.int64
+    index = np.int64
     # scipy's CSR -> CSC transpose is a counting sort: rows ascending within each column, the same slots
     # for v and for the positions of v's entries
     v_cols = v.tocsc()
-    slot = sp.csr_matrix((np.arange(v.nnz, dtype=index_type), v.indices, v.indptr), shape=v.shape).tocsc().data
-    # per entry (i, l) of v, the rows j >= i of column l: first[e] .. the end of column l
-    first = np.empty(v.nnz, index_type)
-    first[slot] = np.arange(v.nnz, dtype=index_type)
+    slot = sp.csr_matrix((np.arange(v.nnz, dtype=index), v.indices, v.indptr), shape=v.shape).tocsc().data
+    first = np.empty(v.nnz, index)  # per entry (i, l) of v, its place in column l: the rows after it are > i
+    first[slot] = np.arange(v.nnz, dtype=index)
     del slot
-    terms_before = np.zeros(v.nnz + 1, np.int64)
-    np.cumsum(v_cols.indptr[v.indices + 1] - first, out=terms_before[1:])
-    row_terms = terms_before[v.indptr[1:]]  # terms of rows 0..i
-    del terms_before
-    stamp, local = np.empty(n, np.int64), np.empty(n, np.int64)
-    out_i, out_j, out_d = [], [], []
-    r0 = 0
-    while r0 < n:
-        budget = (row_terms[r0 - 1] if r0 else 0) + _TRIPLE_CHUNK
-        r1 = min(r0 + _CHUNK_ROWS, max(r0 + 1, int(np.searchsorted(row_terms, budget, side="right"))))
-        e0, e1 = v.indptr[r0], v.indptr[r1]
-        cnt = (v_cols.indptr[v.indices[e0:e1] + 1] - first[e0:e1]).astype(np.int64)
-        total = int(cnt.sum())
-        at = np.repeat(first[e0:e1] - (np.cumsum(cnt) - cnt), cnt) + np.arange(total)
-        j = v_cols.indices[at]
-        terms = np.minimum(np.repeat(v.data[e0:e1], cnt), v_cols.data[at])
-        order = np.arange(total)
-        stamp[j] = order  # the last occurrence of each j wins: one representative per distinct j
-        distinct = j[stamp[j] == order]
-        local[distinct] = np.arange(len(distinct))
-        key = np.repeat(np.repeat(np.arange(r1 - r0), np.diff(v.indptr[r0:r1 + 1])), cnt) * len(distinct) + local[j]
-        m = np.bincount(key, weights=terms, minlength=(r1 - r0) * len(distinct))
-        pair = np.flatnonzero(m)  # every term is > 0, so the pairs that occur
-        d = np.round(np.maximum(1 - m[pair] / (2 - m[pair]), 0), _DECIMALS)
-        pi, pj = r0 + pair // len(distinct), distinct[pair % len(distinct)]
-        keep = pj != pi
-        if max_distance is not None:
-            keep &= d <= max_distance
-        out_i.append(pi[keep])
-        out_j.append(pj[keep])
-        out_d.append(d[keep])
-        r0 = r1
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+    # one signature for the compiled walk: int64 indices, float64 values (no copy where they are already)
+    arrays = [a.astype(index, copy=False) for a in (v.indptr, v.indices, v_cols.indptr, v_cols.indices)]
+    rows, cols, d, complete_below = _walk(
+        arrays[0], arrays[1], v.data.astype(np.float64, copy=False), arrays[2], arrays[3],
+        v_cols.data.astype(np.float64, copy=False), first, np.inf if max_distance is None else float(max_distance),
+        nearest or 0, 10.0**_DECIMALS)
+    if nearest:  # a pair kept by both of its rows comes twice; np.unique sorts by (i, j)
+        _, at = np.unique(rows * v.shape[0] + cols, return_index=True)
+        rows, cols, d = rows[at], cols[at], d[at]
+    return rows, cols, d, complete_below
 
 
-def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | None,
-             stats: dict[str, float], nprobe: int = _IVF_NPROBE) -> sp.csr_matrix:
+def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | None, stats: dict[str, float],
+             nprobe: int = IVF_NPROBE, nearest: int | None = None, device: str = "auto") -> sp.csr_matrix:
     n = len(x)
-    sims, ids = _knn(x, k1, index, stats, nprobe)
+    sims, ids = knn_table(x, k1, index, stats, nprobe, device)
     start = time.perf_counter()
     v = _expanded_weights(x, sims, ids, k1)
     if k2 != 1:
@@ -687,7 +386,9 @@ def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | 
         v.sort_indices()
     del sims, ids
     stats["v_nnz_per_row"] = v.nnz / n
-    rows, cols, d = _shared_pairs(v, max_distance)
+    rows, cols, d, complete_below = _shared_pairs(v, max_distance, nearest)
+    if nearest:
+        stats["graph_complete_below"] = min(complete_below, 1.0)
     # the diagonal: 0, or 1 where the row of v is empty (then nothing is shared with itself either)
     diag = np.where(np.diff(v.indptr) > 0, 0.0, 1.0)
     del v
@@ -704,16 +405,24 @@ def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | 
 
 
 def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, index: str = "exact",
-                     max_distance: float | None = None, nprobe: int = _IVF_NPROBE) -> sp.csr_matrix:
-    """SpCL's k-reciprocal Jaccard distance of L2-normalised features (N x D) as an N x N CSR matrix:
-    every pair sharing support (entries <= ``max_distance`` only, when given) plus the diagonal; pairs
-    not stored are at distance 1. Rows are sorted by distance, ties by column. See the module docstring."""
-    _check_search(index, nprobe)  # the arguments first: checking the features reads them all
+                     max_distance: float | None = _SPCL_LOOSE_EPS, nprobe: int = IVF_NPROBE, *,
+                     nearest: int | None = None, device: str = "auto") -> sp.csr_matrix:
+    """SpCL's k-reciprocal Jaccard distance of L2-normalised features (N x D) as an N x N CSR matrix: the
+    pairs sharing support at distance <= ``max_distance`` (by default SpCL's loose eps, 0.62) and, with
+    ``nearest``, only each row's ``nearest`` smallest plus the entries mirrored from the other rows', plus
+    the diagonal; pairs not stored are at distance 1. ``max_distance=None`` without ``nearest`` stores
+    every pair sharing support, which can grow like N^2. Rows are sorted by distance, ties by column.
+    ``index``, ``nprobe`` and ``device`` are the kNN search's (``knn_search``). See the module docstring."""
+    check_search(index, nprobe, device)  # the arguments first: checking the features reads them all
     if k2 < 1:
         raise ValueError(f"k2 must be >= 1, got k2={k2}")
-    x = _check_features(features)
-    _check_k(k1, len(x))
-    return _jaccard(x, k1, k2, index, max_distance, {}, nprobe)
+    if max_distance is not None and not max_distance >= 0:
+        raise ValueError(f"max_distance must be >= 0 or None, got max_distance={max_distance}")
+    if nearest is not None and nearest < 1:
+        raise ValueError(f"nearest must be >= 1 or None, got nearest={nearest}")
+    x = check_features(features)
+    check_k(k1, len(x))
+    return _jaccard(x, k1, k2, index, max_distance, {}, nprobe, nearest, device)
 
 
 def _with_singletons(labels: np.ndarray) -> np.ndarray:
@@ -745,7 +454,8 @@ def _renumber(groups: np.ndarray, drop_outliers: bool) -> tuple[np.ndarray, int,
 
 
 def _hdbscan_labels(graph: sp.csr_matrix, min_samples: int, min_cluster_size: int, selection: str) -> np.ndarray:
-    """HDBSCAN labels (noise -1) of the full Jaccard graph, through the dense-equivalent MST (module docstring)."""
+    """HDBSCAN labels (noise -1) of the bounded Jaccard graph, through its minimum spanning tree (module
+    docstring)."""
     import hdbscan  # only this method needs it
 
     n = graph.shape[0]
@@ -786,7 +496,10 @@ class SelfPacedClustering:
     def __init__(self, cfg: ClusterConfig) -> None:
         checks = [
             (cfg.method in ("dbscan", "hdbscan"), f"method must be dbscan or hdbscan, got {cfg.method!r}"),
-            (cfg.knn in _INDICES, f"knn must be one of {', '.join(_INDICES)}, got {cfg.knn!r}"),
+            (cfg.knn in INDICES, f"knn must be one of {', '.join(INDICES)}, got {cfg.knn!r}"),
+            (cfg.knn_device in DEVICES, f"knn_device must be one of {', '.join(DEVICES)}, got {cfg.knn_device!r}"),
+            (cfg.knn_device != "cuda" or torch.cuda.is_available(),
+             "knn_device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)"),
             (cfg.eps_gap >= 0, f"eps_gap must be >= 0, got {cfg.eps_gap}"),
             (cfg.eps - cfg.eps_gap > 0, f"eps - eps_gap must be > 0, got eps={cfg.eps}, eps_gap={cfg.eps_gap}"),
             # pairs without shared support are at distance 1 and never stored
@@ -800,6 +513,10 @@ class SelfPacedClustering:
              f"hdbscan_min_cluster_size must be >= 2, got {cfg.hdbscan_min_cluster_size}"),
             (cfg.hdbscan_cluster_selection in ("eom", "leaf"),
              f"hdbscan_cluster_selection must be eom or leaf, got {cfg.hdbscan_cluster_selection!r}"),
+            # the core distance of a point is its min_samples-th smallest distance: it must be stored
+            (cfg.method != "hdbscan" or cfg.hdbscan_neighbours >= cfg.min_samples,
+             f"hdbscan_neighbours must be >= min_samples, got hdbscan_neighbours={cfg.hdbscan_neighbours}, "
+             f"min_samples={cfg.min_samples}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -851,14 +568,14 @@ class SelfPacedClustering:
     def __call__(self, features: np.ndarray) -> ClusterResult:
         cfg = self.cfg
         start = time.perf_counter()
-        x = _check_features(features)
-        _check_k(cfg.k1, len(x))
+        x = check_features(features)
+        check_k(cfg.k1, len(x))
         stats: dict[str, float] = {"n": float(len(x))}
-        if cfg.method == "hdbscan":
-            max_distance = None
-        else:
-            max_distance = cfg.eps + cfg.eps_gap if cfg.self_paced else cfg.eps
-        graph = _jaccard(x, cfg.k1, cfg.k2, cfg.knn, max_distance, stats, cfg.ivf_nprobe)
+        if cfg.method == "hdbscan":  # every distance, each row's nearest few: at most 2 N hdbscan_neighbours
+            max_distance, nearest = None, cfg.hdbscan_neighbours
+        else:  # the largest eps DBSCAN runs at
+            max_distance, nearest = (cfg.eps + cfg.eps_gap if cfg.self_paced else cfg.eps), None
+        graph = _jaccard(x, cfg.k1, cfg.k2, cfg.knn, max_distance, stats, cfg.ivf_nprobe, nearest, cfg.knn_device)
         cluster_start = time.perf_counter()
         if cfg.method == "hdbscan":
             groups = _with_singletons(_hdbscan_labels(graph, cfg.min_samples, cfg.hdbscan_min_cluster_size,

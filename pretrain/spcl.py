@@ -16,9 +16,9 @@ NeurIPS 2020, in its unsupervised (USL) form: §3.1 the hybrid memory and the un
    epoch of ``iters_per_epoch`` batches touches a small fraction of the slots, so memory features go
    stale); un-clustered images stay as one-image classes.
 3. ``iters_per_epoch`` global batches of P x K images per process, read by index: by default SpCL's
-   ``RandomMultipleGallerySampler`` semantics (``sampler: multiple_gallery``, ``data/samplers.py``:
+   ``RandomMultipleGallerySampler`` semantics (``data.sampler: multiple_gallery``, ``data/samplers.py``:
    every pseudo-class once per pass, an anchor plus K-1 images preferably from other cameras, a
-   one-image class one slot), or P pseudo-identities x K images (``sampler: pk``); loss = the memory's
+   one-image class one slot), or P pseudo-identities x K images (``data.sampler: pk``); loss = the memory's
    unified contrastive loss; the memory is updated in backward, in global batch order, identically on
    every rank.
 4. Each epoch's clustering is logged (clusters, outliers, cluster sizes, the clustering's own statistics
@@ -38,7 +38,7 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
 * ``MultipleGallerySampler`` draws an anchor's K-1 companions without replacement whenever there
   are at least K-1 candidates (SpCL: at least K); its batches are cut from one pass's index list at a
   time, as SpCL's ``IterLoader`` restarts its ``drop_last`` loader after each pass.
-* ``encoder.weights`` must be given: a file, or ``none`` for random init on purpose (SpCL always
+* ``model.weights`` must be given: a file, or ``none`` for random init on purpose (SpCL always
   starts from ImageNet weights); an empty value stops the run before any work.
 * ``data.p`` x ``data.k`` is the batch of one process; the global batch of an iteration is the
   concatenation of the ranks' batches (rank r takes slice r of one global P·world x K batch), so a
@@ -68,9 +68,11 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
   checkpointed and the ones a resumed run starts from; broadcasting them (rather than averaging the
   ranks') makes the ranks embed their shares of the pool alike and a resumed run equal to a whole one.
   SpCL leaves each GPU's statistics as they are.
-* Re-extraction before clustering is an option (SpCL never re-extracts), as is the learning-rate
-  schedule (``milestones``; SpCL's ``StepLR(step_size=20)`` over 50 epochs is [20, 40], the DM-OSNet
-  recipe's decay every 10 of 30 epochs [10, 20]).
+* Re-extraction before clustering is an option (SpCL never re-extracts), as are the optimiser and its
+  schedule (``optim.*``, the fine-tuning stage's block, ``shared/optim.py``; by default SpCL's Adam and
+  ``StepLR(step_size=20)`` over 50 epochs, ``optim.milestones`` [20, 40], the DM-OSNet recipe's decay
+  every 10 of 30 epochs [10, 20]). The rate is set per iteration; without a warm-up it is constant
+  within an epoch, as SpCL's per-epoch steps give it.
 """
 
 from __future__ import annotations
@@ -93,13 +95,13 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
-from tqdm import tqdm
 
+from reidforge.data.config import DataConfig
 from reidforge.data.draws import SeededBatches, SeededDraws
 from reidforge.data.readers import ConcatShards, IndexedShards, SampleTally, collate
 from reidforge.data.samplers import MultipleGallerySampler, PKSampler
 from reidforge.data.shards import ShardError, load_manifest
-from reidforge.data.transforms import Normalize, TransformConfig, build_transforms
+from reidforge.data.transforms import Normalize, build_transforms
 from reidforge.pretrain.cfs import cfs_keep_indices
 from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering
 from reidforge.pretrain.memory import HybridMemory
@@ -108,39 +110,36 @@ from reidforge.shared.checkpoints import Checkpoints
 from reidforge.shared.config import ConfigError, bounded, choice, config_main, save_config
 from reidforge.shared.heads import build_pooling
 from reidforge.shared.io import atomic_write_json
+from reidforge.shared.optim import OptimConfig, build_optimizer, build_scheduler, check_schedule, clip_gradients
+from reidforge.shared.progress import Progress, RunProgress
 from reidforge.shared.retrieval import evaluate, extract_features
+from reidforge.shared.run_config import ModelConfig, RunConfig
 from reidforge.shared.rundir import claim_run_dir
 from reidforge.shared.runlog import log_to
 from reidforge.shared.table import Percent, format_table
-from reidforge.shared.tensorboard import TrainScalars, grad_norm, write_config_text, write_embedding, write_hparams
+from reidforge.shared.tensorboard import TrainScalars, write_config_text, write_embedding, write_hparams
 from reidforge.shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
 
 
 @dataclass
-class EncoderConfig:
-    backbone: str = "resnet50"
-    options: dict[str, Any] = field(default_factory=dict)
-    pooling: str = choice("avg", "gem")  # SpCL: average; OpenUnReID's SpCL+: GeM
+class EncoderConfig(ModelConfig):
+    """The shared model block for SpCL's encoder: ``name`` is a backbone (shared/backbones), plus its pooling."""
+
     # A local pretrained file (any layout shared/weights.py detects) or "none": random init on purpose.
     # Left empty, the run stops at start: every recipe states how it begins.
     weights: str = ""
-    allow_partial: bool = False  # accept a file that leaves some backbone tensors at their init
+    pooling: str = choice("avg", "gem")  # SpCL: average; OpenUnReID's SpCL+: GeM
 
 
 @dataclass
-class PoolConfig:
-    splits: list[str] = field(default_factory=lambda: ["runs/demo/shards/synthetic_lup/pool"])
+class PoolConfig(DataConfig):
+    train: list[str] = field(default_factory=lambda: ["runs/demo/shards/synthetic_lup/pool"])  # the unlabelled pool's splits
+    query: str = ""  # optional labelled query/gallery splits for retrieval checks during pretraining
+    gallery: str = ""
+    sampler: str = choice("multiple_gallery", "pk")  # SpCL's RandomMultipleGallerySampler, or P x K
     cfs_ranking: str = ""  # ranking file (pretrain/cfs.py output or the released CFS_list.pkl); "" keeps all
     cfs_keep: float = bounded(0.5, 0, 1, lo_open=True)  # fraction of each split's ranked images kept when a ranking is given
     max_images: int = bounded(0, 0)  # > 0: only the first this many kept images of the pool (smoke and CPU runs)
-    p: int = bounded(16, 1)  # pseudo-identities per process and iteration
-    k: int = bounded(4, 1)  # images per pseudo-identity
-    workers: int = bounded(2, 0)
-    test_batch_size: int = bounded(128, 1)
-    max_bad_fraction: float = bounded(0.01, 0, 1)
-    transform: TransformConfig = field(default_factory=TransformConfig)
-    query: str = ""  # optional labelled query/gallery splits for retrieval checks during pretraining
-    gallery: str = ""
 
 
 @dataclass
@@ -151,33 +150,25 @@ class MemoryConfig:
 
 
 @dataclass
-class SpCLConfig:
+class SpCLConfig(RunConfig):
     run_name: str = "spcl"
-    output_dir: str = "runs"
-    seed: int = 1
-    epochs: int = bounded(50, 0)
+    epochs: int = bounded(50, 0)  # SpCL examples/spcl_train_usl.py --epochs 50
+    # Iterations an epoch trains (SpCL's --iters 400), passes following passes. 0 (one pass) is not offered
+    # here: the schedule needs a fixed epoch length, and a pass over pseudo-labels changes with each clustering.
     iters_per_epoch: int = bounded(400, 1)
     cluster_features: str = choice("memory", "reextract")
-    sampler: str = choice("multiple_gallery", "pk")  # SpCL's RandomMultipleGallerySampler, or P x K
     samples_per_bn: int = bounded(0, 0)  # split each process's batch into BatchNorm groups of this size; 0 = whole batch
     # Train-mode passes (no gradient) over pool images that set the BatchNorm running statistics before
     # the first extraction: a random init's (0, 1) statistics make eval-mode features meaningless.
     bn_calibration_batches: int = bounded(0, 0)
-    lr: float = bounded(3.5e-4, 0, None, lo_open=True)
-    weight_decay: float = bounded(5e-4, 0)
-    milestones: list[int] = field(default_factory=lambda: [20, 40])  # SpCL: StepLR(step_size=20), 50 epochs
-    gamma: float = bounded(0.1, 0, 1, lo_open=True)
-    amp: str = choice("no", "bf16", "fp16")
-    eval_every: int = bounded(10, 1)
-    checkpoint_every: int = bounded(1, 1)
     # > 0: also checkpoint every this many iterations inside an epoch, so that a LUPerson-length epoch
     # (hours) is never lost whole; --resume then continues from that iteration with the epoch's labels.
     checkpoint_every_iters: int = bounded(0, 0)
-    keep_checkpoints: int = bounded(2, 1)
-    log_every: int = bounded(20, 1)
-    dist_timeout_minutes: int = bounded(120, 1)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: EncoderConfig = field(default_factory=EncoderConfig)
     data: PoolConfig = field(default_factory=PoolConfig)
+    # SpCL's optimiser: Adam, lr 3.5e-4, weight decay 5e-4 on every parameter, StepLR(step_size=20) over 50
+    # epochs (x0.1 at 20 and 40), no warm-up (examples/spcl_train_usl.py).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_epochs=0.0, milestones=[20, 40]))
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -187,7 +178,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.backbone = build_backbone(cfg.backbone, **cfg.options)
+        self.backbone = build_backbone(cfg.name, **cfg.options)
         self.pool = build_pooling(cfg.pooling)
         self.feature_dim = self.backbone.out_channels
         self.bn = nn.BatchNorm1d(self.feature_dim)
@@ -247,7 +238,7 @@ class PseudoIdentityBatches(Sampler[list[int]]):
 def kept_samples(data: PoolConfig) -> list[np.ndarray]:
     """Per pool split, the sorted sample indices that get a memory slot (all, or the CFS top fraction)."""
     kept = []
-    for split in data.splits:
+    for split in data.train:
         if data.cfs_ranking:
             kept.append(np.asarray(cfs_keep_indices(split, data.cfs_ranking, data.cfs_keep), dtype=np.int64))
         else:
@@ -294,33 +285,31 @@ class SpCLTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         d = cfg.data
-        parts = [IndexedShards(s) for s in d.splits]
+        parts = [IndexedShards(s) for s in d.train]
         offsets = ConcatShards(parts).offsets
         self.slots = np.concatenate([k + off for k, off in zip(kept_samples(d), offsets)])
         if d.max_images > 0:
             self.slots = self.slots[:d.max_images]
-        self.train_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=True)) for s in d.splits])
+        self.train_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=True)) for s in d.train])
         self.slot_camids = self.train_pool.camids[self.slots]  # -1 where the pool has none (LUPerson)
-        self.test_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=False)) for s in d.splits])
+        self.test_pool = ConcatShards([IndexedShards(s, build_transforms(d.transform, train=False)) for s in d.train])
         n = len(self.slots)
         if n < d.p * acc.num_processes:
             raise ConfigError(f"data: {n} pool images kept, fewer than p x processes = {d.p * acc.num_processes}")
 
-        encoder = Encoder(cfg.encoder)
-        if cfg.encoder.weights != "none":
+        encoder = Encoder(cfg.model)
+        if cfg.model.weights != "none":
             # The encoder is a bare backbone: the file's layout is mapped onto its own key names.
-            report = load_pretrained(encoder.backbone, cfg.encoder.weights, cfg.encoder.allow_partial,
-                                     self.run_dir / WEIGHTS_REPORT if acc.is_main_process else None,
-                                     partial_option="encoder.allow_partial")
+            report = load_pretrained(encoder.backbone, cfg.model.weights, cfg.model.allow_partial,
+                                     self.run_dir / WEIGHTS_REPORT if acc.is_main_process else None)
             acc.print(report.line())
         dtype = torch.float16 if cfg.memory.dtype == "float16" else torch.float32
         self.memory = HybridMemory(n, encoder.feature_dim, cfg.memory.temperature, cfg.memory.momentum,
                                    dtype=dtype).to(acc.device)
         self.valid = torch.zeros(n, dtype=torch.bool)  # slots whose image delivered a feature
         self.clustering = SelfPacedClustering(cfg.cluster)
-        params = [p for p in encoder.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
+        optimizer = build_optimizer(encoder, cfg.optim)  # the trainable parameters: not the BN's frozen bias
+        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.iters_per_epoch, cfg.epochs)
         self.model, self.optimizer = acc.prepare(encoder, optimizer)
         self.normalize = Normalize(d.transform.mean, d.transform.std).to(acc.device)
         self.state: dict[str, Any] = {"epoch": 0, "iteration": 0, "history": [],
@@ -340,25 +329,28 @@ class SpCLTrainer:
 
     def _check_inputs(self) -> None:
         """One-line errors for every input before any model is built or image read."""
-        weights = self.cfg.encoder.weights
+        weights = self.cfg.model.weights
         if not weights:
-            raise ConfigError("encoder.weights is empty: give the pretrained file this recipe starts from "
-                              "(encoder.weights=FILE), or encoder.weights=none to train from random init")
+            raise ConfigError("model.weights is empty: give the pretrained file this recipe starts from "
+                              "(model.weights=FILE), or model.weights=none to train from random init")
         if weights != "none" and not Path(weights).is_file():
             raise WeightsError(f"weights file not found: {weights}")
         d = self.cfg.data
-        if not d.splits:
-            raise ConfigError("data.splits: give at least one pool split")
-        for split in [*d.splits, *[s for s in (d.query, d.gallery) if s]]:
+        if not d.train:
+            raise ConfigError("data.train: give at least one pool split")
+        for split in [*d.train, *[s for s in (d.query, d.gallery) if s]]:
             load_manifest(split)
         if bool(d.query) != bool(d.gallery):
             raise ConfigError("data.query and data.gallery go together: give both or neither")
         if d.cfs_ranking and not Path(d.cfs_ranking).is_file():
             raise FileNotFoundError(f"data.cfs_ranking: no such file {d.cfs_ranking}")
+        check_schedule(self.cfg.optim, self.cfg.epochs)
 
     # -- features --------------------------------------------------------------------------------
-    def _extract(self, dataset: Any, samples: np.ndarray, name: str) -> tuple[torch.Tensor, np.ndarray]:
-        """Eval-mode features of ``dataset[samples]`` in ``samples`` order (rows of lost images are absent).
+    def _extract(self, dataset: Any, samples: np.ndarray, name: str, phase: str = "extract"
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+        """Eval-mode features of ``dataset[samples]`` in ``samples`` order (rows of lost images are absent),
+        its progress shown as ``[phase] name``.
 
         Each rank embeds a contiguous share; the shares are gathered on every rank. Returns the features
         and the positions (into ``samples``) they belong to.
@@ -370,9 +362,9 @@ class SpCLTrainer:
         loader = DataLoader(Subset(dataset, samples[lo:hi].tolist()), batch_size=d.test_batch_size,
                             num_workers=d.workers, collate_fn=collate)
         tally = SampleTally(hi - lo, d.max_bad_fraction, name)
-        bar = tqdm(tally.wrap(loader), total=len(loader), desc=name, leave=False,
-                   disable=not acc.is_local_main_process)
-        feats, index = extract_features(acc.unwrap_model(self.model), bar, acc.device, self.normalize)
+        with Progress(len(loader), name, phase, unit="batch", enabled=acc.is_main_process) as bar:
+            feats, index = extract_features(acc.unwrap_model(self.model), tally.wrap(bar.wrap(loader)), acc.device,
+                                            self.normalize)
         position = torch.from_numpy(np.searchsorted(samples, index.numpy()))
         feats = acc.gather(acc.pad_across_processes(feats.to(acc.device), dim=0)).cpu()
         position = acc.gather(acc.pad_across_processes(position.to(acc.device), dim=0, pad_index=-1)).cpu()
@@ -403,9 +395,11 @@ class SpCLTrainer:
         loader = DataLoader(Subset(self.test_pool, self.slots[np.sort(picks)].tolist()), batch_size=size,
                             num_workers=cfg.data.workers, collate_fn=collate)
         encoder.train()
-        for batch in tqdm(loader, desc="BatchNorm calibration", leave=False, disable=not acc.is_local_main_process):
-            if "image" in batch:
-                encoder(self.normalize(batch["image"].to(acc.device)))
+        with Progress(len(loader), "BatchNorm calibration", "extract", unit="batch",
+                      enabled=acc.is_main_process) as bar:
+            for batch in bar.wrap(loader):
+                if "image" in batch:
+                    encoder(self.normalize(batch["image"].to(acc.device)))
         for m in norms:
             m.momentum = 0.1
 
@@ -417,11 +411,13 @@ class SpCLTrainer:
         self.valid[torch.from_numpy(slots)] = True
 
     # -- clustering --------------------------------------------------------------------------------
-    def _cluster(self, epoch: int) -> dict[str, Any]:
+    def _cluster(self, epoch: int, progress: RunProgress) -> dict[str, Any]:
         """Pseudo labels for every slot (rank 0 clusters, every rank receives the same labels)."""
         acc = self.accelerator
         if self.cfg.cluster_features == "reextract" and epoch > 0:
+            progress.set_phase("extract")
             self._initialise_memory()
+        progress.set_phase("cluster")
         labels = torch.full((len(self.slots),), -1, dtype=torch.long, device=acc.device)
         row: dict[str, Any] = {"epoch": epoch + 1}
         if acc.is_main_process:
@@ -475,14 +471,34 @@ class SpCLTrainer:
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
+        resumed_step = self.state["partial"]["step"] if "partial" in self.state else 0
+        # One display for the whole run, from the resumed iteration on (reidforge.shared.progress).
+        with RunProgress(cfg.epochs, cfg.iters_per_epoch, self.state["epoch"], resumed_step,
+                         enabled=acc.is_main_process) as progress:
+            self._epochs(progress)
+            progress.set_phase("export")
+            self._sync_batchnorm()
+            if acc.is_main_process:
+                self._export("backbone_final.safetensors")
+        if acc.is_main_process:
+            acc.print(self.results_table())
+            acc.print(f"run directory: {self.run_dir}")
+            write_hparams(acc, cfg, self._final_metrics(), self.state["iteration"])
+        acc.end_training()
+        return self.state
+
+    def _epochs(self, progress: RunProgress) -> None:
+        """Cluster, train, evaluate and checkpoint every epoch left."""
+        cfg, acc = self.cfg, self.accelerator
         for epoch in range(self.state["epoch"], cfg.epochs):
             partial = self.state.pop("partial", None)  # a mid-epoch checkpoint: its labels are restored
-            row = partial["row"] if partial else self._cluster(epoch)
-            row["loss"] = self._train_epoch(epoch, row, partial)
-            self.scheduler.step()
+            progress.start_epoch(epoch, partial["step"] if partial else 0)
+            row = partial["row"] if partial else self._cluster(epoch, progress)
+            row["loss"] = self._train_epoch(epoch, row, progress, partial)
             self.state["epoch"] = epoch + 1
             last = epoch + 1 == cfg.epochs
             if cfg.data.query and ((epoch + 1) % cfg.eval_every == 0 or last):
+                progress.set_phase("eval")
                 row.update(self._evaluate())
             if acc.is_main_process:
                 self.state["history"].append(row)
@@ -490,15 +506,8 @@ class SpCLTrainer:
                                                                   "world_size": acc.num_processes})
                 acc.print(self._row_line(row))
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+                progress.set_phase("checkpoint")
                 self._checkpoint()
-        self._sync_batchnorm()
-        if acc.is_main_process:
-            self._export("backbone_final.safetensors")
-            acc.print(self.results_table())
-            acc.print(f"run directory: {self.run_dir}")
-            write_hparams(acc, cfg, self._final_metrics(), self.state["iteration"])
-        acc.end_training()
-        return self.state
 
     def _final_metrics(self) -> dict[str, float]:
         """The last retrieval check (``test/mAP``, ``test/R1``) and clustering quality (``cluster/ARI``,
@@ -509,13 +518,14 @@ class SpCLTrainer:
             last.update({tag: row[k] for k, tag in tags.items() if k in row})
         return last
 
-    def _train_epoch(self, epoch: int, row: dict[str, Any], partial: dict[str, Any] | None = None) -> float:
+    def _train_epoch(self, epoch: int, row: dict[str, Any], progress: RunProgress,
+                     partial: dict[str, Any] | None = None) -> float:
         """Train one epoch (from the iteration a mid-epoch checkpoint reached); the mean loss of its steps."""
         cfg, acc = self.cfg, self.accelerator
         start, total = (partial["step"], partial["loss_sum"]) if partial else (0, 0.0)
         labels = self.memory.labels.cpu().numpy()
         sampler = PseudoIdentityBatches(labels, self.slot_camids, cfg.data.p, cfg.data.k, cfg.iters_per_epoch,
-                                        cfg.seed, epoch, acc.process_index, acc.num_processes, start, cfg.sampler)
+                                        cfg.seed, epoch, acc.process_index, acc.num_processes, start, cfg.data.sampler)
         self._log_pseudo_classes(epoch, labels)
         # Each image's augmentation is seeded by its draw (data/draws.py); the loader's own generator keeps
         # its worker base seed off the global RNG, which the training loop alone consumes.
@@ -524,10 +534,9 @@ class SpCLTrainer:
                             collate_fn=collate, generator=torch.Generator().manual_seed((cfg.seed << 20) + epoch))
         tally = SampleTally(len(self.slots), cfg.data.max_bad_fraction, "training")
         self.model.train()
-        bar = tqdm(tally.wrap(loader), total=cfg.iters_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, disable=not acc.is_local_main_process)
+        progress.set_phase("train")
         self.scalars.start_epoch()
-        for step, batch in enumerate(self.scalars.timed(bar), start + 1):
+        for step, batch in enumerate(self.scalars.timed(tally.wrap(loader)), start + 1):
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
             slots = torch.from_numpy(np.searchsorted(self.slots, batch["index"].numpy())).to(acc.device)
             with acc.autocast():
@@ -535,19 +544,23 @@ class SpCLTrainer:
             loss = self.memory(feats.float(), slots)
             self.optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
-            norm = grad_norm(acc, self.model.parameters())
+            norm = clip_gradients(acc, self.model.parameters(), cfg.optim)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step applies
             self.optimizer.step()
+            self.scheduler.step()
             self.state["iteration"] += 1
             total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            self.scalars.step(self.state["iteration"],
-                              {"lr": self.scheduler.get_last_lr()[0], "loss": loss, "grad_norm": norm})
+            progress.step(loss.item())
+            self.scalars.step(self.state["iteration"], {"lr": lr, "loss": loss, "grad_norm": norm})
             every = cfg.checkpoint_every_iters
             if every > 0 and step % every == 0 and step < cfg.iters_per_epoch:
                 self.state["partial"] = {"step": step, "loss_sum": total, "row": row}
+                progress.set_phase("checkpoint")
                 self._checkpoint(step)
+                progress.set_phase("train")
                 del self.state["partial"]
         self.scalars.end_epoch(epoch + 1)
+        progress.end_epoch()
         return total / max(cfg.iters_per_epoch, 1)
 
     def _log_pseudo_classes(self, epoch: int, labels: np.ndarray) -> None:
@@ -555,7 +568,7 @@ class SpCLTrainer:
         acc, p = self.accelerator, self.cfg.data.p * self.accelerator.num_processes
         classes = len(np.unique(labels[labels >= 0]))
         if classes < p:
-            how = "draws its classes with replacement" if self.cfg.sampler == "pk" else "cycles passes over them"
+            how = "draws its classes with replacement" if self.cfg.data.sampler == "pk" else "cycles passes over them"
             acc.print(f"epoch {epoch + 1}: {classes} pseudo-classes, fewer than p x processes = {p}: "
                       f"each batch {how}")
         acc.log({"cluster/pseudo_classes": classes, "cluster/below_p": int(classes < p)}, step=self.state["iteration"])
@@ -566,7 +579,7 @@ class SpCLTrainer:
         embedded = []
         for split in (d.query, d.gallery):
             dataset = IndexedShards(split, tf)
-            feats, pos = self._extract(dataset, np.arange(len(dataset)), f"embedding {Path(split).name}")
+            feats, pos = self._extract(dataset, np.arange(len(dataset)), f"embedding {Path(split).name}", "eval")
             embedded.append((feats, dataset.pids[pos], dataset.camids[pos]))
         (qf, qp, qc), (gf, gp, gc) = embedded
         metrics = evaluate(qf, gf, qp, gp, qc, gc) if acc.is_main_process else {"mAP": 0.0, "cmc": [0.0]}
@@ -608,7 +621,7 @@ class SpCLTrainer:
         self.valid = tensors.pop("valid").bool()
         if len(self.valid) != len(self.slots):
             raise ConfigError(f"--resume: the checkpoint has {len(self.valid)} memory slots, the pool "
-                              f"{len(self.slots)} (data.splits or the CFS selection changed)")
+                              f"{len(self.slots)} (data.train or the CFS selection changed)")
         self.memory.load_state_dict(tensors)
         self.clustering.load_state_dict(self.state["clustering"])
         self.scheduler.load_state_dict(self.state["scheduler"])
@@ -619,18 +632,18 @@ class SpCLTrainer:
         t, c = self.cfg.data.transform, self.cfg
         export_model(encoder.backbone, self.run_dir / name, {
             "kind": "backbone",
-            "architecture": c.encoder.backbone,
-            "options": c.encoder.options,
+            "architecture": c.model.name,
+            "options": c.model.options,
             "feature_dim": encoder.feature_dim,
             # The pooling the backbone was trained under (GeM with its learnt exponent), for its users.
-            "pooling": c.encoder.pooling,
-            **({"gem_p": encoder.pool.p.detach().item()} if c.encoder.pooling == "gem" else {}),
+            "pooling": c.model.pooling,
+            **({"gem_p": encoder.pool.p.detach().item()} if c.model.pooling == "gem" else {}),
             "input_size": [t.height, t.width],
             "mean": t.mean,
             "std": t.std,
-            "provenance": {"stage": "spcl", "run": c.run_name, "epoch": self.state["epoch"], "pool": c.data.splits,
+            "provenance": {"stage": "spcl", "run": c.run_name, "epoch": self.state["epoch"], "pool": c.data.train,
                            "cfs_ranking": c.data.cfs_ranking, "cfs_keep": c.data.cfs_keep if c.data.cfs_ranking else 1.0,
-                           "memory_slots": len(self.slots), "weights": c.encoder.weights},
+                           "memory_slots": len(self.slots), "weights": c.model.weights},
         })
 
     @staticmethod

@@ -5,7 +5,9 @@ schema defaults < YAML file < command-line overrides by OmegaConf, which checks 
 values are restricted declares them with :func:`choice`, a number's range with :func:`bounded` (a
 value that would lose work or mean nothing, such as an interval of 0, is refused at start). Every mistake (unknown key, wrong type,
 value outside the choices, malformed override, missing file) raises :class:`ConfigError` with one
-line that names the key and what would have been valid.
+line that names the key and what would have been valid; a key of an earlier version (:data:`RENAMED`)
+names its new name. A schema may extend another dataclass (``reidforge.shared.run_config``): inherited
+fields keep their base's description unless the schema redeclares them with one of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import textwrap
 import tokenize
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +34,20 @@ from reidforge.shared.io import atomic_open
 from reidforge.shared.runlog import output_log
 
 T = TypeVar("T")
+
+# Keys of earlier versions -> their names since both stages share one vocabulary (shared/run_config.py).
+# A prefix entry renames every key below it (encoder.weights -> model.weights); the longest match wins.
+RENAMED = {
+    "encoder": "model",
+    "encoder.backbone": "model.name",
+    "data.splits": "data.train",
+    "max_iters_per_epoch": "iters_per_epoch",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "milestones": "optim.milestones",
+    "gamma": "optim.gamma",
+    "sampler": "data.sampler",
+}
 
 
 class ConfigError(ValueError):
@@ -65,6 +81,34 @@ def _fields_at(schema: type, dotted: str) -> list[str]:
             break
         cls = nested
     return sorted(f.name for f in dataclasses.fields(cls))
+
+
+def _has_key(schema: type, dotted: str) -> bool:
+    cls: Any = schema
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return True  # below a dict field (model.options): any key
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return False
+        cls = fields[part]
+    return True
+
+
+def check_renamed(schema: type, keys: Iterable[str], source: str) -> None:
+    """One line naming the new name of the first of ``keys`` (dotted) that is a renamed key of ``schema``."""
+    for key in keys:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            old = ".".join(parts[:n])
+            if old in RENAMED and not _has_key(schema, old):
+                raise ConfigError(f"{source}: config key '{key}' was renamed to '{RENAMED[old]}{key[len(old):]}'")
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves (an empty mapping is a leaf)."""
+    return [k for key, value in tree.items()
+            for k in (_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"])]
 
 
 def _check_choices(obj: Any, prefix: str = "") -> None:
@@ -125,11 +169,13 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
             layers.append(_load_yaml(Path(path)))
+            check_renamed(schema, _dotted(OmegaConf.to_container(layers[-1])), source)
         for item in overrides:
             source = f"override '{item}'"
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
+            check_renamed(schema, [key], source)
             if _is_list(schema, key) and not value.lstrip().startswith("["):
                 item = f"{key}=[{value}]"  # data.train=/path means the one-element list
             layers.append(OmegaConf.from_dotlist([item]))
@@ -147,8 +193,18 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     return cfg  # type: ignore[return-value]
 
 
-def _comments(cls: type) -> dict[str, str]:
-    """Each field's description in the schema's source: its trailing ``#`` comment, else the comment
+def _comments(schema: type) -> dict[str, str]:
+    """Each field's description: that of the latest class in the MRO that describes it (a redeclaration
+    without a comment keeps its base's)."""
+    notes: dict[str, str] = {}
+    for cls in reversed(schema.__mro__):
+        if dataclasses.is_dataclass(cls):
+            notes.update(_own_comments(cls))
+    return notes
+
+
+def _own_comments(cls: type) -> dict[str, str]:
+    """Each field's description in the class's own source: its trailing ``#`` comment, else the comment
     lines right above it (the schemas document their fields that way)."""
     try:
         source = inspect.getsource(cls)
@@ -179,16 +235,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
 
 
-def describe_fields(schema: type, prefix: str = "") -> list[tuple[str, str]]:
-    """``(key = default, what it is)`` for every leaf field of ``schema``, nested ones dotted, in order."""
+def describe_fields(schema: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str]]:
+    """``(key = default, what it is)`` for every leaf field of ``schema``, nested ones dotted, in order; the
+    defaults are those of ``instance`` (default: ``schema()``), so a block's stage defaults show."""
     _resolve_types(schema)
     notes = _comments(schema)
     rows: list[tuple[str, str]] = []
-    instance = schema()
+    instance = schema() if instance is None else instance
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(f.type):
-            rows += describe_fields(f.type, f"{key}.")
+            rows += describe_fields(f.type, f"{key}.", getattr(instance, f.name))
             continue
         default = getattr(instance, f.name)
         limits = []
@@ -229,8 +286,11 @@ def config_main(schema: type[T], run: Callable[[T, bool, bool], Any], argv: Sequ
     ``--help`` lists every config key with its default and description; ``--print-config`` prints the
     resolved config and exits. Otherwise the resolved config is printed (by the main process) and
     ``run(config, resume, overwrite)`` runs; a bad config, missing file or any of ``errors`` prints one
-    line and returns exit status 2.
+    line and returns exit status 2. ``--no-progress`` turns the progress display off
+    (``reidforge.shared.progress``).
     """
+    from reidforge.shared.progress import progress_options  # imported here: that module imports this one
+
     parser = argparse.ArgumentParser(description=description, epilog=_help_epilog(schema),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="recipe YAML (launch/configs/)")
@@ -239,6 +299,7 @@ def config_main(schema: type[T], run: Callable[[T, bool, bool], Any], argv: Sequ
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run directory that holds a previous run, deleting its outputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
@@ -253,7 +314,8 @@ def config_main(schema: type[T], run: Callable[[T, bool, bool], Any], argv: Sequ
                       end="", flush=True)
             if args.print_config:
                 return 0
-            run(cfg, args.resume, args.overwrite)
+            with progress_options(not args.no_progress):
+                run(cfg, args.resume, args.overwrite)
         except (ConfigError, FileNotFoundError, *errors) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

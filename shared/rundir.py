@@ -4,7 +4,8 @@ A directory holds a run when it has any of :data:`RUN_MARKERS`. Starting a fresh
 in one line unless ``--overwrite`` (which deletes the old run's outputs, naming them) or ``--resume``.
 A resumed run must have the config it was started with, except :data:`MAY_CHANGE_ON_RESUME` (how long
 it runs and how often it evaluates, saves and logs; the loader's worker count); ``output_dir`` and
-``run_name`` locate the directory and are not compared.
+``run_name`` locate the directory and are not compared. A saved config that uses a key renamed since
+(``reidforge.shared.config.RENAMED``) is refused with the key's new name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from reidforge.shared.config import ConfigError
+from reidforge.shared.config import ConfigError, check_renamed
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.json", "model_*.safetensors", "backbone_*.safetensors")
 # Further outputs of a run, deleted with it by --overwrite (finetune/engine.py and pretrain/spcl.py write them).
@@ -47,6 +48,7 @@ def changed_keys(cfg: Any, saved: Path) -> list[str]:
         before = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
     except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"--resume: {saved} is not a readable config ({str(e).splitlines()[0]})") from None
+    check_renamed(type(cfg), before, f"--resume: {saved}")  # a run started before a key was renamed
     return sorted(k for k in now.keys() | before.keys()
                   if k not in MAY_CHANGE_ON_RESUME and now.get(k, "<absent>") != before.get(k, "<absent>"))
 

@@ -3,9 +3,11 @@
 The command line (``reidforge.shared.config.config_main``) runs the command inside :func:`output_log`, which
 copies ``sys.stdout`` and ``sys.stderr`` while they still reach the terminal; once the run knows its
 directory (after claiming it) it calls :func:`log_to`, and the lines printed so far (the resolved
-config among them) and every later one go to ``<run_dir>/log.txt``. A progress bar redraws its line
-with carriage returns: the file keeps each line's last state only, so it holds no control characters.
-A resumed run appends to the same file under a new header line. Only the main process logs.
+config among them) and every later one go to ``<run_dir>/log.txt``. Progress (``shared/progress.py``)
+reaches the file as plain lines only: a terminal's bars are drawn on :func:`unlogged` streams, their
+lines written by :func:`log_line`; any other line redrawn with carriage returns keeps its last state,
+so the file holds no control characters. A resumed run appends to the same file under a new header
+line. Only the main process logs.
 """
 
 from __future__ import annotations
@@ -102,3 +104,16 @@ def log_to(run_dir: str | Path) -> Path | None:
     path = Path(run_dir) / LOG_NAME
     _active.attach(path)
     return path
+
+
+def log_line(text: str) -> None:
+    """Write ``text`` as one line of the enclosing :func:`output_log` only, not to the screen (the plain
+    progress lines of a bar drawn on the terminal); nothing outside one."""
+    if _active is not None:
+        _active.line(text)
+
+
+def unlogged(stream: TextIO) -> TextIO:
+    """The screen beneath a stream that :func:`output_log` copies (``stream`` itself otherwise): what is
+    written there, such as a progress bar's redraws, stays out of ``log.txt``."""
+    return stream.stream if isinstance(stream, _Tee) else stream

@@ -20,7 +20,7 @@ tiles fill the figure instead of floating in white space.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -211,10 +211,13 @@ def layer_name(model: nn.Module, layer: nn.Module) -> str:
     raise ValueError(f"layer_name: {type(layer).__name__} is not a submodule of {type(model).__name__}")
 
 
-def grad_cam(model: nn.Module, layer: nn.Module, images: torch.Tensor, **meta: torch.Tensor) -> torch.Tensor:
+def grad_cam(model: nn.Module, layer: nn.Module, images: torch.Tensor,
+             reshape: Callable[[torch.Tensor], torch.Tensor] | None = None, **meta: torch.Tensor) -> torch.Tensor:
     """(N, H, W) maps in [0, 1] for a normalised (N, 3, H, W) batch, from ``layer``'s output.
-    ``meta`` (``camids``, ``viewids``) goes to models that embed cameras or views; a map with no
-    variation comes back all zero (see :func:`flat_maps`).
+    ``reshape`` lays that output out as an (N, C, h, w) map, for layers that give something else (a ViT's
+    tokens: the ``grad-cam`` package's ``reshape_transform``); it is applied to the activations and their
+    gradients alike. ``meta`` (``camids``, ``viewids``) goes to models that embed cameras or views; a map
+    with no variation comes back all zero (see :func:`flat_maps`).
 
     A forward hook rather than the ``grad-cam`` package: that package targets class scores, calls the
     model without the ``camids``/``viewids`` that camera- and view-aware models need, leaves the model
@@ -239,6 +242,11 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: torch.Tensor, **meta: t
     if "a" not in store:
         raise ValueError(f"Grad-CAM: the layer {type(layer).__name__} was not run by the model's forward")
     activations, gradients = store["a"], store["a"].grad
+    if reshape is not None:
+        activations, gradients = reshape(activations), reshape(gradients)
+    if activations.ndim != 4:
+        raise ValueError(f"Grad-CAM: the layer {type(layer).__name__} gives {tuple(activations.shape)}, not an "
+                         "(N, C, h, w) map (a reshape lays tokens out as one)")
     cam = F.relu((gradients.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     low = cam.flatten(1).min(dim=1).values[:, None, None]

@@ -8,7 +8,7 @@ with safetensors. :func:`read_checkpoint` unwraps training checkpoints (``state_
 (DataParallel / DDP) and collapses domain-specific BatchNorm (``dsbn.<domain>``, SpCL's ``BN_S``/``BN_T``).
 
 - :func:`load_pretrained` is the one way a pretrained or released file reaches a model
-  (``model.weights``, ``encoder.weights``). It detects the file's layout by structure
+  (``model.weights`` of either stage). It detects the file's layout by structure
   (``reidforge.shared.checkpoint_layouts``: torchvision, timm, Cadene, IBN-Net, torchreid, FastReID, the DM-OSNet
   authors', SpCL / cluster-contrast-reid, OpenUnReID, our own exports), maps it onto the backbone's own
   key names and copies each backbone tensor into every model tensor that ``model.trunk_map()`` builds

@@ -80,6 +80,13 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests read their commands' stderr line by line: progress lines (reidforge.shared.progress) stay off
+    # unless a test sets REIDFORGE_PROGRESS itself (tests/test_progress.py; the fault bench's children).
+    monkeypatch.setenv("REIDFORGE_PROGRESS", "0")
+
+
 def _proxy_loss(model: torch.nn.Module, outputs: dict[str, torch.Tensor], pids: torch.Tensor) -> torch.Tensor:
     """A loss through every declared term: CE where declared, a squared norm standing in for the others."""
     return sum(F.cross_entropy(outputs[t.input], pids) if t.loss == "ce" else outputs[t.input].pow(2).mean()

@@ -1,4 +1,5 @@
-"""Dense reference for pretrain/clustering.py: SpCL's clustering step as its code does it, on N x N arrays.
+"""Dense reference for pretrain/knn.py and pretrain/clustering.py: SpCL's clustering step as its code does
+it, on N x N arrays.
 
 ``dense_jaccard`` is ``compute_jaccard_distance`` with dense V, dense query expansion, the
 inverted index from column scans and the dense min-sum loop; ``dense_spcl_labels`` is the self-paced step

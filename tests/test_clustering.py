@@ -13,8 +13,9 @@ import torch
 from scipy.sparse import csgraph
 from sklearn.metrics import adjusted_rand_score
 
-from reidforge.pretrain import clustering
-from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering, jaccard_distance, knn_search
+from reidforge.pretrain import clustering, knn
+from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering, jaccard_distance
+from reidforge.pretrain.knn import knn_search
 from reidforge.shared.config import ConfigError, load_config
 from dense_clustering import canonical, dense_jaccard, dense_knn, dense_spcl_labels, generate_pseudo_labels
 
@@ -43,6 +44,18 @@ def _dyadic(seed: int, n: int, dim: int = 12) -> np.ndarray:
         src = rng.choice(np.flatnonzero(row))
         row[rng.choice(np.flatnonzero(row == 0))], row[src] = row[src], 0
     return x[rng.permutation(n)].astype(np.float32)
+
+
+def _near_ties(seed: int, n: int = 360, dim: int = 24) -> np.ndarray:
+    """Groups of near-duplicates: similarities within a group differ by ~1e-4, below the float16 scan's
+    error bound (~1e-3) but far above float64's; groups of 30 and of 150 (more than k + 120 rows tied
+    within the bound, so the whole-row path runs too)."""
+    rng = np.random.default_rng(seed)
+    sizes = [150] + [30] * ((n - 150) // 30)
+    centres = rng.standard_normal((len(sizes), dim))
+    x = np.repeat(centres, sizes, axis=0) + 0.01 * rng.standard_normal((sum(sizes), dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x[rng.permutation(len(x))].astype(np.float32)
 
 
 def _as_dense(graph: sp.csr_matrix) -> np.ndarray:
@@ -75,8 +88,67 @@ def _check_graph(graph: sp.csr_matrix, dense: np.ndarray, max_distance: float | 
 def test_jaccard_equals_dense_reference(seed: int, n: int, k1: int, k2: int) -> None:
     x, _ = _blobs(seed, n)
     dense = dense_jaccard(x, k1, k2)
-    _check_graph(jaccard_distance(x, k1, k2), dense, None)
+    _check_graph(jaccard_distance(x, k1, k2, max_distance=None), dense, None)
     _check_graph(jaccard_distance(x, k1, k2, max_distance=0.55), dense, 0.55)
+
+
+def _random_v(seed: int, n: int = 300, per_row: int = 10) -> sp.csr_matrix:
+    """Rows like V's: a few positive weights summing to 1, with exact duplicate rows (distance 0, and
+    tied distances to everything else)."""
+    rng = np.random.default_rng(seed)
+    cols = np.stack([rng.choice(n, per_row, replace=False) for _ in range(n)])
+    vals = rng.random((n, per_row)) + 0.05
+    copies = np.arange(1, n, 7)  # row 7t + 1 repeats row 7t
+    cols[copies], vals[copies] = cols[copies - 1], vals[copies - 1]
+    vals /= vals.sum(1, keepdims=True)
+    v = sp.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, n * per_row + 1, per_row)), shape=(n, n))
+    v.sort_indices()
+    return v
+
+
+def _reference_pairs(v: sp.csr_matrix) -> list[tuple[int, int, float]]:
+    """The min-sums as the definition reads, pair by pair: each entry (i, l) of row i, in ascending l, adds
+    min(v_il, v_jl) to m_ij of every row j > i holding column l; pairs in the order first reached."""
+    by_col = v.tocsc()
+    out = []
+    for i in range(v.shape[0]):
+        m: dict[int, float] = {}
+        for e in range(v.indptr[i], v.indptr[i + 1]):
+            l, v_il = v.indices[e], v.data[e]
+            for f in range(by_col.indptr[l], by_col.indptr[l + 1]):
+                j = int(by_col.indices[f])
+                if j > i:
+                    m[j] = m.get(j, 0.0) + min(v_il, by_col.data[f])
+        out += [(i, j, float(np.round(max(1 - m_ij / (2 - m_ij), 0.0), 12))) for j, m_ij in m.items()]
+    return out
+
+
+def _assert_pairs(got: tuple, expected: list[tuple[int, int, float]]) -> None:
+    rows, cols, d = got[:3]
+    np.testing.assert_array_equal(rows, [p[0] for p in expected])
+    np.testing.assert_array_equal(cols, [p[1] for p in expected])
+    # bit for bit
+    np.testing.assert_array_equal(d.view(np.int64), np.array([p[2] for p in expected]).view(np.int64))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_walk_equals_the_pairwise_definition(seed: int) -> None:
+    v = _random_v(seed)
+    full = _reference_pairs(v)
+    assert len(full) > 2000 and any(d == 0 for *_, d in full)
+    _assert_pairs(clustering._shared_pairs(v, None), full)
+    _assert_pairs(clustering._shared_pairs(v, 0.9), [p for p in full if p[2] <= 0.9])
+    # each row's 5 smallest (d, column), from either end of the pair; a pair left out is beyond both
+    # of its rows' 5th smallest, so at least as far as the smallest 5th distance of a full row
+    nearest = set()
+    fifth = []
+    for r in range(v.shape[0]):
+        mine = sorted((d, j if i == r else i, (i, j)) for i, j, d in full if r in (i, j))
+        nearest |= {pair for *_, pair in mine[:5]}
+        fifth += [mine[4][0]] if len(mine) >= 5 else []
+    got = clustering._shared_pairs(v, None, nearest=5)
+    _assert_pairs(got, sorted(p for p in full if (p[0], p[1]) in nearest))  # in (i, j) order
+    assert got[3] == min(fifth) and all(d >= min(fifth) for i, j, d in full if (i, j) not in nearest)
 
 
 def test_ties_and_duplicates_are_broken_by_index() -> None:
@@ -87,7 +159,7 @@ def test_ties_and_duplicates_are_broken_by_index() -> None:
     np.testing.assert_array_equal(ids, dense_knn(x, 10))
     assert (np.diff(sims, axis=1) <= 0).all()
     dense = dense_jaccard(x, 10, 4)
-    _check_graph(jaccard_distance(x, 10, 4), dense, None)
+    _check_graph(jaccard_distance(x, 10, 4, max_distance=None), dense, None)
     cfg = ClusterConfig(k1=10, k2=4, eps=0.5)
     ref, _ = dense_spcl_labels(dense, eps=0.5)
     np.testing.assert_array_equal(SelfPacedClustering(cfg)(x).labels, canonical(ref))
@@ -96,12 +168,12 @@ def test_ties_and_duplicates_are_broken_by_index() -> None:
 def test_uncertified_rows_take_the_wide_and_full_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     # a pessimistic float32 error bound and narrow margins: most rows fail the first certificate, some the
     # second too, and are computed whole
-    monkeypatch.setattr(clustering, "_UNIT", 2.0**-10)
-    monkeypatch.setattr(clustering, "_MARGIN", 1)
-    monkeypatch.setattr(clustering, "_WIDE_MARGIN", 3)
+    monkeypatch.setattr(knn, "_UNIT", 2.0**-10)
+    monkeypatch.setattr(knn, "_MARGIN", 1)
+    monkeypatch.setattr(knn, "_WIDE_MARGIN", 3)
     x, _ = _blobs(4, 300, dim=8, noise=0.1)
     stats: dict[str, float] = {}
-    sims, ids = clustering._knn(x, 15, "exact", stats)
+    sims, ids = knn.knn_table(x, 15, "exact", stats, device="cpu")
     assert stats["knn_rows_widened"] > 0 and stats["knn_rows_full"] > 0
     np.testing.assert_array_equal(ids, dense_knn(x, 15))
 
@@ -225,17 +297,42 @@ def test_hdbscan_equals_the_package_on_the_dense_matrix(selection: str, min_clus
                           cluster_selection_method=selection).fit(dense).labels_
     np.testing.assert_array_equal(result.labels, canonical(generate_pseudo_labels(ref)))
     assert result.num_clusters >= 10
+    # from the bounded graph (each row's 30 smallest and their mirrors), a third of the full one here
+    assert result.stats["graph_nnz_per_row"] < graph.nnz / len(x) / 2
+
+
+def test_hdbscan_graph_is_bounded_and_exact_where_it_matters() -> None:
+    # collapsed features (one blob, as early in training): nearly every pair shares support, so the full
+    # graph is N^2-like; the HDBSCAN graph keeps each row's k smallest plus their mirrors, and those are
+    # the dense matrix's: the core distances are exact, and every pair below tau is stored
+    x, _ = _blobs(20, 400, num_ids=1, noise=0.6, clustered=1.0)
+    dense = dense_jaccard(x)
+    np.fill_diagonal(dense, np.inf)
+    full = jaccard_distance(x, max_distance=None)
+    k = 10
+    graph = jaccard_distance(x, max_distance=None, nearest=k)
+    assert full.nnz > 0.5 * 400**2 and graph.nnz <= 400 * (2 * k + 1)
+    ours = _as_dense(graph)
+    np.fill_diagonal(ours, np.inf)
+    np.testing.assert_allclose(np.sort(ours, 1)[:, :k], np.sort(dense, 1)[:, :k], rtol=0, atol=2e-12)
+    stats: dict[str, float] = {}
+    clustering._jaccard(x, 30, 6, "exact", None, stats, nearest=k, device="cpu")
+    tau = stats["graph_complete_below"]
+    assert tau == np.sort(dense, 1)[:, k - 1].min() < 1
+    np.testing.assert_array_equal(ours < tau, dense < tau)  # every pair below tau is stored
+    result = SelfPacedClustering(ClusterConfig(method="hdbscan", hdbscan_neighbours=k))(x)
+    assert result.stats["graph_nnz_per_row"] <= 2 * k + 1 and result.stats["graph_complete_below"] == tau
 
 
 @pytest.mark.parametrize("kind", ["exact", "int8"])
 def test_blocked_scan_keeps_each_rows_top_products(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     # blocks of 37 rows (the last one short) and a cut whenever a block holds more than its top: every
     # path of the scan runs, and the result must be the top of the full product matrix
-    monkeypatch.setattr(clustering, "_BLOCK", 37)
-    monkeypatch.setattr(clustering, "_HOLD", 1)
+    monkeypatch.setattr(knn, "_BLOCK", 37)
+    monkeypatch.setattr(knn, "_HOLD", 1)
     x, _ = _blobs(11, 300, num_ids=12)
-    feat, _ = clustering._scan_operand(x, kind)
-    vals, ids = clustering._blocked_top(feat, 12)
+    feat, _ = knn._scan_operand(x, kind, torch.device("cpu"))
+    vals, ids = knn._blocked_top(feat, 12)
     x64 = x.astype(np.float64)
     full = (feat.int() @ feat.int().T) if kind == "int8" else torch.from_numpy(x64 @ x64.T)
     assert ids.shape == (300, 12) and all(len(set(row)) == 12 for row in ids.tolist())
@@ -250,12 +347,70 @@ def test_blocked_scan_keeps_each_rows_top_products(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("data", ["blobs", "dyadic"])
 def test_exact_search_across_blocks_equals_dense(monkeypatch: pytest.MonkeyPatch, data: str) -> None:
-    monkeypatch.setattr(clustering, "_BLOCK", 50)
-    monkeypatch.setattr(clustering, "_HOLD", 1)
+    monkeypatch.setattr(knn, "_BLOCK", 50)
+    monkeypatch.setattr(knn, "_HOLD", 1)
     x = _blobs(12, 360, num_ids=15)[0] if data == "blobs" else _dyadic(13, 360)
     stats: dict[str, float] = {}
-    _, ids = clustering._knn(x, 12, "exact", stats)
+    _, ids = knn.knn_table(x, 12, "exact", stats, device="cpu")
     np.testing.assert_array_equal(ids, dense_knn(x, 12))
+
+
+@pytest.mark.parametrize("fmt", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("data", ["near_ties", "dyadic"])
+def test_low_precision_scan_is_certified_and_repaired(monkeypatch: pytest.MonkeyPatch, fmt: torch.dtype,
+                                                       data: str) -> None:
+    # the block products in the given format (float16 is CUDA's; on CPU the same values in float32), with
+    # that format's error bound: rows the bound cannot settle are widened or computed whole in float64,
+    # and the table is the dense float64 one, ties by index
+    monkeypatch.setitem(knn._SCAN_FORMAT, "cpu", fmt)
+    monkeypatch.setattr(knn, "_BLOCK", 100)  # several block pairs
+    x = _near_ties(16) if data == "near_ties" else _dyadic(17, 360)
+    k = 12
+    stats: dict[str, float] = {}
+    sims, ids = knn.knn_table(x, k, "exact", stats, device="cpu")
+    np.testing.assert_array_equal(ids, dense_knn(x, k))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(sims, np.einsum("id,ikd->ik", x64, x64[ids]), rtol=0, atol=1e-12)
+    # the scan alone orders the (near-)ties wrongly: the float64 repair is what makes the table exact
+    feat, _ = knn._scan_operand(x, "exact", torch.device("cpu"))
+    assert not np.array_equal(knn._blocked_top(feat, k)[1].numpy(), dense_knn(x, k))
+    if data == "dyadic":  # exact ties at the boundary: no format can certify those rows at first
+        assert stats["knn_rows_widened"] > 0
+    elif fmt != torch.float32:  # within the bound, every row is in doubt, and the group of 150 exceeds k + 120
+        assert stats["knn_rows_widened"] == len(x) and stats["knn_rows_full"] == 150
+    else:  # float32 separates them
+        assert stats["knn_rows_widened"] == 0
+
+
+def test_product_error_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # float32 features in a float32 scan: only the sums round, gamma_D (1 + 1e-3)^2 plus the slack
+    assert knn._product_error(torch.float32, 512) == 512 * 2**-24 / (1 - 512 * 2**-24) * 1.001**2 + 1e-12
+    # float16: input rounding 2 nu rho with rho = 2^-11 nu + 2^-25 sqrt(D), sums at 2^-22 (truncating)
+    rho = 2**-11 * 1.001 + 2**-25 * np.sqrt(2048)
+    bound = 2 * 1.001 * rho + rho**2 + 2048 * 2**-22 / (1 - 2048 * 2**-22) * (1.001 + rho) ** 2 + 1e-12
+    assert knn._product_error(torch.float16, 2048) == pytest.approx(bound, rel=1e-15)
+    assert 1.4e-3 < bound < 1.6e-3
+    # the worst case of input rounding: every entry rounded the same way. x = (1, ..., 1) / sqrt(D) at the
+    # D <= 1024 whose 1/sqrt(D) rounds worst in float16: the scan's <x~, x~> is off by ~2u, most of the
+    # bound (the sums' part is small at this D), and never beyond it
+    dims = np.arange(16, 1025)
+    dim = int(dims[np.argmax(np.abs(np.float16(1 / np.sqrt(dims)) * np.sqrt(dims) - 1))])
+    x = np.full((2, dim), 1 / np.sqrt(dim), np.float32)
+    monkeypatch.setitem(knn._SCAN_FORMAT, "cpu", torch.float16)
+    feat, _ = knn._scan_operand(x, "exact", torch.device("cpu"))
+    off = abs(float(knn._product(feat[:1], feat[1:], torch.empty(1))) - float(x[0].astype(np.float64) @ x[1]))
+    bound = knn._product_error(torch.float16, dim)
+    assert 0.6 * bound < off <= bound, (dim, off, bound)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scan_equals_dense() -> None:
+    # the float16 tensor-core scan itself (cuBLAS, float32 accumulation), certified and repaired
+    for x in (_near_ties(18), _blobs(19, 2000, dim=64)[0]):
+        stats: dict[str, float] = {}
+        _, ids = knn.knn_table(x, 12, "exact", stats, device="cuda")
+        np.testing.assert_array_equal(ids, dense_knn(x, 12))
+        assert stats["knn_rows_widened"] > 0
 
 
 def test_int8_search_gives_the_exact_labels() -> None:
@@ -286,7 +441,7 @@ def test_more_ivf_probes_find_more_neighbours() -> None:
     recall = {}
     for nprobe in (1, 8):
         stats: dict[str, float] = {}
-        _, ids = clustering._knn(x, 30, "ivf", stats, nprobe)
+        _, ids = knn.knn_table(x, 30, "ivf", stats, nprobe)
         recall[nprobe] = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids, exact)]) / 30
         assert stats["ivf_nprobe"] == nprobe  # of min(sqrt(nprobe N), N / 40) lists
         assert stats["ivf_nlist"] == min(round(np.sqrt(nprobe * len(x))), len(x) // 40)
@@ -311,13 +466,33 @@ def test_bad_input_is_a_one_line_error() -> None:
                          (ClusterConfig(eps=0.01), "eps - eps_gap must be > 0"),
                          (ClusterConfig(knn="flat"), "knn must be"),
                          (ClusterConfig(ivf_nprobe=0), "ivf_nprobe must be >= 1"),
-                         (ClusterConfig(independence_quantile=0), "independence_quantile")]:
+                         (ClusterConfig(independence_quantile=0), "independence_quantile"),
+                         (ClusterConfig(knn_device="gpu"), "knn_device must be one of auto, cpu, cuda"),
+                         (ClusterConfig(method="hdbscan", min_samples=8, hdbscan_neighbours=5),
+                          "hdbscan_neighbours must be >= min_samples")]:
         with pytest.raises(ValueError, match=message):
             SelfPacedClustering(cfg)
+    SelfPacedClustering(ClusterConfig(min_samples=8, hdbscan_neighbours=5))  # DBSCAN does not read it
     with pytest.raises(ValueError, match="index must be one of"):
         jaccard_distance(x, index="lsh")
     with pytest.raises(ValueError, match="nprobe must be >= 1"):
         knn_search(x, 5, "ivf", nprobe=0)
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda, got 'gpu'"):
+        knn_search(x, 5, device="gpu")
+    with pytest.raises(ValueError, match="max_distance must be >= 0"):
+        jaccard_distance(x, max_distance=-0.1)
+    with pytest.raises(ValueError, match="nearest must be >= 1"):
+        jaccard_distance(x, nearest=0)
+
+
+def test_cuda_requested_without_a_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    x, _ = _blobs(9, 50)
+    with pytest.raises(ValueError, match="device='cuda' but torch sees no CUDA device"):
+        knn_search(x, 5, device="cuda")
+    with pytest.raises(ValueError, match="knn_device=cuda but torch sees no CUDA device"):
+        SelfPacedClustering(ClusterConfig(knn_device="cuda"))
+    assert knn._resolve("auto") == torch.device("cpu")
 
 
 def test_config_loads_through_shared_config() -> None:
@@ -325,14 +500,18 @@ def test_config_loads_through_shared_config() -> None:
     assert (cfg.knn, cfg.ivf_nprobe, cfg.eps, cfg.drop_outliers, cfg.method) == ("ivf", 16, 0.5, True, "dbscan")
     with pytest.raises(ConfigError, match="valid choices: exact, int8, ivf, hnsw"):
         load_config(ClusterConfig, overrides=["knn=flat"])
+    assert load_config(ClusterConfig, overrides=["knn_device=cpu"]).knn_device == "cpu"
+    with pytest.raises(ConfigError, match="valid choices: auto, cpu, cuda"):
+        load_config(ClusterConfig, overrides=["knn_device=gpu"])
 
 
 def test_memory_grows_with_n_not_n_squared(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(clustering, "_QUERY_CHUNK", 1 << 10)
+    monkeypatch.setattr(knn, "_QUERY_CHUNK", 1 << 10)
+    monkeypatch.setattr(clustering, "_ROW_CHUNK", 1 << 10)
     n = 10000
     x, _ = _blobs(10, n, num_ids=400)
-    tracemalloc.start()
-    graph = jaccard_distance(x, max_distance=0.62)
+    tracemalloc.start()  # NumPy's allocations (the compiled walk's own are outside it: O(N) plus its output)
+    graph = jaccard_distance(x)  # the default: pairs up to SpCL's loose eps, 0.62
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     dense = n * n * 4  # one float32 N x N matrix; the reference holds about three

@@ -35,6 +35,7 @@ def _refused(main, recipe: str, out: Path, override: str, capsys: pytest.Capture
     ("data.workers=-1", "config key 'data.workers': must be >= 0, got -1"),
     ("data.max_bad_fraction=1.5", "config key 'data.max_bad_fraction': must be <= 1, got 1.5"),
     ("data.transform.flip=2", "config key 'data.transform.flip': must be <= 1, got 2.0"),
+    ("iters_per_epoch=-1", "config key 'iters_per_epoch': must be >= 0, got -1"),
 ])
 def test_finetune_refuses_values_that_lose_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                override: str, message: str) -> None:
@@ -44,7 +45,7 @@ def test_finetune_refuses_values_that_lose_work(tmp_path: Path, capsys: pytest.C
 @pytest.mark.parametrize("override, message", [
     ("iters_per_epoch=0", "config key 'iters_per_epoch': must be >= 1, got 0"),
     ("checkpoint_every_iters=-1", "config key 'checkpoint_every_iters': must be >= 0, got -1"),
-    ("lr=-0.1", "config key 'lr': must be > 0, got -0.1"),
+    ("optim.lr=-0.1", "config key 'optim.lr': must be > 0, got -0.1"),
     ("memory.momentum=1.5", "config key 'memory.momentum': must be <= 1, got 1.5"),
     ("memory.temperature=0", "config key 'memory.temperature': must be > 0, got 0.0"),
     ("cluster.eps=0", "config key 'cluster.eps': must be > 0, got 0.0"),

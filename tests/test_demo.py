@@ -22,9 +22,9 @@ TINY = """\
 out: {out}
 world: [train_ids=12, images_per_train_id=6, test_ids=6, images_per_test_id=6, distractors=6, pool_images=160,
         pool_images_per_id=8, vehicle_train_ids=6, vehicle_test_ids=4, images_per_vehicle_id=6]
-person: [epochs=1, max_iters_per_epoch=2, data.p=4]
+person: [epochs=1, iters_per_epoch=2, data.p=4]
 pretrain: [epochs=2, iters_per_epoch=2, data.p=4, bn_calibration_batches=1, eval_every=2]
-vehicle: [epochs=1, max_iters_per_epoch=1, data.p=2, data.test_batch_size=16]
+vehicle: [epochs=1, iters_per_epoch=1, data.p=2, data.test_batch_size=16]
 """
 
 

@@ -274,3 +274,18 @@ def test_search_table_single_query_and_errors(resnet18: tuple[Path, Path, dict[s
                            tmp_path / "missing.onnx")]:
         rc, out, err = run_search(capsys, *args)
         assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith(f"error: {culprit}: ")
+
+
+def test_our_exports_run_only_at_the_input_size_they_record(resnet18: tuple[Path, Path, dict[str, Any]],
+                                                             folders: tuple[Path, Path],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    weights, onnx_path, _ = resnet18
+    gallery, query = folders
+    for path, what in ((weights, "model export"), (onnx_path, "ONNX export")):
+        rc, out, err = run_search(capsys, "--weights", path, "--gallery", gallery, "--query", query,
+                                  "--input-size", 64, 32)
+        assert rc == 0 and out  # repeating the recorded size changes nothing
+        rc, out, err = run_search(capsys, "--weights", path, "--gallery", gallery, "--query", query,
+                                  "--input-size", 128, 64)
+        assert rc == 2 and out == "" and err == (f"error: --input-size 128 64: {path} is a reidforge {what} trained "
+                                                 "at 64 32, which it records: drop --input-size\n")

@@ -14,6 +14,7 @@ from reidforge.data.shards import WriteOptions, write_split
 from reidforge.finetune.engine import TrainConfig
 from reidforge.finetune.models.mbr import MBR4B
 from reidforge.shared.config import ConfigError, load_config
+from reidforge.shared.progress import RunProgress
 
 NO_VIEW = {3, 10, 17, 29} | set(range(20, 24))  # four scattered images and every image of the sixth identity
 
@@ -45,13 +46,15 @@ def _trainer(shards: Path, out: Path, *extra: str, options: str = "") -> engine.
         f"model.options={{trunk: resnet18, input_size: [64, 64]{options}}}",
         f"data.train=[{shards / 'train'}]", f"data.query={shards / 'query'}", f"data.gallery={shards / 'gallery'}",
         "data.p=4", "data.k=4", "data.workers=0", "data.transform.height=64", "data.transform.width=64",
-        "epochs=4", "max_iters_per_epoch=2", "optim.lr=0.01", "optim.warmup_epochs=0", *extra])
+        "epochs=4", "iters_per_epoch=2", "optim.lr=0.01", "optim.warmup_epochs=0", *extra])
     return engine.Trainer(cfg)
 
 
 def _train(trainer: engine.Trainer, epoch: int) -> None:
     trainer.sampler.set_epoch(epoch)
-    trainer._train_epoch(epoch, SampleTally(10 ** 6, 1.0))
+    cfg = trainer.cfg
+    with RunProgress(cfg.epochs, cfg.iters_per_epoch, epoch, enabled=False) as progress:
+        trainer._train_epoch(epoch, SampleTally(10 ** 6, 1.0), progress)
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -28,10 +28,13 @@ from reidforge.data.transforms import Normalize, TransformConfig, build_transfor
 from reidforge.finetune import export_onnx, search
 from reidforge.finetune.deploy import ModelSource, OnnxEmbedder, TorchEmbedder, load_model, load_pipeline
 from reidforge.finetune.engine import TrainConfig
+from reidforge.finetune.extractor import FeatureExtractor
 from reidforge.finetune.models import build_model, load_exported_model
 from reidforge.shared.backbones import PooledBackbone, build_backbone
+from reidforge.shared.backbones.timm_any import build_timm_pooled
 from reidforge.shared.config import ConfigError, save_config
-from reidforge.shared.weights import WeightsError, export_model
+from reidforge.shared.visualize import flat_maps
+from reidforge.shared.weights import WeightsError, export_model, read_header
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 OSNET = {"variant": "osnet_x0_25"}
@@ -267,6 +270,17 @@ def test_any_timm_architecture_from_a_local_state_dict(tiny_shards: Path, tmp_pa
     (["--model", "osnet", "--model-options", '{"width": 2}'],
      "error: model 'osnet': got an unexpected keyword argument 'width'; its options: variant, triplet"),
     (["--save-features", "feats.npy"], "error: --save-features feats.npy: expected a .safetensors file"),
+    (["--model", "osnet", "--input-size", "0", "128"], "error: --input-size 0 128: expected two positive integers"),
+    (["--model", "osnet", "--input-size", "-256", "128"],
+     "error: --input-size -256 128: expected two positive integers"),
+    (["--model", "osnet", "--input-size", "256", "12.8"],
+     "error: --input-size 256 12.8: expected two positive integers"),
+    (["--input-size", "256x128", "64"], "error: --input-size 256x128 64: expected two positive integers"),
+    (["--model", "osnet_x0_25", "--input-size", "2", "1"],
+     "error: --input-size 2 1: osnet_x0_25 does not run at that size (Given input size: (64x1x1)"),
+    (["--model", "timm:vit_tiny_patch16_224", "--model-options", '{"img_size": 224}', "--input-size", "256", "128"],
+     "error: --input-size 256 128: timm:vit_tiny_patch16_224 does not run at that size (Input height (256) doesn't "
+     "match model (224)"),
 ])
 def test_bad_combinations_fail_in_one_line_before_any_image(tiny_shards: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str],
@@ -333,3 +347,150 @@ def test_search_takes_a_foreign_checkpoint(tmp_path: Path, capsys: pytest.Captur
     assert search.main(["--weights", str(file), "--gallery", str(gallery), "--query", str(gallery / "g2.png"),
                         "--index", str(tmp_path / "model.pth.index"), "--model", "osnet_x0_25"]) == 0
     assert "index: built" in capsys.readouterr().err
+
+
+def _query_batch(shards: Path, size: tuple[int, int], mean: list[float], std: list[float]) -> torch.Tensor:
+    """The normalised query images at ``size``, as evaluate.py feeds them."""
+    query = IndexedShards(shards / "synthetic_person" / "query",
+                          build_transforms(TransformConfig(height=size[0], width=size[1]), train=False))
+    return Normalize(mean, std)(torch.stack([query[i]["image"] for i in range(len(query))]))
+
+
+def test_input_size_runs_a_foreign_file_at_that_size_and_records_it(tiny_shards: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    model = build_model("osnet", 751, **OSNET)
+    file = _torchreid(tmp_path / "model.pth.tar-60", _randomise(model))
+    options = ["--model", "osnet", "--model-options", json.dumps(OSNET)]
+    results = _run(tiny_shards, file, tmp_path / "out", *options, "--input-size", "128", "64")
+    assert "note: input size 128x64 (--input-size)\n" in capsys.readouterr().out
+    assert results["input_size"] == [128, 64]
+    assert json.loads(read_header(tmp_path / "out" / "features.safetensors")["settings"])["input_size"] == [128, 64]
+    with torch.no_grad():
+        expected = model.eval()(_query_batch(tiny_shards, (128, 64), MEAN, STD))
+    saved = load_file(str(tmp_path / "out" / "features.safetensors"))["query_features"]
+    assert torch.allclose(saved, expected, rtol=1e-4, atol=1e-5)
+    # without it, OSNet's own 256 x 128, and the note says how to change it
+    assert _run(tiny_shards, file, tmp_path / "default", *options)["input_size"] == [256, 128]
+    assert ("note: input size 256x128 (osnet's own; --input-size H W gives the size the file was trained at)"
+            in capsys.readouterr().out)
+    # the Python API takes it too: images already at that size pass the resize unchanged
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 128, 64, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / f"p{i}.png")
+    extract = FeatureExtractor(file, device="cpu", model="osnet", model_options=OSNET, input_size=(128, 64),
+                               note=lambda _: None)
+    assert extract.input_size == (128, 64)
+    batch = Normalize(MEAN, STD)(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model(batch), dim=1)
+    assert torch.allclose(extract(tmp_path), want, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"^input_size 0 64: expected two positive integers"):
+        FeatureExtractor(file, device="cpu", model="osnet", model_options=OSNET, input_size=(0, 64))
+    # search's saved index knows the size: another one rebuilds it
+    index = ["--gallery", str(tmp_path), "--query", str(tmp_path / "p0.png"), "--index", str(tmp_path / "i.index")]
+    for size, verdict in (("128", "built"), ("128", "reused"), ("96", "built")):
+        assert search.main(["--weights", str(file), *options, "--input-size", size, "64", *index]) == 0
+        assert f"index: {verdict}" in capsys.readouterr().err
+
+
+def test_a_timm_vit_is_built_for_the_input_size(tiny_shards: Path, tmp_path: Path) -> None:
+    # a ViT trained at 128 x 64: its position embedding holds the 8 x 4 patch grid
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=(128, 64))
+    torch.save(_randomise(vit), tmp_path / "vit.pth")
+    results = _run(tiny_shards, tmp_path / "vit.pth", tmp_path / "out", "--model", "timm:vit_tiny_patch16_224",
+                   "--input-size", "128", "64")
+    settings = json.loads(read_header(tmp_path / "out" / "features.safetensors")["settings"])
+    assert results["input_size"] == settings["input_size"] == [128, 64]
+    assert settings["options"] == {"img_size": [128, 64]}  # what the architecture was built with
+    with torch.no_grad():
+        expected = vit.eval()(_query_batch(tiny_shards, (128, 64), [0.5] * 3, [0.5] * 3))
+    saved = load_file(str(tmp_path / "out" / "features.safetensors"))["query_features"]
+    assert torch.allclose(saved, expected, rtol=1e-4, atol=1e-5)
+    # a 224 x 224 file does not fit that grid: one line with both ways out ...
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(),
+               tmp_path / "vit224.pth")
+    with pytest.raises(WeightsError, match=r"pos_embed \(1, 197, 192\) -> backbone.pos_embed \(1, 33, 192\).*built "
+                                           r"for --input-size 128 64 with timm's img_size.*dynamic_img_size"):
+        load_model(tmp_path / "vit224.pth", ModelSource("timm:vit_tiny_patch16_224", input_size=(128, 64)))
+    # ... of which dynamic_img_size resamples its position embedding for the size
+    model, meta = load_model(tmp_path / "vit224.pth",
+                             ModelSource("timm:vit_tiny_patch16_224", {"dynamic_img_size": True}, input_size=(128, 64)))
+    assert meta["input_size"] == [128, 64] and model(torch.zeros(1, 3, 128, 64)).shape == (1, 192)
+
+
+def test_our_files_keep_the_input_size_they_record(tmp_path: Path) -> None:
+    checkpoint, model, _ = _training_run(tmp_path, "osnet", OSNET, 5, (32, 16))
+    export = _export(model, tmp_path / "model_final.safetensors", "osnet", OSNET, 5, (32, 16))
+    backbone = build_backbone("osnet_x0_25")
+    spcl = tmp_path / "backbone_final.safetensors"
+    export_model(backbone, spcl, {"kind": "backbone", "architecture": "osnet_x0_25", "options": {},
+                                  "feature_dim": backbone.out_channels, "input_size": [32, 16], "mean": MEAN,
+                                  "std": STD})
+    for path, what in ((export, "reidforge model export"), (checkpoint, "reidforge training checkpoint"),
+                       (spcl, "reidforge backbone export")):
+        assert load_model(path, ModelSource(input_size=(32, 16)))[1]["input_size"] == [32, 16]  # repeated: fine
+        with pytest.raises(ConfigError, match=rf"^--input-size 64 32: .* is a {what}.* trained at 32 16, which it "
+                                              r"records: drop --input-size$"):
+            load_model(path, ModelSource(input_size=(64, 32)))
+    # a backbone export that records no size takes the one given
+    export_model(backbone, spcl, {"kind": "backbone", "architecture": "osnet_x0_25", "options": {},
+                                  "feature_dim": backbone.out_channels, "mean": MEAN, "std": STD})
+    assert load_model(spcl, ModelSource(input_size=(64, 32)))[1]["input_size"] == [64, 32]
+
+
+def _kind_file(kind: str, root: Path) -> tuple[Path, list[str]]:
+    """A file of each kind evaluate.py opens without a head of ours, and the flags that open it."""
+    if kind == "spcl":
+        backbone = build_backbone("osnet_x0_25")
+        _randomise(backbone)
+        path = root / "backbone_final.safetensors"
+        export_model(backbone, path, {"kind": "backbone", "architecture": "osnet_x0_25", "options": {},
+                                      "feature_dim": backbone.out_channels, "input_size": [128, 64], "mean": MEAN,
+                                      "std": STD})
+        return path, []
+    if kind == "osnet_x0_25":
+        network = build_backbone(kind)
+    else:  # a timm file: the ViT trained at the size it is evaluated at
+        options = {"img_size": (128, 64)} if "vit" in kind else {}
+        network = timm.create_model(kind.removeprefix("timm:"), pretrained=False, num_classes=0, **options)
+    torch.save(_randomise(network), root / "model.pth")
+    return root / "model.pth", ["--model", kind, "--input-size", "128", "64"]
+
+
+@pytest.mark.parametrize("kind, layer", [("spcl", "backbone"), ("osnet_x0_25", "backbone"),
+                                         ("timm:resnet18", "backbone.layer4"),
+                                         ("timm:vit_tiny_patch16_224", "backbone.blocks.11.norm1")])
+def test_gradcam_of_every_model_kind(tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
+                                     layer: str) -> None:
+    drawn = []
+    overlay = evaluate.cam_overlay
+
+    def keep(images: list[np.ndarray], maps: torch.Tensor, path: Path, **kwargs: Any) -> Path:
+        drawn.append((maps, kwargs["layer"]))
+        return overlay(images, maps, path, **kwargs)
+
+    monkeypatch.setattr(evaluate, "cam_overlay", keep)
+    path, flags = _kind_file(kind, tmp_path)
+    _run(tiny_shards, path, tmp_path / "out", *flags, "--pictures", "gradcam")
+    ((maps, name),) = drawn
+    assert name == layer and maps.shape == (5, 128, 64) and flat_maps(maps) == []
+    assert (tmp_path / "out" / "gradcam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vit_tokens_are_laid_out_on_their_patch_grid() -> None:
+    model = build_timm_pooled("vit_tiny_patch16_224", (64, 32))  # a 4 x 2 grid of 16-pixel patches
+    tokens = torch.arange(9.0)[None, :, None].expand(2, 9, 3)  # the class token (0), then the patches row by row
+    grid = model.cam_reshape(tokens)
+    assert grid.shape == (2, 3, 4, 2) and grid[1, 2].tolist() == [[1, 2], [3, 4], [5, 6], [7, 8]]
+
+
+def test_gradcam_without_a_feature_map_is_a_note_not_a_blank_picture(tiny_shards: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    levit = timm.create_model("levit_128s", pretrained=False, num_classes=0)  # tokens from a conv stem, no grid
+    torch.save(levit.state_dict(), tmp_path / "levit.pth")
+    _run(tiny_shards, tmp_path / "levit.pth", tmp_path / "out", "--model", "timm:levit_128s", "--pictures", "gradcam")
+    assert ("note: no gradcam.png: LevitDistilled's last features are (1, 16, 384): neither an image-shaped map nor "
+            "tokens of a patch embedding that gives their grid, so nothing to lay over the image\n"
+            in capsys.readouterr().out)
+    assert not (tmp_path / "out" / "gradcam.png").exists()

@@ -198,7 +198,7 @@ def _train(tmp_path: Path, name: str, train: Path, query: str | Path, gallery: s
         f"run_name={name}", f"output_dir={tmp_path}", "model.name=osnet", "model.options={variant: osnet_x0_25}",
         f"data.train=[{train}]", f"data.query={query}", f"data.gallery={gallery}", "data.p=2", "data.k=2",
         "data.workers=0", f"data.transform.height={SIZE[0]}", f"data.transform.width={SIZE[1]}", "epochs=3",
-        "eval_every=1", "max_iters_per_epoch=2", "optim.warmup_epochs=0", "optim.lr=0.01", *extra])
+        "eval_every=1", "iters_per_epoch=2", "optim.warmup_epochs=0", "optim.lr=0.01", *extra])
     return engine.train(cfg)
 
 

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from reidforge.shared.progress import RunProgress
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("faults", REPO / "launch" / "bench" / "faults.py")
 faults = importlib.util.module_from_spec(_spec)
@@ -24,32 +26,56 @@ sys.modules[_spec.name] = faults  # dataclasses resolve the module's annotations
 _spec.loader.exec_module(faults)
 
 
-def test_phases_are_read_from_progress_bars_lines_and_files() -> None:
+def test_phases_are_read_from_progress_lines_and_files() -> None:
     log = faults.OutputLog()
     files = faults.Files()
-    log.feed("loading\n")
-    assert faults.finetune_phase(log.view(), files, 2) == ("startup", "")
-    log.feed("\repoch 1/2:   0%|          | 0/3 [00:00<?, ?it/s]\repoch 1/2:  33%|###       | 1/3 [00:01<00:02]")
-    assert faults.finetune_phase(log.view(), files, 2) == ("training", "e1")  # an unterminated redraw counts
-    log.feed("\r" + " " * 40 + "\r")  # tqdm erases a finished bar
-    assert faults.finetune_phase(log.view(), files, 2) == ("evaluation", "e1")
-    log.feed("epoch 1 test: mAP 0.1672  R1 0.0000\n")
-    assert faults.finetune_phase(log.view(), files, 2) == ("checkpoint", "e1")
-    assert faults.finetune_phase(log.view(), faults.Files(".epoch-0001.tmp"), 2) == ("checkpoint", "epoch-0001")
-    assert faults.finetune_phase(log.view(), faults.Files(done_epoch=1), 2) == ("training", "e2")
-    log.feed("\repoch 2/2:  33%|###       | 1/3 [00:01<00:02]\r   \repoch 2 test: mAP 0.2\n")
-    assert faults.finetune_phase(log.view(), faults.Files(done_epoch=2), 2) == ("export", "")
+    log.feed("config:\n  epochs: 2\n")
+    assert faults.run_phase(log.events, files, 2) == ("startup", "")
+    run = RunProgress(2, 3, enabled=False)  # the lines a run prints, from the formatter itself
+    run.set_phase("train")
+    log.feed(run.line() + "\n[train] epoch 1/2  iter 2/6 (33%)  loss 4.1")
+    assert faults.run_phase(log.events, files, 2) == ("training", "e1")
+    log.feed("00  2.0 it/s  eta 2s\n[eval] epoch 1/2  iter 3/6 (50%)  loss 4.100  2.0 it/s  eta 2s\n")
+    assert faults.run_phase(log.events, files, 2) == ("evaluation", "e1")
+    log.feed("[eval] embedding query  0/1 batch (0%)\n[eval] embedding query  1/1 batch (100%)  done in 0s\n")
+    assert faults.run_phase(log.events, files, 2) == ("evaluation", "e1")  # a pass inside the phase
+    log.feed("epoch 1 test: mAP 0.1672  R1 0.0000\n[checkpoint] epoch 1/2  iter 3/6 (50%)  2.0 it/s  eta 2s\n")
+    assert faults.run_phase(log.events, files, 2) == ("checkpoint", "e1")
+    assert faults.run_phase(log.events, faults.Files(".epoch-0001.tmp"), 2) == ("checkpoint", "epoch-0001")
+    assert faults.run_phase(log.events, faults.Files(export_tmp=True), 2) == ("export", "")
+    run.start_epoch(1)
+    run.set_phase("export")
+    log.feed(run.line() + "\n")
+    assert faults.run_phase(log.events, files, 2) == ("export", "")
+    log.feed(run.line(done=True) + "\n")
+    assert faults.run_phase(log.events, files, 2) == ("exit", "")
+    assert log.lines == ["config:", "epochs: 2", "epoch 1 test: mAP 0.1672  R1 0.0000"]
 
-    spcl = faults.OutputLog()
-    spcl.feed("\rmemory features:  50%|#####     | 2/4 [00:00<00:00]")
-    assert faults.spcl_phase(spcl.view(), files, 2) == ("startup", "")
-    spcl.feed("\r          \r")
-    assert faults.spcl_phase(spcl.view(), files, 2) == ("clustering", "e1")
-    spcl.feed("\repoch 1/2:  0%|          | 0/3 [00:00<?]\r     \repoch 1  clusters 14  outliers 95  loss 3.8\n")
-    assert faults.spcl_phase(spcl.view(), files, 2) == ("checkpoint", "e1")
-    assert faults.spcl_phase(spcl.view(), faults.Files(done_epoch=1), 2) == ("clustering", "e2")
-    spcl.feed("\rmemory features:  25%|##        | 1/4 [00:00<00:00]")
-    assert faults.spcl_phase(spcl.view(), faults.Files(done_epoch=1), 2) == ("clustering", "e2")
+    spcl = faults.OutputLog()  # passes before the run's first line are its startup
+    spcl.feed("[extract] memory features  0/4 batch (0%)\n[extract] memory features  4/4 batch (100%)  done in 0s\n")
+    assert faults.run_phase(spcl.events, files, 2) == ("startup", "")
+    spcl.feed("[cluster] epoch 1/2  iter 0/6 (0%)\n")
+    assert faults.run_phase(spcl.events, files, 2) == ("clustering", "e1")
+    spcl.feed("[train] epoch 1/2  iter 0/6 (0%)\nepoch 1  clusters 14  outliers 95  loss 3.8\n"
+              "[checkpoint] epoch 1/2  iter 3/6 (50%)  1.0 it/s  eta 3s\n")
+    assert faults.run_phase(spcl.events, files, 2) == ("checkpoint", "e1")
+    spcl.feed("[extract] epoch 2/2  iter 3/6 (50%)  1.0 it/s  eta 3s\n[extract] memory features  0/4 batch (0%)\n")
+    assert faults.run_phase(spcl.events, files, 2) == ("clustering", "e2")  # re-extraction, then clustering
+
+    shards = faults.OutputLog()
+    shards.feed("[shards] synthetic_person/train  0/72 img (0%)\n")
+    assert faults.shards_phase(shards.events, files, 0) == ("shards", "synthetic_person/train")
+    shards.feed("[shards] synthetic_person/train  72/72 img (100%)  90.0 img/s  done in 1s\n")
+    assert faults.shards_phase(shards.events, files, 0) == ("index", "synthetic_person/train")
+    shards.feed("| dataset | split |\n")
+    assert faults.shards_phase(shards.events, files, 0) == ("exit", "")
+    cfs = faults.OutputLog()
+    cfs.feed("model A: ...\n[score] CFS  0/240 img (0%)\n")
+    assert faults.cfs_phase(cfs.events, files, 0) == ("scoring", "")
+    cfs.feed("[score] CFS  240/240 img (100%)  80.0 img/s  done in 3s\n")
+    assert faults.cfs_phase(cfs.events, files, 0) == ("writing", "")
+    cfs.feed("240 images scored (0 lost); CFS median 0.5\n")
+    assert faults.cfs_phase(cfs.events, files, 0) == ("exit", "")
 
 
 def test_comparison_ignores_timings_and_names_the_first_differing_tensor(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def test_bot_centres_get_their_own_sgd_and_resume(tiny_person: Path, tmp_path: P
     """BoT with center loss and optim.center_lr: the centres move under their own SGD (the main optimiser
     leaves them out), and a run killed in epoch 2 resumes to the same weights and centres."""
     bot = ("model.name=bot_resnet50", "model.options={center_loss: true}")
-    extra = ("optim.center_lr=0.5", "max_iters_per_epoch=2", "data.k=2")
+    extra = ("optim.center_lr=0.5", "iters_per_epoch=2", "data.k=2")
 
     def trainer(name: str, resume: bool = False) -> engine.Trainer:
         return engine.Trainer(_config(tiny_person, tmp_path, name, *extra, model=bot), resume)

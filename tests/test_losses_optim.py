@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from reidforge.finetune.losses import CenterLoss, CircleSoftmax, Criterion, LossConfig, batch_hard_triplet, fastreid_cross_entropy
 from reidforge.finetune.models.base import LossTerm
-from reidforge.finetune.optim import OptimConfig, build_center_optimizer, build_optimizer, build_scheduler, lr_factor
+from reidforge.finetune.optim import TrainOptimConfig, build_center_optimizer, freeze_lr_factor
 from reidforge.shared.config import ConfigError
+from reidforge.shared.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
 
 PIDS = torch.tensor([0, 0, 1, 1])
 POINTS = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
@@ -197,7 +198,7 @@ def test_delayed_cosine_follows_torchs_scheduler_stepped_as_fastreid_steps_it(ip
 # warmup_factor 0.0, warmup_iters 10 epochs, milestones [40, 70, 100], gamma 0.1) built at 0 in epoch 9 and
 # stepped before each epoch: epoch 9 + j trains at last_epoch j + 1, warm-up (j + 1) / 10, x0.1 per milestone
 # <= j + 1. 130 epochs.
-MBR = OptimConfig(name="adam", lr=1e-4, warmup_epochs=10, warmup_factor=0.0, milestones=[40, 70, 100],
+MBR = TrainOptimConfig(name="adam", lr=1e-4, warmup_epochs=10, warmup_factor=0.0, milestones=[40, 70, 100],
                   freeze_mode="mbr")
 MBR_LR = [(0, 1e-4), (899, 1e-4),  # frozen trunk: constant base lr
           (900, 1e-5), (999, 1e-5),  # epoch 9: last_epoch 1, warm-up 0.1
@@ -208,14 +209,15 @@ MBR_LR = [(0, 1e-4), (899, 1e-4),  # frozen trunk: constant base lr
 
 def test_mbr_mode_holds_the_base_lr_then_restarts_the_schedule_per_epoch() -> None:
     for iteration, lr in MBR_LR:
-        assert MBR.lr * lr_factor(iteration, 100, 130, MBR, freeze_iters=900) == pytest.approx(lr, rel=1e-12), iteration
+        assert MBR.lr * freeze_lr_factor(iteration, 100, 130, MBR, freeze_iters=900) == pytest.approx(lr, rel=1e-12), iteration
     # without a freeze MBR's scheduler exists from epoch 0 and is stepped before it: epoch 0 trains at 0.1
-    assert lr_factor(0, 100, 130, MBR) == pytest.approx(0.1) and lr_factor(99, 100, 130, MBR) == pytest.approx(0.1)
+    assert freeze_lr_factor(0, 100, 130, MBR) == pytest.approx(0.1) and freeze_lr_factor(99, 100, 130, MBR) == pytest.approx(0.1)
 
 
 def test_fastreid_mode_schedules_as_if_nothing_were_frozen() -> None:
     for iteration in (0, 500, 999, 1000, 2000, 9000):
-        assert lr_factor(iteration, 202, 60, SBS, freeze_iters=1000) == lr_factor(iteration, 202, 60, SBS)
+        assert freeze_lr_factor(iteration, 202, 60, TrainOptimConfig(**vars(SBS)), freeze_iters=1000) == \
+            lr_factor(iteration, 202, 60, SBS)
 
 
 def test_center_loss_centres_get_bots_own_sgd() -> None:
@@ -229,14 +231,14 @@ def test_center_loss_centres_get_bots_own_sgd() -> None:
     centres = crit.owned["center:feat"].centers
     assert crit.centers() == [(centres, 5e-4)]
 
-    shared = build_optimizer(holder, OptimConfig())  # center_lr 0: one optimiser moves everything
+    shared = build_optimizer(holder, TrainOptimConfig())  # center_lr 0: one optimiser moves everything
     assert any(p is centres for g in shared.param_groups for p in g["params"])
-    cfg = OptimConfig(name="adam", lr=0.01, warmup_epochs=0, center_lr=0.5)
+    cfg = TrainOptimConfig(name="adam", lr=0.01, warmup_epochs=0, center_lr=0.5)
     main = build_optimizer(holder, cfg, exclude=[p for p, _ in crit.centers()])
     own = build_center_optimizer(crit.centers(), cfg)
     assert all(p is not centres for g in main.param_groups for p in g["params"])
     assert [g["params"] for g in own.param_groups] == [[centres]] and own.defaults["momentum"] == 0
-    assert build_center_optimizer(crit.centers(), OptimConfig()) is None and build_center_optimizer([], cfg) is None
+    assert build_center_optimizer(crit.centers(), TrainOptimConfig()) is None and build_center_optimizer([], cfg) is None
     sched = build_scheduler(main, cfg, iters_per_epoch=10, total_epochs=1)  # cosine to 0: never touches centres
 
     x = torch.randn(4, 2)

@@ -132,7 +132,7 @@ def test_console_scripts_run_from_a_users_project(user_project: Path) -> None:
 
 def test_train_from_a_recipe_with_overrides(tiny_shards: Path, tmp_path: Path) -> None:
     person = tiny_shards / "synthetic_person"
-    summary = reidforge.train(ROOT / "launch" / "configs" / "bot_tiny.yaml", "epochs=1", "max_iters_per_epoch=1",
+    summary = reidforge.train(ROOT / "launch" / "configs" / "bot_tiny.yaml", "epochs=1", "iters_per_epoch=1",
                               f"output_dir={tmp_path}", "run_name=api", f"data.train=[{person / 'train'}]",
                               f"data.query={person / 'query'}", f"data.gallery={person / 'gallery'}", "data.workers=0",
                               "data.p=4", "data.k=2", "model.name=coursework_resnet18", "data.transform.height=64",

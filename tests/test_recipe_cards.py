@@ -46,10 +46,10 @@ SCHEMAS = {"finetune": TrainConfig, "pretrain": SpCLConfig}
 # list as operational.
 OPERATIONAL = {
     "finetune": {"run_name", "output_dir", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every",
-                 "model.weights", "data.train", "data.query", "data.gallery", "data.val_query", "data.val_gallery",
+                 "dist_timeout_minutes", "model.weights", "data.train", "data.query", "data.gallery", "data.val_query", "data.val_gallery",
                  "data.workers", "data.test_batch_size", "data.max_bad_fraction"},
     "pretrain": {"run_name", "output_dir", "eval_every", "checkpoint_every", "checkpoint_every_iters",
-                 "keep_checkpoints", "log_every", "dist_timeout_minutes", "encoder.weights", "data.splits",
+                 "keep_checkpoints", "log_every", "dist_timeout_minutes", "model.weights", "data.train",
                  "data.query", "data.gallery", "data.workers", "data.test_batch_size", "data.max_bad_fraction"},
 }
 # Settings that define a method: on every card of the stage, sourced or explained.
@@ -62,8 +62,9 @@ REQUIRED = {
                  "optim.min_lr_factor", "optim.delay_epochs", "optim.freeze_mode", "freeze_backbone_iters",
                  "freeze_backbone_epochs", "loss.label_smoothing", "loss.triplet_margin", "amp", "distance",
                  "flip_test", "rerank", "eval_protocol"},
-    "pretrain": {"encoder.backbone", "encoder.pooling", "epochs", "iters_per_epoch", "sampler", "samples_per_bn",
-                 "data.p", "data.k", *_TRANSFORM, "lr", "weight_decay", "milestones", "gamma", "amp",
+    "pretrain": {"model.name", "model.pooling", "epochs", "iters_per_epoch", "data.sampler", "samples_per_bn",
+                 "data.p", "data.k", *_TRANSFORM, "optim.name", "optim.lr", "optim.weight_decay", "optim.bias_decay",
+                 "optim.schedule", "optim.warmup_epochs", "optim.milestones", "optim.gamma", "amp",
                  "cluster_features", "memory.temperature", "memory.momentum", "cluster.method", "cluster.eps",
                  "cluster.eps_gap", "cluster.min_samples", "cluster.k1", "cluster.k2"},
 }
@@ -171,7 +172,7 @@ def test_card_model_options_build(name: str) -> None:
         if card["stage"] == "finetune":
             model = build_model(cfg.model.name, 4, **cfg.model.options)
         else:
-            model = build_backbone(cfg.encoder.backbone, **cfg.encoder.options)
+            model = build_backbone(cfg.model.name, **cfg.model.options)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

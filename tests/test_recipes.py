@@ -28,7 +28,7 @@ def test_paper_recipe_and_its_tiny_variant(name: str) -> None:
     assert full.model.name in MODELS and tiny.model.name == full.model.name
     assert tiny.optim.name == full.optim.name
     assert all(path.startswith("runs/demo/shards/synthetic_") for path in [*tiny.data.train, tiny.data.query])
-    assert tiny.max_iters_per_epoch > 0 and tiny.epochs <= 3
+    assert tiny.iters_per_epoch > 0 and tiny.epochs <= 3
 
 
 def test_recipe_specifics_from_the_papers() -> None:

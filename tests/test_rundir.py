@@ -31,7 +31,7 @@ def _finetune(shards: Path, out: Path, *extra: str) -> TrainConfig:
         "run_name=clob", f"output_dir={out}", "model.name=osnet", "model.options={variant: osnet_x0_25}",
         f"data.train=[{shards / 'train'}]", f"data.query={shards / 'query'}", f"data.gallery={shards / 'gallery'}",
         "data.p=4", "data.k=2", "data.workers=0", "data.transform.height=32", "data.transform.width=16",
-        "epochs=1", "max_iters_per_epoch=1", "optim.warmup_epochs=0", "keep_checkpoints=1", *extra])
+        "epochs=1", "iters_per_epoch=1", "optim.warmup_epochs=0", "keep_checkpoints=1", *extra])
 
 
 def test_a_second_run_refuses_overwrite_replaces_resume_checks_the_config(
@@ -65,8 +65,8 @@ def test_a_second_run_refuses_overwrite_replaces_resume_checks_the_config(
 
 
 def test_spcl_refuses_an_occupied_directory_before_reading_the_pool(shards: Path, tmp_path: Path) -> None:
-    cfg = load_config(SpCLConfig, None, [f"output_dir={tmp_path}", "run_name=s", "encoder.weights=none",
-                                         f"data.splits=[{shards / 'train'}]"])
+    cfg = load_config(SpCLConfig, None, [f"output_dir={tmp_path}", "run_name=s", "model.weights=none",
+                                         f"data.train=[{shards / 'train'}]"])
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "backbone_final.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"holds another run \(backbone_final\.safetensors\)"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reidforge.data.samplers import CameraAwarePKSampler, MultipleGallerySampler, PKSampler
+from reidforge.data.samplers import CameraAwarePKSampler, EpochBatches, MultipleGallerySampler, PKSampler
 
 P, K = 4, 4
 SAMPLERS = [PKSampler, CameraAwarePKSampler]
@@ -380,3 +380,32 @@ def test_multiple_gallery_joins_passes_shorter_than_a_batch() -> None:
     for i in range(3):  # each whole pass inside it is a permutation of the 20 images
         assert sorted(batches[0, 20 * i:20 * (i + 1)].tolist()) == list(range(20))
     assert np.array_equal(batches, sampler.global_batches(0))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_epoch_batches_give_exactly_the_epochs_length(world_size: int) -> None:
+    """iters_per_epoch > 0: the epoch's own batches first, then fresh passes with keys of their own, exactly
+    ``iters`` batches; at most one pass long, the first ``iters`` batches of the epoch."""
+    sampler = make_sampler(PKSampler, seed=5, rank=world_size - 1, world_size=world_size)
+    sampler.set_epoch(3)
+    one_pass = list(sampler.keyed())
+    n = len(one_pass)
+    sampler.set_epoch(4)
+    sampler.set_epoch(3)
+    long = EpochBatches(sampler, 2 * n + 3)
+    drawn = list(long.keyed())
+    assert len(long) == len(drawn) == 2 * n + 3 and drawn[:n] == one_pass
+    assert [key[0] for key, _ in drawn] == [3] * n + [3 + EpochBatches.PASS_STRIDE] * n + [3 + 2 * EpochBatches.PASS_STRIDE] * 3
+    assert len({key for key, _ in drawn}) == len(drawn) and drawn[n][1] != one_pass[0][1]  # a new pass, new keys
+    sampler.set_epoch(4)  # the trainer's next epoch starts from that epoch's own batches
+    sampler.set_epoch(3)
+    assert list(EpochBatches(sampler, 2).keyed()) == one_pass[:2]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        EpochBatches(sampler, 0)
+
+
+def test_epoch_batches_refuse_a_rank_without_batches() -> None:
+    pids = np.repeat(np.arange(4), 4)
+    sampler = PKSampler(pids, None, p=4, k=4, seed=0, rank=1, world_size=2)  # one global batch: none for rank 1
+    with pytest.raises(ValueError, match="no batch for this rank"):
+        list(EpochBatches(sampler, 3))

@@ -107,7 +107,7 @@ def test_finetune_writes_epoch_means_window_means_config_and_hparams(tiny_shards
 def test_spcl_writes_epoch_means_clustering_statistics_and_hparams(tiny_shards: Path, tmp_path: Path) -> None:
     person = tiny_shards / "synthetic_person"
     assert spcl_main(["--config", SPCL, f"output_dir={tmp_path}", "run_name=spcl", *SMALL,
-                      f"data.splits=[{tiny_shards / 'synthetic_lup' / 'pool'}]", f"data.query={person / 'query'}",
+                      f"data.train=[{tiny_shards / 'synthetic_lup' / 'pool'}]", f"data.query={person / 'query'}",
                       f"data.gallery={person / 'gallery'}", "iters_per_epoch=2", "bn_calibration_batches=1",
                       "cluster.k1=10", "cluster.k2=3", "cluster.knn=int8"]) == 0
     run = tmp_path / "spcl"
@@ -137,8 +137,8 @@ def test_spcl_writes_epoch_means_clustering_statistics_and_hparams(tiny_shards: 
     settings = _text(events, "cluster/settings")
     assert "knn: int8" in settings and "k1: 10" in settings and "indep_threshold" in settings
 
-    assert "backbone: resnet18" in _text(events, "config")
+    assert "name: resnet18" in _text(events, "config")
     hparams, metrics = _hparams(events)
-    assert hparams["encoder.backbone"] == "resnet18" and hparams["cluster.knn"] == "int8"
+    assert hparams["model.name"] == "resnet18" and hparams["cluster.knn"] == "int8"
     assert metrics == {"test/mAP", "test/R1", "cluster/ARI", "cluster/NMI"}
     assert _series(events, "test/mAP")[-1][1] == pytest.approx(history[-1]["mAP"])

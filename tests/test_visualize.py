@@ -243,3 +243,25 @@ def test_demo_report_draws_spcl_on_one_panel_per_scale(tmp_path: Path, figures: 
                                                      "outliers (images)", "person split: mAP, R1 (%)"]
     assert [list(line.get_ydata()) for line in spcl.axes[3].lines] == [[pytest.approx(21.4)],
                                                                       [pytest.approx(14.3)]]
+
+
+class _Tokens(torch.nn.Module):
+    """A 2 x 3 grid of 4-channel patch tokens after a class token, the embedding their sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 4, 2, stride=2)
+        self.norm = torch.nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.embed(x).flatten(2).transpose(1, 2)
+        return self.norm(torch.cat([torch.zeros_like(patches[:, :1]), patches], dim=1)).sum(dim=1)
+
+
+def test_grad_cam_of_tokens_needs_their_grid() -> None:
+    model = _Tokens()
+    images = torch.randn(2, 3, 4, 6)
+    with pytest.raises(ValueError, match=r"the layer LayerNorm gives \(2, 7, 4\), not an \(N, C, h, w\) map"):
+        grad_cam(model, model.norm, images)
+    maps = grad_cam(model, model.norm, images, lambda t: t[:, 1:].reshape(2, 2, 3, 4).permute(0, 3, 1, 2))
+    assert maps.shape == (2, 4, 6) and flat_maps(maps) == []

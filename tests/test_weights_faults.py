@@ -78,8 +78,8 @@ def test_every_command_refuses_a_damaged_file_in_one_line(tmp_path: Path, capsys
                        f"data.train=[{split / 'train'}]", f"data.query={split / 'query'}",
                        f"data.gallery={split / 'gallery'}"]) == 2
     _one_line(capsys, bad)
-    assert spcl_main(["--config", "launch/configs/spcl_tiny.yaml", *common, f"encoder.weights={bad}",
-                      f"data.splits=[{tiny_shards / 'synthetic_lup' / 'pool'}]",
+    assert spcl_main(["--config", "launch/configs/spcl_tiny.yaml", *common, f"model.weights={bad}",
+                      f"data.train=[{tiny_shards / 'synthetic_lup' / 'pool'}]",
                       f"data.query={split / 'query'}", f"data.gallery={split / 'gallery'}"]) == 2
     _one_line(capsys, bad)
 

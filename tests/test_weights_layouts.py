@@ -305,7 +305,7 @@ def test_unsupervised_reid_codebases_resnet50_into_bot(shards: Path, tmp_path: P
 def test_spcl_uda_checkpoint_keeps_the_target_domain_bn_in_our_spcl(shards: Path, tmp_path: Path) -> None:
     """examples/spcl_train_uda.py saves the model with SpCL's DSBN (spcl/models/dsbn.py: every BatchNorm a
     ``BN_S`` / ``BN_T`` pair); its test.py keeps ``BN_T`` (``convert_bn(use_target=True)``), and so do we,
-    here for the pretrain encoder (``pretrain/spcl.py encoder.weights=FILE``)."""
+    here for the pretrain encoder (``pretrain/spcl.py model.weights=FILE``)."""
     sd = _random(build_backbone("resnet18").state_dict())
     bn_modules = {k.rsplit(".", 1)[0] for k in sd if k.endswith("running_mean")}
     file = {}
@@ -319,9 +319,9 @@ def test_spcl_uda_checkpoint_keeps_the_target_domain_bn_in_our_spcl(shards: Path
             file[f"module.{_spcl(key)}"] = value
     file.update({f"module.feat_bn.BN_{d}.{s}": v for d in "ST" for s, v in _bn1d(512).items()})
     torch.save({"state_dict": file, "epoch": 50, "best_mAP": 0.5}, tmp_path / "model_best.pth.tar")
-    rc = spcl_main(["--config", str(CONFIGS / "spcl_tiny.yaml"), "encoder.backbone=resnet18",
-                    f"encoder.weights={tmp_path / 'model_best.pth.tar'}", "epochs=0", "bn_calibration_batches=0",
-                    f"data.splits=[{shards / 'train'}]", "data.query=''", "data.gallery=''", "data.p=4",
+    rc = spcl_main(["--config", str(CONFIGS / "spcl_tiny.yaml"), "model.name=resnet18",
+                    f"model.weights={tmp_path / 'model_best.pth.tar'}", "epochs=0", "bn_calibration_batches=0",
+                    f"data.train=[{shards / 'train'}]", "data.query=''", "data.gallery=''", "data.p=4",
                     f"output_dir={tmp_path}", "run_name=spcl"])
     assert rc == 0
     exported = load_file(str(tmp_path / "spcl" / "backbone_final.safetensors"))
@@ -425,12 +425,12 @@ def test_a_file_for_another_trunk_or_with_code_is_refused(shards: Path, tmp_path
 
 
 def test_pretrain_encoder_weights_take_the_same_loader(shards: Path, tmp_path: Path) -> None:
-    """``pretrain/spcl.py ... encoder.weights=FILE``: the encoder is a bare backbone (identity trunk map)."""
+    """``pretrain/spcl.py ... model.weights=FILE``: the encoder is a bare backbone (identity trunk map)."""
     sd = _random(build_backbone("osnet_x0_25").state_dict())
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "osnet.pth.tar")
-    rc = spcl_main(["--config", str(CONFIGS / "spcl_tiny.yaml"), "encoder.backbone=osnet_x0_25",
-                    f"encoder.weights={tmp_path / 'osnet.pth.tar'}", "epochs=0", "bn_calibration_batches=0",
-                    f"data.splits=[{shards / 'train'}]", "data.query=''", "data.gallery=''", "data.p=4",
+    rc = spcl_main(["--config", str(CONFIGS / "spcl_tiny.yaml"), "model.name=osnet_x0_25",
+                    f"model.weights={tmp_path / 'osnet.pth.tar'}", "epochs=0", "bn_calibration_batches=0",
+                    f"data.train=[{shards / 'train'}]", "data.query=''", "data.gallery=''", "data.p=4",
                     f"output_dir={tmp_path}", "run_name=spcl"])
     assert rc == 0
     exported = load_file(str(tmp_path / "spcl" / "backbone_final.safetensors"))

@@ -2,7 +2,7 @@
 
     python launch/bench/clustering.py [--msmt 32621] [--msmt-dim 2048] [--dense-size N]
         [--sizes 10000,50000,200000,1000000] [--dim 512] [--approx-above 100000] [--agreement-size 50000]
-        [--nprobe 8]
+        [--nprobe 8] [--knn-device auto]
         [--out runs/bench/clustering.json]
 
 Features: identities of geometrically distributed sizes (>= 3 images), centres random unit vectors (a
@@ -28,6 +28,7 @@ merge at the loose eps, noisy identities fragment, and the criteria reject some.
     indices and reports the adjusted Rand index between the two labelings (0 skips it).
 
 Sizes are flags, so ``--msmt 4000 --sizes 10000,50000 --agreement-size 0`` is a quick run.
+``--knn-device`` is the sparse step's ``ClusterConfig.knn_device`` (where the exact/int8 scan runs).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering
+from reidforge.pretrain.knn import DEVICES
 from reidforge.shared.io import atomic_write_json
 from reidforge.shared.table import format_table
 
@@ -102,7 +104,7 @@ def _reset_peak_rss() -> None:
 
 
 def _isolated(method: str, n: int, dim: int, mean_size: float, unclustered: float, knn: str,
-              labels_path: str | None, nprobe: int = 8) -> dict[str, float]:
+              labels_path: str | None, nprobe: int = 8, device: str = "auto") -> dict[str, float]:
     """Runs in a fresh process: generate the features, cluster them once, report time and peak RSS."""
     x, _ = synthetic(n, dim, mean_size, unclustered)
     _reset_peak_rss()
@@ -110,7 +112,7 @@ def _isolated(method: str, n: int, dim: int, mean_size: float, unclustered: floa
     result: dict[str, float] = {}
     start = time.perf_counter()
     if method == "sparse":
-        out = SelfPacedClustering(ClusterConfig(knn=knn, ivf_nprobe=nprobe))(x)
+        out = SelfPacedClustering(ClusterConfig(knn=knn, ivf_nprobe=nprobe, knn_device=device))(x)
         labels = out.labels
         result.update(out.stats)
     else:
@@ -189,11 +191,13 @@ def bench_msmt(args: argparse.Namespace, rows: list, report: dict, tmp: Path) ->
                      f"SpCL's own search: kNN {spcl['knn_s']:.1f} s, Jaccard {spcl['jaccard_s']:.1f} s; labels "
                      f"{'identical to the reference' if not same else f'{same} differ from the reference'}"])
     for knn in ("exact", "int8"):
-        check = _in_fresh_process("sparse", dense_n, *shape, knn, str(tmp / f"sparse_{knn}_{dense_n}.npy"))
+        check = _in_fresh_process("sparse", dense_n, *shape, knn, str(tmp / f"sparse_{knn}_{dense_n}.npy"),
+                                  args.nprobe, args.knn_device)
         ours = np.load(tmp / f"sparse_{knn}_{dense_n}.npy")
         differing = int(np.count_nonzero(ref != ours))
         ari = float(adjusted_rand_score(ref, ours))
-        sparse = check if dense_n == n else _in_fresh_process("sparse", n, *shape, knn, None)
+        sparse = check if dense_n == n else _in_fresh_process("sparse", n, *shape, knn, None, args.nprobe,
+                                                              args.knn_device)
         rest = sparse["seconds"] - sparse["knn_s"]
         report["msmt"][knn] = {"run": sparse, "label_check": check, "differing_labels": differing, "ari": ari,
                                "speedup": dense_s / sparse["seconds"],
@@ -214,7 +218,7 @@ def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
     report["scale"] = []
     for n in args.sizes:
         knn = "exact" if n < args.approx_above else "ivf"
-        run = _in_fresh_process("sparse", n, *shape, knn, None, args.nprobe)
+        run = _in_fresh_process("sparse", n, *shape, knn, None, args.nprobe, args.knn_device)
         run.update(n=n, knn=knn)
         report["scale"].append(run)
         notes = (f"kNN {run['knn_s']:.1f} s, Jaccard {run['jaccard_s']:.1f} s, DBSCAN x3 + criteria "
@@ -231,7 +235,8 @@ def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
     if args.agreement_size:
         with tempfile.TemporaryDirectory() as tmp:
             n = args.agreement_size
-            runs = {k: _in_fresh_process("sparse", n, *shape, k, f"{tmp}/{k}.npy", args.nprobe) for k in ("exact", "ivf")}
+            runs = {k: _in_fresh_process("sparse", n, *shape, k, f"{tmp}/{k}.npy", args.nprobe, args.knn_device)
+                    for k in ("exact", "ivf")}
             labels = {k: np.load(f"{tmp}/{k}.npy") for k in runs}
         ari = float(adjusted_rand_score(labels["exact"], labels["ivf"]))
         report["ivf_agreement"] = {"n": n, "ari": ari, "runs": runs}
@@ -253,6 +258,8 @@ def main() -> None:
     parser.add_argument("--approx-above", type=int, default=100_000, help="IVF instead of exact kNN from this size")
     parser.add_argument("--agreement-size", type=int, default=50_000)
     parser.add_argument("--nprobe", type=int, default=8, help="IVF lists each point probes (ClusterConfig.ivf_nprobe)")
+    parser.add_argument("--knn-device", choices=DEVICES, default="auto",
+                        help="where the exact/int8 kNN scan runs (ClusterConfig.knn_device)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/clustering.json"))
     args = parser.parse_args()
 

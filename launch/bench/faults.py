@@ -19,8 +19,9 @@ A training command killed before its first checkpoint has nothing to resume: its
 removed and the command started again, as a user would.
 
 Each command first runs once uninterrupted (the reference), with its output parsed into a timeline of
-phases (startup, training, clustering, evaluation, checkpoint, export, ...; a checkpoint write is seen
-as the hidden ``.epoch-*.tmp`` directory, an export as the hidden ``.<name>.safetensors.<random>.tmp`` file).
+phases (startup, training, clustering, evaluation, checkpoint, export, ...: the plain progress lines of
+``reidforge.shared.progress``, which name each phase as it begins; a checkpoint write is seen as the
+hidden ``.epoch-*.tmp`` directory, an export as the hidden ``.<name>.safetensors.<random>.tmp`` file).
 A trial starts the command in its own process group and SIGKILLs the group
 
 - at a seeded random time: the child's first output plus u x the reference's span from its first
@@ -97,60 +98,57 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"world": ["train_ids=12", "images_per_train_id=6", "test_ids=6", "images_per_test_id=6",
                         "distractors=6", "pool_images=240", "pool_images_per_id=10", "vehicle_train_ids=2",
                         "vehicle_test_ids=2", "images_per_vehicle_id=4"],
-              "samples_per_shard": 16, "finetune": ["epochs=2", "max_iters_per_epoch=3", "data.p=4", "data.k=4"],
+              "samples_per_shard": 16, "finetune": ["epochs=2", "iters_per_epoch=3", "data.p=4", "data.k=4"],
               "spcl": ["epochs=2", "iters_per_epoch=3", "data.p=4", "data.k=4", "eval_every=2"]},
     "medium": {"world": ["train_ids=32", "images_per_train_id=8", "test_ids=12", "images_per_test_id=8",
                          "distractors=20", "pool_images=600", "pool_images_per_id=10", "vehicle_train_ids=4",
                          "vehicle_test_ids=4", "images_per_vehicle_id=6"],
-               "samples_per_shard": 32, "finetune": ["epochs=3", "max_iters_per_epoch=6", "data.p=8", "data.k=4"],
+               "samples_per_shard": 32, "finetune": ["epochs=3", "iters_per_epoch=6", "data.p=8", "data.k=4"],
                "spcl": ["epochs=4", "iters_per_epoch=6", "data.p=8", "data.k=4", "eval_every=2"]},
 }
 
 
 # -- the child's output as events ------------------------------------------------------------------
-BAR = re.compile(r"^(?P<desc>[^|]*?): +\d+%\|[^|]*\| *(?P<n>\d+)/(?P<total>\d+)")
+# The children print reidforge.shared.progress's plain lines (child_env: REIDFORGE_PROGRESS=lines): a training
+# run's "[phase] epoch E/N  iter ...", any other pass's "[phase] description  n/total ...", and the closing
+# line of either ends "  done in <time>". Each is printed as its phase begins.
+PROGRESS = re.compile(r"^\[(?P<phase>[a-z]+)\] (?P<desc>.+?)  \S.*?(?P<done>  done in \S+)?$")
+RUN = re.compile(r"epoch (\d+)/\d+")
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "bar" (a progress bar drawn), "closed" (that bar erased), "line"
-    text: str  # the bar's description, or the line
-    n: int = 0
+    kind: str  # "run" (a training run's progress line), "pass" (another pass's), "line" (anything else)
+    text: str  # run: "epoch E/N"; pass: its description; line: the line
+    phase: str = ""  # run and pass: the phase in brackets
+    done: bool = False  # run and pass: the closing line
 
 
 class OutputLog:
-    """Everything a child printed (stdout and stderr merged), split on carriage returns and newlines."""
+    """Everything a child printed (stdout and stderr merged), one event per line."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # the lines that are not progress
         self._tail = ""
 
     def feed(self, text: str) -> None:
-        parts = re.split(r"[\r\n]", self._tail + text)
-        self._tail = parts.pop()
+        *parts, self._tail = (self._tail + text).split("\n")
         for part in parts:
-            self._segment(part)
+            self._line(part)
 
     def close(self) -> None:
-        self._segment(self._tail)
+        self._line(self._tail)
         self._tail = ""
 
-    def view(self) -> list[Event]:
-        """The events so far, the unterminated last write included (tqdm ends a redraw without a newline)."""
-        match = BAR.match(self._tail.strip())
-        return self.events + [Event("bar", match["desc"], int(match["n"]))] if match else self.events
-
-    def _segment(self, part: str) -> None:
+    def _line(self, part: str) -> None:
         text = part.strip()
         if not text:
-            # tqdm erases a bar left behind (leave=False) by overwriting it with spaces
-            if part and self.events and self.events[-1].kind == "bar":
-                self.events.append(Event("closed", self.events[-1].text))
             return
-        match = BAR.match(text)
+        match = PROGRESS.match(text)
         if match:
-            self.events.append(Event("bar", match["desc"], int(match["n"])))
+            kind = "run" if RUN.fullmatch(match["desc"]) else "pass"
+            self.events.append(Event(kind, match["desc"], match["phase"], bool(match["done"])))
         else:
             self.events.append(Event("line", text))
             self.lines.append(text)
@@ -161,108 +159,68 @@ class Files:
     """What a training run has left on disk that tells its phase."""
 
     checkpoint_tmp: str = ""  # name of the hidden checkpoint directory being written
-    done_epoch: int = 0  # newest finished end-of-epoch checkpoint
     export_tmp: bool = False
 
 
 def _run_files(run_dir: Path) -> Files:
-    ckpt = run_dir / "checkpoints"
     try:
-        names = os.listdir(ckpt)
+        names = os.listdir(run_dir / "checkpoints")
     except FileNotFoundError:
         names = []
     tmp = next((n for n in names if n.startswith(".epoch-") and n.endswith(".tmp")), "")
-    epochs = [int(m[1]) for n in names if (m := re.fullmatch(r"epoch-(\d+)", n))]
     try:
         export_tmp = any(re.fullmatch(r"\..+\.safetensors\..*\.tmp", n) for n in os.listdir(run_dir))
     except FileNotFoundError:
         export_tmp = False
-    return Files(tmp, max(epochs, default=0), export_tmp)
+    return Files(tmp, export_tmp)
 
 
 def _last(events: Sequence[Event], wanted: Callable[[Event], bool]) -> Event | None:
     return next((e for e in reversed(events) if wanted(e)), None)
 
 
-EPOCH_BAR = re.compile(r"epoch (\d+)/(\d+)$")
+# A run's progress phases as the bench names them: SpCL's re-extraction and its clustering are one phase.
+RUN_PHASES = {"train": "training", "extract": "clustering", "cluster": "clustering", "eval": "evaluation",
+              "checkpoint": "checkpoint", "export": "export"}
 
 
-def _epoch_of(event: Event) -> int:
-    match = EPOCH_BAR.match(event.text) or re.match(r"epoch (\d+) ", event.text)
-    return int(match[1]) if match else 0
-
-
-def finetune_phase(events: Sequence[Event], files: Files, epochs: int) -> tuple[str, str]:
-    """finetune/engine.py: epoch bars, then (eval_every=1) the evaluation, its 'epoch E test:' line, the
-    checkpoint, and after the last epoch the export and the results table."""
+def run_phase(events: Sequence[Event], files: Files, epochs: int) -> tuple[str, str]:
+    """finetune/engine.py and pretrain/spcl.py: the phase of the run's last progress line, with its epoch
+    (train, evaluation, checkpoint; SpCL's clustering); a checkpoint or export being written, seen in the
+    files. Before the run's first line 'startup' (SpCL's BatchNorm calibration and the memory's first
+    fill are passes of their own), after its closing line or 'run directory:' 'exit'."""
     if files.checkpoint_tmp:
         return "checkpoint", files.checkpoint_tmp[1:-4]
     if files.export_tmp:
         return "export", ""
-    last = _last(events, lambda e: bool(EPOCH_BAR.match(e.text)) or re.match(r"epoch \d+ (test|val): ", e.text)
-                 is not None or e.text.startswith(("run directory:", "training: ")))
+    last = _last(events, lambda e: e.kind == "run" or e.text.startswith("run directory:"))
     if last is None:
         return "startup", ""
-    epoch = _epoch_of(last)
-    if last.kind == "bar":
-        return "training", f"e{epoch}"
-    if last.kind == "closed":
-        return "evaluation", f"e{epoch}"
-    if not epoch:
+    if last.kind == "line" or last.done:
         return "exit", ""
-    if files.done_epoch >= epoch:
-        return ("export", "") if epoch >= epochs else ("training", f"e{epoch + 1}")
-    return "checkpoint", f"e{epoch}"
-
-
-def spcl_phase(events: Sequence[Event], files: Files, epochs: int) -> tuple[str, str]:
-    """pretrain/spcl.py: BatchNorm calibration and the memory's first fill (startup); per epoch the
-    re-extraction ('memory features') and clustering, the epoch bar, the 'embedding' bars of the
-    monitor, the 'epoch E  clusters' line, the checkpoint; the export at the end."""
-    if files.checkpoint_tmp:
-        return "checkpoint", files.checkpoint_tmp[1:-4]
-    if files.export_tmp:
-        return "export", ""
-    relevant = (lambda e: e.text in ("BatchNorm calibration", "memory features") or e.text.startswith("embedding ")
-                or bool(EPOCH_BAR.match(e.text)) or re.match(r"epoch \d+  clusters", e.text) is not None
-                or e.text.startswith("run directory:"))
-    last = _last(events, relevant)
-    rows = sum(1 for e in events if e.kind == "line" and re.match(r"epoch \d+  clusters", e.text))
-    if last is None or last.text == "BatchNorm calibration":
-        return "startup", ""
-    if last.text == "memory features":  # before the first row: the memory's first fill, then epoch 1's clustering
-        return ("startup", "") if rows == 0 and last.kind == "bar" else ("clustering", f"e{rows + 1}")
-    if last.text.startswith("embedding "):
-        return "evaluation", f"e{rows + 1}"
-    if last.kind in ("bar", "closed"):
-        return "training", f"e{_epoch_of(last)}"
-    if last.text.startswith("run directory:"):
-        return "exit", ""
-    epoch = _epoch_of(last)
-    if files.done_epoch >= epoch:
-        return ("export", "") if epoch >= epochs else ("clustering", f"e{epoch + 1}")
-    return "checkpoint", f"e{epoch}"
+    phase = RUN_PHASES.get(last.phase, last.phase)
+    return phase, "" if phase == "export" else f"e{RUN.fullmatch(last.text)[1]}"
 
 
 def shards_phase(events: Sequence[Event], files: Files, epochs: int) -> tuple[str, str]:
-    """data/build_shards.py: one bar per split while its shards are written; between bars the finished
-    split's index and manifest and the next split's plan; the summary table at the end."""
-    last = _last(events, lambda e: e.kind in ("bar", "closed") or e.text.startswith("| dataset"))
+    """data/build_shards.py: one pass per split while its shards are written; after it closes the split's
+    index and manifest and the next split's plan; the summary table at the end."""
+    last = _last(events, lambda e: e.kind == "pass" or e.text.startswith("| dataset"))
     if last is None:
         return "startup", ""
     if last.kind == "line":
         return "exit", ""
-    return ("shards" if last.kind == "bar" else "index"), last.text
+    return ("index" if last.done else "shards"), last.text
 
 
 def cfs_phase(events: Sequence[Event], files: Files, epochs: int) -> tuple[str, str]:
-    """pretrain/cfs.py score: the models load, one 'CFS' bar over the split, the outputs are written."""
-    last = _last(events, lambda e: e.text == "CFS" or " images scored " in e.text)
+    """pretrain/cfs.py score: the models load, one 'CFS' pass over the split, the outputs are written."""
+    last = _last(events, lambda e: (e.kind == "pass" and e.phase == "score") or " images scored " in e.text)
     if last is None:
         return "startup", ""
     if last.kind == "line":
         return "exit", ""
-    return ("scoring" if last.kind == "bar" else "writing"), ""
+    return ("writing" if last.done else "scoring"), ""
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -299,18 +257,18 @@ def finetune_command(shards: Path, size: str, workers: int = 0, name: str = "fin
                  "data.transform.height=64", "data.transform.width=32", "eval_every=1", "checkpoint_every=1",
                  "keep_checkpoints=2", *SIZES[size]["finetune"], *extra]
     return Command(name, [sys.executable, str(REPO / "finetune" / "train.py"), "--config",
-                          str(CONFIGS / "dm_osnet_tiny.yaml"), *overrides], "runs/run", finetune_phase,
+                          str(CONFIGS / "dm_osnet_tiny.yaml"), *overrides], "runs/run", run_phase,
                    resumes=True, epochs=_overrides_value(overrides, "epochs"))
 
 
 def spcl_command(shards: Path, size: str, name: str = "spcl", extra: Sequence[str] = ()) -> Command:
     person = shards / "synthetic_person"
-    overrides = ["output_dir=runs", "run_name=run", f"data.splits=[{shards / 'synthetic_lup' / 'pool'}]",
+    overrides = ["output_dir=runs", "run_name=run", f"data.train=[{shards / 'synthetic_lup' / 'pool'}]",
                  f"data.query={person / 'query'}", f"data.gallery={person / 'gallery'}", "data.workers=0",
                  "data.test_batch_size=64", "bn_calibration_batches=1", "cluster.k1=10", "cluster.k2=3",
                  "checkpoint_every=1", "keep_checkpoints=2", *SIZES[size]["spcl"], *extra]
     return Command(name, [sys.executable, str(REPO / "pretrain" / "spcl.py"), "--config",
-                          str(CONFIGS / "spcl_tiny.yaml"), *overrides], "runs/run", spcl_phase,
+                          str(CONFIGS / "spcl_tiny.yaml"), *overrides], "runs/run", run_phase,
                    resumes=True, epochs=_overrides_value(overrides, "epochs"))
 
 
@@ -324,7 +282,7 @@ def cfs_command(shards: Path, pretrained: Path, finetuned: Path) -> Command:
 # -- running a child -------------------------------------------------------------------------------
 def child_env(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+            "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "REIDFORGE_PROGRESS": "lines"}
 
 
 @dataclass
@@ -367,7 +325,7 @@ def run_child(command: Command, cwd: Path, threads: int, point: Point | None = N
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     log, run_dir = OutputLog(), cwd / command.output
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a bar's block characters may straddle reads
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character's bytes may straddle reads
     start = time.monotonic()
     first: float | None = None
     timeline: list[tuple[float, str, str]] = []
@@ -378,7 +336,7 @@ def run_child(command: Command, cwd: Path, threads: int, point: Point | None = N
             fresh, chunks[:] = b"".join(chunks), []
         if fresh:
             log.feed(decoder.decode(fresh))
-        events = log.view()
+        events = log.events
         if first is None and events:
             first = now
         phase = command.phase(events, _run_files(run_dir), command.epochs)

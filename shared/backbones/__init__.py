@@ -20,6 +20,10 @@ from reidforge.shared.registry import Registry
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
 
+class NoFeatureMap(ValueError):
+    """A model whose features come from no image-shaped map, so Grad-CAM has nothing to draw (the reason)."""
+
+
 def build_backbone(name: str, **options: Any) -> nn.Module:
     return BACKBONES.build(name, **options)
 
