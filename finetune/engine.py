@@ -28,7 +28,6 @@ import itertools
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader, Dataset
 
 from reidforge.data.config import DataConfig
@@ -59,9 +56,7 @@ from reidforge.shared.io import atomic_write_json
 from reidforge.shared.optim import build_optimizer, build_scheduler, check_schedule, clip_gradients
 from reidforge.shared.progress import RunProgress
 from reidforge.shared.retrieval import distance_matrix, evaluate, evaluate_draws
-from reidforge.shared.run_config import ModelConfig, RunConfig
-from reidforge.shared.rundir import claim_run_dir
-from reidforge.shared.runlog import log_to
+from reidforge.shared.run_config import ModelConfig, RunConfig, start_run
 from reidforge.shared.table import Percent, format_table
 from reidforge.shared.tensorboard import (TrainScalars, write_config_text, write_embedding, write_hparams,
                                 write_picture)
@@ -138,21 +133,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self._check_inputs()
-        cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(
-            cpu=not cuda, mixed_precision=cfg.amp if cuda else "no", log_with="tensorboard",
-            project_dir=str(self.run_dir),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
+        run = start_run(cfg, resume, overwrite)
+        self.accelerator, self.checkpoints, self.resume_from = run.accelerator, run.checkpoints, run.resume_from
         acc = self.accelerator
-        if cfg.amp != "no" and not cuda:
-            acc.print(f"amp={cfg.amp} needs a GPU; training in float32 on the CPU")
-        set_seed(cfg.seed)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
-        claim_run_dir(self.run_dir, cfg, resume, overwrite, acc.is_main_process)
-        log_to(self.run_dir)
-        self.resume_from = self.checkpoints.resume_point(acc.print) if resume else None
-        acc.wait_for_everyone()  # every rank has checked the directory before the main one writes to it
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
         d = cfg.data
         train_tf = build_transforms(d.transform, train=True)

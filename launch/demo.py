@@ -36,18 +36,22 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reidforge.shared.config import ConfigError, load_config
+from reidforge.shared.config import ConfigError, bounded, load_config
 from reidforge.shared.io import atomic_open, atomic_write_json
 from reidforge.shared.table import Percent, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = REPO / "launch" / "configs"
+THREADS = 1  # intra-op threads of every stage: fixed, so that each stage's arithmetic is too
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass
@@ -63,6 +67,10 @@ class DemoConfig:
     cfs_keep: float = 0.5
     pictures: str = "ranked,cmc,gradcam"
     eval_workers: int = 0
+    # Stages run at once, each a process with THREADS intra-op thread: the results are then bit-identical
+    # from run to run (with two threads per process, SpCL's reductions vary in their last bits between runs,
+    # and its clustering amplifies that), and independent stages keep every core busy instead.
+    jobs: int = bounded(2, 1)
 
 
 @dataclass
@@ -148,25 +156,61 @@ class StageError(RuntimeError):
 
 
 class Runner:
-    """Runs stages in order, skipping finished ones; ``<out>/stages/<name>.json`` vouches for a stage."""
+    """Runs stages, ``jobs`` at a time in dependency order, skipping finished ones; ``<out>/stages/<name>.json``
+    vouches for a stage. Each child gets ``THREADS`` intra-op threads (see ``DemoConfig.jobs``)."""
 
     def __init__(self, out: Path, env: dict[str, str] | None = None):
-        self.out, self.env = out, env
+        self.out = out
+        self.env = {**(env or os.environ), **{name: str(THREADS) for name in THREAD_VARIABLES}}
         self.state_dir, self.log_dir = out / "stages", out / "logs"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.fingerprints: dict[str, str] = {}
-        self.timings: list[list[Any]] = []
+        self.timings: dict[str, list[Any]] = {}
+        self._print = threading.Lock()
+
+    def say(self, line: bytes | str) -> None:
+        with self._print:
+            sys.stdout.buffer.write(line.encode() if isinstance(line, str) else line)
+            sys.stdout.flush()
+
+    def run_all(self, todo: list[Stage], jobs: int) -> None:
+        """Every stage of ``todo`` (listed after the stages it needs), up to ``jobs`` at once."""
+        for stage in todo:
+            upstream = [self.fingerprints[name] for name in stage.after]
+            self.fingerprints[stage.name] = hashlib.sha256(
+                json.dumps([stage.command, upstream, THREADS]).encode()).hexdigest()
+        number = {stage.name: i for i, stage in enumerate(todo, 1)}
+        waiting, finished, failures = list(todo), set(), []
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            running: dict[Future, Stage] = {}
+            while waiting or running:
+                for stage in [s for s in waiting if set(s.after) <= finished] if not failures else []:
+                    if len(running) == jobs:
+                        break
+                    waiting.remove(stage)
+                    running[pool.submit(self.run, stage, number[stage.name], len(todo) + 1)] = stage
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    stage = running.pop(future)
+                    try:
+                        future.result()
+                        finished.add(stage.name)
+                    except StageError as e:
+                        failures.append(str(e))
+        if failures:
+            raise StageError("; ".join(failures))
+        self.timings = {stage.name: self.timings[stage.name] for stage in todo}
 
     def run(self, stage: Stage, number: int, total: int) -> None:
-        upstream = [self.fingerprints[name] for name in stage.after]
-        fingerprint = hashlib.sha256(json.dumps([stage.command, upstream]).encode()).hexdigest()
-        self.fingerprints[stage.name] = fingerprint
+        fingerprint = self.fingerprints[stage.name]
         done, started = self.state_dir / f"{stage.name}.json", self.state_dir / f"{stage.name}.started"
         record = json.loads(done.read_text()) if done.is_file() else {}
         if record.get("fingerprint") == fingerprint:
-            print(f"[{number}/{total}] {stage.name}: finished by a previous run, skipped", flush=True)
-            self.timings.append([stage.name, record["seconds"], "yes"])
+            self.say(f"[{number}/{total}] {stage.name}: finished by a previous run, skipped\n")
+            self.timings[stage.name] = [stage.name, record["seconds"], "yes"]
             return
         done.unlink(missing_ok=True)
         command = list(stage.command)
@@ -178,22 +222,22 @@ class Runner:
                 command.append("--overwrite")
         with atomic_open(started, "w") as f:
             f.write(fingerprint)
-        print(f"[{number}/{total}] {stage.name}: {' '.join(_shown(command))}", flush=True)
+        self.say(f"[{number}/{total}] {stage.name}: {' '.join(_shown(command))}\n")
         start = time.perf_counter()
         log = self.log_dir / f"{stage.name}.log"
+        prefix = f"  {stage.name} | ".encode()
         with open(log, "wb") as sink:
             proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
             assert proc.stdout is not None
-            while chunk := proc.stdout.read1(1 << 16):  # progress lines pass through as they are written
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                sink.write(chunk)
+            for line in proc.stdout:  # the stages print plain lines (their output is a pipe)
+                self.say(prefix + line)
+                sink.write(line)
             code = proc.wait()
         if code != 0:
             raise StageError(f"stage {stage.name} failed with exit status {code}; its output is in {log}")
         seconds = time.perf_counter() - start
         atomic_write_json(done, {"fingerprint": fingerprint, "seconds": seconds, "command": _shown(command)})
-        self.timings.append([stage.name, round(seconds, 1), "no"])
+        self.timings[stage.name] = [stage.name, round(seconds, 1), "no"]
 
 
 def _parameters(weights: Path) -> int:
@@ -285,15 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     # Through the environment, so that a stage's command (and the fingerprint that vouches for it) stays the same.
     runner = Runner(out, {**os.environ, "REIDFORGE_PROGRESS": "0"} if args.no_progress else None)
     todo = stages(cfg)
+    start = time.perf_counter()
     try:
-        for number, stage in enumerate(todo, 1):
-            runner.run(stage, number, len(todo) + 1)
+        runner.run_all(todo, cfg.jobs)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"[{len(todo) + 1}/{len(todo) + 1}] report", flush=True)
-    table, path = write_report(out, MODELS, runner.timings, cfg.cfs_keep)
-    print(format_table(["stage", "seconds", "reused"], runner.timings))
+    timings = list(runner.timings.values())
+    table, path = write_report(out, MODELS, timings, cfg.cfs_keep)
+    print(format_table(["stage", "seconds", "reused"], timings))
+    print(f"{len(todo)} stages, {cfg.jobs} at a time: {time.perf_counter() - start:.0f} s")
     print()
     print(table)
     print(f"\nreport: {path}")

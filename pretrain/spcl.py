@@ -83,15 +83,13 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from accelerate.utils import broadcast
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
@@ -113,9 +111,7 @@ from reidforge.shared.io import atomic_write_json
 from reidforge.shared.optim import OptimConfig, build_optimizer, build_scheduler, check_schedule, clip_gradients
 from reidforge.shared.progress import Progress, RunProgress
 from reidforge.shared.retrieval import evaluate, extract_features
-from reidforge.shared.run_config import ModelConfig, RunConfig
-from reidforge.shared.rundir import claim_run_dir
-from reidforge.shared.runlog import log_to
+from reidforge.shared.run_config import ModelConfig, RunConfig, start_run
 from reidforge.shared.table import Percent, format_table
 from reidforge.shared.tensorboard import TrainScalars, write_config_text, write_embedding, write_hparams
 from reidforge.shared.weights import WEIGHTS_REPORT, WeightsError, export_model, load_pretrained
@@ -270,19 +266,9 @@ class SpCLTrainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self._check_inputs()
-        cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(
-            cpu=not cuda, mixed_precision=cfg.amp if cuda else "no", log_with="tensorboard",
-            project_dir=str(self.run_dir),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
+        run = start_run(cfg, resume, overwrite)
+        self.accelerator, self.checkpoints, resume_from = run.accelerator, run.checkpoints, run.resume_from
         acc = self.accelerator
-        set_seed(cfg.seed)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", cfg.keep_checkpoints)
-        claim_run_dir(self.run_dir, cfg, resume, overwrite, acc.is_main_process)
-        log_to(self.run_dir)
-        resume_from = self.checkpoints.resume_point(acc.print) if resume else None
-        acc.wait_for_everyone()  # every rank has checked the directory before the main one writes to it
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
         d = cfg.data
         parts = [IndexedShards(s) for s in d.train]

@@ -11,9 +11,18 @@ own. Keys of earlier versions are refused with their new names (``reidforge.shar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+from reidforge.shared.checkpoints import Checkpoints
 from reidforge.shared.config import bounded, choice
+from reidforge.shared.rundir import claim_run_dir
+from reidforge.shared.runlog import log_to
 
 
 @dataclass
@@ -42,3 +51,35 @@ class RunConfig:
     amp: str = choice("no", "bf16", "fp16")  # mixed precision on a GPU (the CPU trains in float32)
     # How long a process waits for the others at a collective (a long evaluation or clustering on rank 0).
     dist_timeout_minutes: int = bounded(120, 1)
+
+
+@dataclass
+class Run:
+    """A started training run: its accelerator, directory, checkpoints and the checkpoint to resume from."""
+
+    accelerator: Accelerator
+    run_dir: Path
+    checkpoints: Checkpoints
+    resume_from: Path | None
+
+
+def start_run(cfg: RunConfig, resume: bool, overwrite: bool) -> Run:
+    """Start ``cfg``'s run the way both stages do: the accelerator (mixed precision on a GPU only, the
+    process-group timeout), the seed, the run directory claimed (``reidforge.shared.rundir``) with its
+    ``log.txt`` attached, and the checkpoint ``--resume`` continues from; every rank returns after the main
+    one has checked the directory."""
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(cpu=not cuda, mixed_precision=cfg.amp if cuda else "no", log_with="tensorboard",
+                      project_dir=str(run_dir),
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist_timeout_minutes))])
+    if cfg.amp != "no" and not cuda:
+        acc.print(f"amp={cfg.amp} needs a GPU; training in float32 on the CPU")
+    set_seed(cfg.seed)
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
+    claim_run_dir(run_dir, cfg, resume, overwrite, acc.is_main_process)
+    log_to(run_dir)
+    resume_from = checkpoints.resume_point(acc.print) if resume else None
+    acc.wait_for_everyone()  # every rank has checked the directory before the main one writes to it
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Run(acc, run_dir, checkpoints, resume_from)
