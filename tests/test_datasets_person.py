@@ -278,6 +278,11 @@ def test_cuhk03_missing_images_and_fields(tmp_path: Path) -> None:
     config = folder / "cuhk03_new_protocol_config_labeled.mat"
     config.write_bytes(b"not a mat file")
     assert fails("cuhk03", "--root", str(folder)).startswith(f"cuhk03: cannot read {config} as a MATLAB v5 file: ")
+    # MATLAB's own v7.3 header (an HDF5 file follows at offset 512): named as such, before anything is read
+    config.write_bytes(b"MATLAB 7.3 MAT-file, Platform: GLNXA64".ljust(116) + bytes(8) + b"\x00\x02IM" + bytes(384))
+    assert fails("cuhk03", "--root", str(folder)) == (
+        f"cuhk03: {config} is a MATLAB v7.3 (HDF5) file; the release's configs are v5: use the original file, "
+        "or re-save it in MATLAB with save(..., '-v7')")
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["parent", "cuhk03-np-folder"])

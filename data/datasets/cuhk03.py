@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.io import loadmat
-from scipy.io.matlab import MatReadError
+from scipy.io.matlab import MatReadError, matfile_version
 
 from reidforge.data.datasets.market1501 import file_source, find_data_dir, market_style_splits
 from reidforge.data.source import DatasetAdapter, DatasetError, FileRecord, Sources, register, require
@@ -79,9 +79,13 @@ def new_protocol_splits(dataset: str, data_dir: Path, variant: str) -> dict[str,
     path, image_dir = _config_path(data_dir, variant), data_dir / f"images_{variant}"
     require(data_dir, image_dir.name, dataset=dataset, layout=LAYOUT)
     try:
-        config = loadmat(path)
-    except (MatReadError, ValueError, NotImplementedError, OSError) as e:  # v7.3 files raise NotImplementedError
+        v73 = matfile_version(path)[0] == 2  # the HDF5-based v7.3 format, which loadmat does not read
+        config = {} if v73 else loadmat(path)
+    except (MatReadError, ValueError, OSError) as e:
         raise DatasetError(f"{dataset}: cannot read {path} as a MATLAB v5 file: {e}") from None
+    if v73:
+        raise DatasetError(f"{dataset}: {path} is a MATLAB v7.3 (HDF5) file; the release's configs are v5: use "
+                           "the original file, or re-save it in MATLAB with save(..., '-v7')")
     # filelist is a cell array: each entry loads as a 1-element string array (empty for an empty cell).
     names = ["".join(map(str, np.asarray(entry).ravel())) for entry in _field(config, "filelist", path, dataset)]
     labels = _field(config, "labels", path, dataset).astype(np.int64)
