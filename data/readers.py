@@ -30,7 +30,8 @@ import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from reidforge.data.images import MAX_IMAGE_PIXELS, BadImage, decode, image_size  # noqa: F401  (part of this API)
-from reidforge.data.shards import IMAGE_EXTS, ShardError, load_index, load_manifest, sample_crc
+from reidforge.data.shards import (IMAGE_EXTS, ShardError, load_index, load_manifest, open_member, sample_crc,
+                                   split_location, split_member)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,7 +74,12 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        n = self.f.readinto(buffer)
+        if hasattr(self.f, "readinto"):
+            n = self.f.readinto(buffer)
+        else:  # webdataset's Pipe (curl, pipe: commands) only reads
+            data = self.f.read(len(buffer))
+            n = len(data)
+            buffer[:n] = data
         self.sha256.update(memoryview(buffer)[:n])
         return n
 
@@ -84,78 +90,172 @@ class _HashingReader(io.RawIOBase):
 
 
 class StreamingShards(IterableDataset):
-    """Sequential pass over one split, sharded across ranks and DataLoader workers by webdataset."""
+    """Sequential pass over one split (or several, as one pool), sharded across ranks and DataLoader
+    workers by webdataset (``split_by_node`` / ``split_by_worker`` over the shards of all the splits).
 
-    def __init__(self, split_dir: str | Path, transform: Transform | None = None, *, shuffle_shards: bool = False,
-                 seed: int = 0, verify: bool = True):
-        self.split_dir = Path(split_dir)
-        self.manifest = load_manifest(self.split_dir)
+    A split is a local directory or a URL prefix (``http(s)://``, ``pipe:``, ``file:``; see
+    ``data/shards.py`` ``is_url``). With several splits, split ``k``'s sample ``i`` carries the global
+    ``index`` ``offsets[k] + i`` (as :class:`ConcatShards` numbers them; labels are not shifted).
+    ``keep`` (global indices) restricts the pass to those samples: the others are skipped before their
+    image is decoded, and shards holding none of them are not read at all.
+    """
+
+    def __init__(self, split_dir: str | Path | Sequence[str | Path], transform: Transform | None = None, *,
+                 shuffle_shards: bool = False, seed: int = 0, verify: bool = True,
+                 keep: np.ndarray | None = None):
+        splits = list(split_dir) if isinstance(split_dir, (list, tuple)) else [split_dir]
+        self.splits = [split_location(s) for s in splits]
+        self.split_dir = self.splits[0]
+        self.manifests = [load_manifest(s) for s in self.splits]
+        self.manifest = self.manifests[0]
+        sizes = [int(m["num_samples"]) for m in self.manifests]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         # Only the checksums are kept (4 bytes a sample): the stream finds its offsets in the tar itself.
-        self.crc32 = load_index(self.split_dir, self.manifest)["crc32"].copy() if verify else None
+        self.crc32 = (np.concatenate([load_index(s, m)["crc32"] for s, m in zip(self.splits, self.manifests)])
+                      if verify else None)
+        self.keep: np.ndarray | None = None
+        if keep is not None:
+            keep = np.asarray(keep, dtype=np.int64)
+            if len(keep) and (keep.min() < 0 or keep.max() >= self.offsets[-1]):
+                raise ShardError(f"{self.split_dir}: keep holds indices outside 0..{int(self.offsets[-1]) - 1}")
+            self.keep = np.zeros(int(self.offsets[-1]), dtype=bool)
+            self.keep[keep] = True
         self.transform, self.shuffle_shards, self.seed, self.verify = transform, shuffle_shards, seed, verify
         self.epoch = 0
 
     def __len__(self) -> int:
-        return int(self.manifest["num_samples"])
+        return int(self.offsets[-1]) if self.keep is None else int(self.keep.sum())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _shards(self) -> list[dict[str, Any]]:
-        shards = list(self.manifest["shards"])
-        if self.shuffle_shards:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
+    def all_shards(self, order_key: Sequence[int] | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """``(split number, shard entry)`` of every shard with a kept sample, in split order or shuffled by
+        ``order_key`` (default ``(seed, epoch)`` when ``shuffle_shards``)."""
+        shards = [(k, s) for k, m in enumerate(self.manifests) for s in m["shards"]
+                  if self.keep is None or self._kept(k, s).any()]
+        if self.shuffle_shards or order_key is not None:
+            key = list(order_key) if order_key is not None else [self.seed, self.epoch]
+            order = np.random.default_rng(key).permutation(len(shards))
             shards = [shards[i] for i in order]
         return shards
 
-    def __iter__(self) -> Iterator[dict[str, Any] | Problem]:
-        for shard in wds.split_by_worker(wds.split_by_node(self._shards())):
-            yield from self._read_shard(shard)
+    def _kept(self, split: int, shard: dict[str, Any], skip: int = 0) -> np.ndarray:
+        """The keep mask over a shard's samples from its ``skip``-th on (all True without ``keep``)."""
+        first = int(self.offsets[split]) + shard["first_index"] + skip
+        count = shard["num_samples"] - skip
+        return np.ones(count, dtype=bool) if self.keep is None else self.keep[first:first + count]
 
-    def _read_shard(self, shard: dict[str, Any]) -> Iterator[dict[str, Any] | Problem]:
-        path = self.split_dir / shard["name"]
+    def my_count(self) -> int:
+        """How many kept samples the shards of this rank (all its DataLoader workers) hold."""
+        return sum(int(self._kept(k, shard).sum()) for k, shard in wds.split_by_node(self.all_shards()))
+
+    def my_shards(self, order_key: Sequence[int] | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """The shards this rank and DataLoader worker read (webdataset's split_by_node, split_by_worker)."""
+        return list(wds.split_by_worker(wds.split_by_node(self.all_shards(order_key))))
+
+    def __iter__(self) -> Iterator[dict[str, Any] | Problem]:
+        for split, shard in self.my_shards():
+            for item in self.read_raw(split, shard):
+                yield item if isinstance(item, Problem) else self.decode(item)
+
+    def read_raw(self, split: int, shard: dict[str, Any]) -> Iterator[RawSample | Problem]:
+        """The kept samples of one shard, undecoded, in order, with problems in their place."""
+        path = split_member(self.splits[split], shard["name"])
         seen = 0
         try:
-            with open(path, "rb") as raw:
+            with open_member(path) as raw:
                 reader = _HashingReader(raw)
                 files = wds.tariterators.tar_file_iterator(io.BufferedReader(reader))
                 for group in wds.tariterators.group_by_keys({**f, "__url__": str(path)} for f in files):
                     seen += 1
-                    yield self._sample(group, path)
+                    item = self._raw(group, path, split)
+                    if item is not None:
+                        yield item
                 if self.verify and reader.finish() != shard["sha256"]:
                     yield Problem(str(path), "sha256 differs from the manifest (tampered or corrupted shard)", 0)
         except Exception as e:  # a broken member or a truncated shard ends this shard, not the pass
             yield Problem(str(path), f"unreadable after {seen} samples: {str(e).splitlines()[0]}", 0)
         if seen < shard["num_samples"]:
-            yield Problem(str(path), f"delivered {seen} of {shard['num_samples']} samples", shard["num_samples"] - seen)
+            yield Problem(str(path), f"delivered {seen} of {shard['num_samples']} samples",
+                          int(self._kept(split, shard, seen).sum()))
 
-    def _sample(self, group: dict[str, Any], path: Path) -> dict[str, Any] | Problem:
+    def _raw(self, group: dict[str, Any], path: str | Path, split: int) -> RawSample | Problem | None:
+        """One tar group as a checked, undecoded sample; None when ``keep`` leaves it out."""
         key = group["__key__"]
         index = -1
         try:
             labels = json.loads(group["json"])
-            index = int(labels["index"])
+            index = int(self.offsets[split]) + int(labels["index"])
+            if self.keep is not None and not (0 <= index < len(self.keep) and self.keep[index]):
+                return None
             data = next(group[ext] for ext in IMAGE_EXTS if ext in group)
             if self.crc32 is not None and not (0 <= index < len(self.crc32)
                                                and sample_crc(data, group["json"]) == self.crc32[index]):
                 return Problem(f"{path}:{key}", CRC_MISMATCH, index=index)
-            return make_sample(data, labels, key, self.transform)
+            return RawSample(index, data, labels, key, f"{path}:{key}")
         except StopIteration:
             return Problem(f"{path}:{key}", "no image member", index=index)
         except Exception as e:
             return Problem(f"{path}:{key}", str(e).splitlines()[0] if str(e) else type(e).__name__, index=index)
 
+    def decode(self, raw: RawSample) -> dict[str, Any] | Problem:
+        """The sample of a raw one (its image decoded and transformed), or the Problem decoding met."""
+        try:
+            sample = make_sample(raw.data, raw.labels, raw.key, self.transform)
+        except Exception as e:
+            return Problem(raw.where, str(e).splitlines()[0] if str(e) else type(e).__name__, index=raw.index)
+        sample["index"] = raw.index
+        return sample
+
+
+class RawSample(NamedTuple):
+    """A streamed sample before decoding: its global index, image bytes, json labels and key."""
+
+    index: int
+    data: bytes
+    labels: dict[str, Any]
+    key: str
+    where: str
+
+
+def stream_json(split_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Every sample's json labels of a split in index order, read as a tar stream (local or URL)."""
+    location = split_location(split_dir)
+    for shard in load_manifest(location)["shards"]:
+        path = split_member(location, shard["name"])
+        try:
+            with open_member(path) as raw:
+                for name, data in _json_members(raw):
+                    try:
+                        yield json.loads(data)
+                    except ValueError:
+                        raise ShardError(f"{path}: member {name} is not readable json; check it with "
+                                         "data/build_shards.py verify") from None
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _json_members(raw: Any) -> Iterator[tuple[str, bytes]]:
+    for member in wds.tariterators.tar_file_iterator(io.BufferedReader(_HashingReader(raw))):
+        if member["fname"].endswith(".json"):
+            yield member["fname"], member["data"]
+
 
 class IndexedShards(Dataset):
-    """Random access by ``index`` over one split's shards, through the byte offsets in ``index.npy``."""
+    """Random access by ``index`` over one split's shards, through the byte offsets in ``index.npy``.
+
+    A URL split (``data/shards.py`` ``is_url``) opens for its labels (``pids``, ``camids``, the
+    manifest) only: reading its images by index needs local files, so that raises a ShardError.
+    """
 
     def __init__(self, split_dir: str | Path, transform: Transform | None = None):
-        self.split_dir = Path(split_dir)
+        self.split_dir = split_location(split_dir)
         self.manifest = load_manifest(self.split_dir)
         self.index = load_index(self.split_dir, self.manifest)
         if len(self.index) != self.manifest["num_samples"]:
             raise ShardError(f"{self.split_dir}: index has {len(self.index)} rows, manifest {self.manifest['num_samples']}")
-        self.paths = [self.split_dir / s["name"] for s in self.manifest["shards"]]
+        self.paths = [split_member(self.split_dir, s["name"]) for s in self.manifest["shards"]]
         self.transform = transform
         self._fds: dict[int, int] = {}
         self._owner = -1
@@ -175,6 +275,9 @@ class IndexedShards(Dataset):
         if self._owner != os.getpid():  # descriptors are opened per process (DataLoader workers fork)
             self._fds, self._owner = {}, os.getpid()
         if shard not in self._fds:
+            if isinstance(self.paths[shard], str):
+                raise ShardError(f"{self.paths[shard]}: reading by index needs local shards; stream a URL split "
+                                 "(StreamingShards)")
             self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
         return self._fds[shard]
 
@@ -197,6 +300,8 @@ class IndexedShards(Dataset):
             data, meta = self.read_bytes(index)
             labels = json.loads(meta)
             return make_sample(data, labels, labels["key"], self.transform)
+        except ShardError:  # a URL split: a usage error, never a lost sample
+            raise
         except OSError as e:
             return Problem(where, f"cannot read: {e.strerror or e}", index=index)
         except Exception as e:
@@ -314,8 +419,11 @@ def _shifted(values: Sequence[np.ndarray], offsets: np.ndarray) -> np.ndarray:
 
 
 def split_keys(split_dir: str | Path) -> list[str]:
-    """The key of every sample of a split, in index order, from the json members alone (no image is read)."""
-    split_dir = Path(split_dir)
+    """The key of every sample of a split, in index order, from the json members alone (no image is read
+    from a local split; a URL split is streamed whole)."""
+    split_dir = split_location(split_dir)
+    if isinstance(split_dir, str):
+        return [str(meta["key"]) for meta in stream_json(split_dir)]
     manifest = load_manifest(split_dir)
     index = load_index(split_dir)
     if len(index) != manifest["num_samples"]:

@@ -483,14 +483,80 @@ def _write_locked(source: RecordSource, split_dir: Path, split: str, relabel: bo
     return manifest
 
 
-def load_manifest(split_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a complete split; a one-line error when it is missing, partial or foreign."""
-    path = Path(split_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"no {MANIFEST} in {split_dir}: not a shard split directory (build it with data/build_shards.py)")
+# A split given as a URL prefix, read through webdataset's gopen: ``<prefix>/manifest.json``,
+# ``<prefix>/index.npy`` and ``<prefix>/<shard name>``. For ``pipe:`` the member name is appended to the
+# command, so its last word must be the URL (``pipe:curl -sf https://host/pool``).
+URL_SCHEMES = ("http://", "https://", "pipe:", "file:")
+
+
+def is_url(split_dir: str | Path) -> bool:
+    """Whether a split is given as a URL prefix rather than a local directory."""
+    return isinstance(split_dir, str) and split_dir.startswith(URL_SCHEMES)
+
+
+def split_location(split_dir: str | Path) -> str | Path:
+    """The split as it is addressed: the URL string unchanged (a Path would fold its ``//``), else a Path."""
+    return split_dir.rstrip("/") if is_url(split_dir) else Path(split_dir)
+
+
+def split_member(split_dir: str | Path, name: str) -> str | Path:
+    """Where member ``name`` of a split lives: ``<prefix>/<name>`` for a URL, a path for a directory."""
+    location = split_location(split_dir)
+    return f"{location}/{name}" if isinstance(location, str) else location / name
+
+
+def open_member(where: str | Path) -> Any:
+    """A binary stream of one split member, local or through webdataset's gopen (curl for http(s))."""
+    if not isinstance(where, str):
+        return open(where, "rb")
+    import webdataset as wds  # only URL splits need it here
+    return wds.gopen(where, "rb")
+
+
+def fetch(url: str) -> bytes:
+    """All bytes at ``url``; a one-line ShardError naming it when they cannot be had."""
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
+        stream = open_member(url)
+        try:
+            data = stream.read()
+        finally:
+            stream.close()  # a pipe's (curl's) exit status is checked here
+    except Exception as e:  # curl's or the pipe command's failure, a missing file: all one line
+        raise ShardError(f"cannot fetch {url}: {_fetch_reason(e)}") from None
+    return data
+
+
+def _fetch_reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    match = re.search(r"exit (\d+)", str(error))
+    if match:  # curl -f: 22 is an HTTP error status (404 ...), 6/7 an unknown host / refused connection
+        return f"the reading command exited with status {match.group(1)} (curl: 22 = HTTP error, 7 = cannot connect)"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _read_member(split_dir: str | Path, name: str, missing: str) -> bytes:
+    """Member ``name`` of a split; ``missing`` is the one-line error when a local split lacks it."""
+    where = split_member(split_dir, name)
+    if isinstance(where, str):
+        return fetch(where)
+    if not where.is_file():
+        raise ShardError(missing)
+    try:
+        return where.read_bytes()
+    except OSError as e:
+        raise ShardError(f"{where}: cannot read ({e.strerror or e})") from None
+
+
+def load_manifest(split_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a complete split (a local directory or a URL prefix, see :func:`is_url`); a
+    one-line error when it is missing, partial or foreign."""
+    path = split_member(split_dir, MANIFEST)
+    raw = _read_member(split_dir, MANIFEST, f"no {MANIFEST} in {split_dir}: not a shard split directory "
+                                            "(build it with data/build_shards.py)")
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
         raise ShardError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict):
         raise ShardError(f"{path}: a manifest is a JSON object, this holds a {type(manifest).__name__}")
@@ -510,7 +576,7 @@ _MANIFEST_KEYS = {"dataset": str, "split": str, "num_samples": int, "num_pids": 
 _SHARD_KEYS = {"name": str, "num_samples": int, "first_index": int, "size": int, "sha256": str}
 
 
-def _check_shape(manifest: dict[str, Any], path: Path) -> None:
+def _check_shape(manifest: dict[str, Any], path: str | Path) -> None:
     for key, kind in _MANIFEST_KEYS.items():
         if not isinstance(manifest.get(key), kind):
             raise ShardError(f"{path}: key '{key}' missing or not a {kind.__name__}")
@@ -525,13 +591,8 @@ def _check_shape(manifest: dict[str, Any], path: Path) -> None:
 def load_index(split_dir: str | Path, manifest: dict[str, Any] | None = None) -> np.ndarray:
     """The split's index, checked against the manifest's sha256 and shard count (one line when not)."""
     manifest = manifest if manifest is not None else load_manifest(split_dir)
-    path = Path(split_dir) / INDEX
-    if not path.is_file():
-        raise ShardError(f"no {INDEX} in {split_dir}; re-run the build command to write it")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ShardError(f"{path}: cannot read ({e.strerror or e})") from None
+    path = split_member(split_dir, INDEX)
+    raw = _read_member(split_dir, INDEX, f"no {INDEX} in {split_dir}; re-run the build command to write it")
     if hashlib.sha256(raw).hexdigest() != manifest["index_sha256"]:
         raise ShardError(f"{path}: sha256 differs from the manifest (tampered or corrupted index)")
     index = np.load(io.BytesIO(raw), allow_pickle=False)

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader
 
 from reidforge.data.datasets.luperson import read_ranking
 from reidforge.data.readers import SampleTally, StreamingShards, collate, split_keys
-from reidforge.data.shards import ShardError, check_writable_dir, load_manifest
+from reidforge.data.shards import ShardError, check_writable_dir, load_manifest, split_location
 from reidforge.data.source import DatasetError
 from reidforge.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TransformConfig, build_transforms
 from reidforge.shared.backbones import PooledBackbone, build_backbone
@@ -189,7 +189,7 @@ def _stats(given: Sequence[float] | None, meta: dict[str, Any], name: str, path:
 class ScoreConfig:
     """What :func:`score_split` needs; sizes and statistics left None come from the exports' metadata."""
 
-    split_dir: Path
+    split_dir: str | Path  # a directory or a URL prefix (data/shards.py is_url)
     pretrained: Path  # A
     finetuned: Path  # B
     arch: str
@@ -270,8 +270,10 @@ def write_results(out_dir: str | Path, scores: np.ndarray, keys: Sequence[str | 
 
 def score_split(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every image of ``cfg.split_dir`` with A and B, write the outputs, return the summary."""
-    split_dir = Path(cfg.split_dir)
+    split_dir = split_location(cfg.split_dir)  # a local directory, or a URL prefix scored by streaming
     manifest = load_manifest(split_dir)
+    if cfg.out_dir is None and isinstance(split_dir, str):
+        raise CFSError(f"{split_dir}: a URL split needs an output directory for its ranking (--out)")
     out_dir = check_writable_dir(cfg.out_dir or split_dir)
     if cfg.batch_size < 1 or cfg.workers < 0:
         raise CFSError(f"batch size must be >= 1 and workers >= 0, got {cfg.batch_size} and {cfg.workers}")
@@ -329,8 +331,10 @@ def select_ranked(split_dir: str | Path, ranking: str | Path | None = None, keep
     """
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise CFSError(f"keep must be in (0, 1], got {keep!r}")
-    split_dir = Path(split_dir)
+    split_dir = split_location(split_dir)
     load_manifest(split_dir)  # a wrong split directory fails before the ranking is parsed
+    if ranking is None and isinstance(split_dir, str):
+        raise CFSError(f"{split_dir}: a URL split has no ranking file of its own; give the ranking")
     path = Path(ranking) if ranking is not None else split_dir / RANKING
     if not path.is_file():
         raise CFSError(f"CFS ranking not found: {path}" + ("" if ranking is not None else
@@ -385,7 +389,7 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score and rank every image of a split")
-    p.add_argument("split_dir", type=Path, help="the shard split to score (e.g. shards/luperson/pool)")
+    p.add_argument("split_dir", help="the shard split to score: a directory (e.g. shards/luperson/pool) or a URL prefix")
     p.add_argument("--arch", required=True, help="backbone name shared by A and B (reidforge.shared.backbones)")
     p.add_argument("--options", type=_json_options, default={},
                    help='backbone options as JSON, e.g. \'{"last_stride": 1}\'')
@@ -405,7 +409,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output directory (default: the split directory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p = sub.add_parser("select", help="the sample indices of a split that a ranking keeps")
-    p.add_argument("split_dir", type=Path)
+    p.add_argument("split_dir")
     p.add_argument("--ranking", type=Path,
                    help=f"cfs_ranking.txt, a key list or CFS_list.pkl (default: SPLIT_DIR/{RANKING})")
     p.add_argument("--keep", type=float, default=0.5, help="fraction of the ranked samples to keep (default 0.5)")
@@ -426,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             quantiles = summary["quantiles"]
             print(f"{summary['scored']:,} images scored ({summary['lost']:,} lost); CFS median "
                   f"{quantiles.get('q0.5', float('nan')):.4f}, range [{quantiles.get('q0', float('nan')):.4f}, "
-                  f"{quantiles.get('q1', float('nan')):.4f}]; ranking in {(args.out or args.split_dir) / RANKING}")
+                  f"{quantiles.get('q1', float('nan')):.4f}]; ranking in {Path(args.out or args.split_dir) / RANKING}")
         else:
             selection = select_ranked(args.split_dir, args.ranking, args.keep)
             if args.out is not None:

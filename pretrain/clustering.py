@@ -58,7 +58,7 @@ So distances are rounded to 12 decimals, in the dense reference of the tests too
 eps then counts as a neighbour (<= eps, as exact arithmetic says) in both. Only distinct values within
 ~1e-12 of eps and of each other could still be decided differently.
 The approximate searches (``int8``, ``ivf``, ``hnsw``) make no such promise: their recall against
-brute-force search on 500 queries is reported in ``ClusterResult.stats["knn_recall"]``.
+brute-force search on 2,000 sampled queries is reported in ``ClusterResult.stats["knn_recall"]``.
 
 The self-paced step (``SelfPacedClustering``, as in spcl_train_usl.py): DBSCAN at eps, eps - gap, eps + gap
 on the same graph; noise becomes singleton ids (clusters first, then noise in index order, as SpCL's
@@ -133,6 +133,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -161,7 +162,7 @@ class ClusterConfig:
     min_samples: int = bounded(4, 1)
     k1: int = bounded(30, 1)
     k2: int = bounded(6, 1)
-    knn: str = choice("exact", "int8", "ivf", "hnsw")  # kNN search (pretrain/knn.py)
+    knn: str = choice("exact", "int8", "ivf", "hnsw", "auto")  # kNN search (pretrain/knn.py); auto: exact on CUDA, int8 on CPU
     knn_device: str = choice("auto", "cpu", "cuda")  # where the exact/int8 scan runs; auto = CUDA when available
     ivf_nprobe: int = bounded(IVF_NPROBE, 1)  # knn=ivf: lists each point probes (of sqrt(nprobe N)); more = higher recall, slower
     independence_quantile: float = bounded(0.9, 0, 1)  # SpCL: threshold fixed at the first clustering
@@ -210,47 +211,71 @@ def _reciprocal(ids: np.ndarray, p: int) -> sp.csr_matrix:
     return out
 
 
+@dataclass
+class ReciprocalSets:
+    """R(i, k1) and R(i, round(k1/2) + 1) of every row (step 2) as 0/1 CSR matrices, from the whole kNN
+    table: what the expansion (step 3) of any block of rows reads."""
+
+    full: sp.csr_matrix
+    half: sp.csr_matrix
+    half_t: sp.csr_matrix  # half's transpose, rows = columns of half
+    half_len: np.ndarray  # |R(c, round(k1/2) + 1)| per row c
+
+    @classmethod
+    def of(cls, ids: np.ndarray, k1: int) -> ReciprocalSets:
+        half = _reciprocal(ids, min(k1, int(np.around(k1 / 2)) + 1))
+        return cls(_reciprocal(ids, k1), half, half.T.tocsr(), np.diff(half.indptr))
+
+
+def expanded_rows(sets: ReciprocalSets, sims: np.ndarray, ids: np.ndarray, r0: int,
+                  pair_sims: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows r0 .. r0 + len(ids) of V before query expansion (steps 3-4), from those rows of the kNN table
+    (``sims``, ``ids``): their weights, column indices (ascending per row) and row lengths.
+    ``pair_sims(rows, cols)`` gives the float64 similarities of the members not in the table."""
+    n, r1 = sets.full.shape[0], r0 + len(ids)
+    # the kNN rows sorted by id: members found there have their similarity already
+    by_id = np.argsort(ids, axis=1)
+    ids_by_id, sims_by_id = np.take_along_axis(ids, by_id, 1), np.take_along_axis(sims, by_id, 1)
+    block = sets.full[r0:r1]
+    # (i, c) for c in R(i, k1), valued |R(c, k1/2) ∩ R(i, k1)|
+    overlap = block.multiply(block @ sets.half_t).tocsr()
+    local = np.repeat(np.arange(r1 - r0), np.diff(overlap.indptr))
+    accept = overlap.data > 2 / 3 * sets.half_len[overlap.indices]
+    merged = sp.csr_matrix((np.ones(np.count_nonzero(accept), np.int32), (local[accept], overlap.indices[accept])),
+                           shape=(r1 - r0, n))
+    expanded = (block + merged @ sets.half).tocsr()
+    expanded.sum_duplicates()  # one entry per member, columns sorted
+    local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(expanded.indptr))
+    cols = expanded.indices.astype(np.int64)
+    known = (np.arange(r1 - r0, dtype=np.int64)[:, None] * n + ids_by_id).ravel()  # sorted
+    wanted = local * n + cols
+    at = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
+    found = known[at] == wanted
+    s = np.empty(len(cols))
+    s[found] = sims_by_id.ravel()[at[found]]
+    s[~found] = pair_sims(r0 + local[~found], cols[~found])
+    weight = np.exp(-(2 - 2 * s))
+    weight /= np.bincount(local, weights=weight, minlength=r1 - r0)[local]
+    return weight, expanded.indices, np.diff(expanded.indptr)
+
+
+def stack_rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int) -> sp.csr_matrix:
+    """Consecutive row blocks (data, indices, row lengths) as one CSR matrix with ``n`` columns."""
+    lens = np.concatenate([p[2] for p in parts])
+    indptr = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    return sp.csr_matrix((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), indptr),
+                         shape=(len(lens), n))
+
+
 def _expanded_weights(x: np.ndarray, sims: np.ndarray, ids: np.ndarray, k1: int) -> sp.csr_matrix:
     """V before query expansion (steps 2-4): softmax(-d) over each expanded k-reciprocal set, in chunks of
     rows so that the pairwise products of the k-reciprocal sets stay small."""
     n = len(x)
-    recip = _reciprocal(ids, k1)
-    recip_half = _reciprocal(ids, min(k1, int(np.around(k1 / 2)) + 1))
-    half_len = np.diff(recip_half.indptr)
-    half_t = recip_half.T.tocsr()
-    # the kNN table sorted by id: members found there have their similarity already
-    by_id = np.argsort(ids, axis=1)
-    ids_by_id, sims_by_id = np.take_along_axis(ids, by_id, 1), np.take_along_axis(sims, by_id, 1)
-    del by_id
-    data, indices, lens = [], [], []
-    for r0 in range(0, n, _ROW_CHUNK):
-        r1 = min(n, r0 + _ROW_CHUNK)
-        block = recip[r0:r1]
-        # (i, c) for c in R(i, k1), valued |R(c, k1/2) ∩ R(i, k1)|
-        overlap = block.multiply(block @ half_t).tocsr()
-        local = np.repeat(np.arange(r1 - r0), np.diff(overlap.indptr))
-        accept = overlap.data > 2 / 3 * half_len[overlap.indices]
-        merged = sp.csr_matrix((np.ones(np.count_nonzero(accept), np.int32), (local[accept], overlap.indices[accept])),
-                               shape=(r1 - r0, n))
-        expanded = (block + merged @ recip_half).tocsr()
-        expanded.sum_duplicates()  # one entry per member, columns sorted
-        local = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(expanded.indptr))
-        cols = expanded.indices.astype(np.int64)
-        known = (np.arange(r1 - r0, dtype=np.int64)[:, None] * n + ids_by_id[r0:r1]).ravel()  # sorted
-        wanted = local * n + cols
-        at = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
-        found = known[at] == wanted
-        s = np.empty(len(cols))
-        s[found] = sims_by_id[r0:r1].ravel()[at[found]]
-        s[~found] = _pair_sims(x, r0 + local[~found], cols[~found])
-        weight = np.exp(-(2 - 2 * s))
-        weight /= np.bincount(local, weights=weight, minlength=r1 - r0)[local]
-        data.append(weight)
-        indices.append(expanded.indices)
-        lens.append(np.diff(expanded.indptr))
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(np.concatenate(lens), out=indptr[1:])
-    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=(n, n))
+    sets = ReciprocalSets.of(ids, k1)
+    return stack_rows([expanded_rows(sets, sims[r0:r0 + _ROW_CHUNK], ids[r0:r0 + _ROW_CHUNK], r0,
+                                     lambda rows, cols: _pair_sims(x, rows, cols)) for r0 in range(0, n, _ROW_CHUNK)], n)
 
 
 @numba.njit(cache=True)
@@ -392,16 +417,23 @@ def _jaccard(x: np.ndarray, k1: int, k2: int, index: str, max_distance: float | 
     # the diagonal: 0, or 1 where the row of v is empty (then nothing is shared with itself either)
     diag = np.where(np.diff(v.indptr) > 0, 0.0, 1.0)
     del v
+    graph = symmetric_graph(rows, cols, d, diag)
+    stats["jaccard_s"] = time.perf_counter() - start
+    stats["graph_nnz_per_row"] = graph.nnz / n
+    return graph
+
+
+def symmetric_graph(rows: np.ndarray, cols: np.ndarray, d: np.ndarray, diag: np.ndarray) -> sp.csr_matrix:
+    """The N x N CSR graph of the pairs (rows[t], cols[t], d[t]), i != j, each pair given once, stored in
+    both directions, plus the diagonal ``diag`` (N,); rows sorted by distance, ties by column."""
+    n = len(diag)
     every = np.arange(n, dtype=np.int64)
     rows, cols = np.concatenate([rows, cols, every]), np.concatenate([cols, rows, every])
     d = np.concatenate([d, d, diag])
     order = np.lexsort((cols, d, rows))  # rows sorted by distance, ties by column
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    graph = sp.csr_matrix((d[order], cols[order], indptr), shape=(n, n))
-    stats["jaccard_s"] = time.perf_counter() - start
-    stats["graph_nnz_per_row"] = graph.nnz / n
-    return graph
+    return sp.csr_matrix((d[order], cols[order], indptr), shape=(n, n))
 
 
 def jaccard_distance(features: np.ndarray, k1: int = 30, k2: int = 6, index: str = "exact",
@@ -565,17 +597,27 @@ class SelfPacedClustering:
         stats["criteria_s"] = time.perf_counter() - start
         return np.where(keep, labels, num + np.arange(len(labels)))
 
+    def graph_bounds(self) -> tuple[float | None, int | None]:
+        """(max_distance, nearest) of the Jaccard graph this clustering reads (``jaccard_distance``)."""
+        cfg = self.cfg
+        if cfg.method == "hdbscan":  # every distance, each row's nearest few: at most 2 N hdbscan_neighbours
+            return None, cfg.hdbscan_neighbours
+        return (cfg.eps + cfg.eps_gap if cfg.self_paced else cfg.eps), None  # the largest eps DBSCAN runs at
+
     def __call__(self, features: np.ndarray) -> ClusterResult:
         cfg = self.cfg
         start = time.perf_counter()
         x = check_features(features)
         check_k(cfg.k1, len(x))
         stats: dict[str, float] = {"n": float(len(x))}
-        if cfg.method == "hdbscan":  # every distance, each row's nearest few: at most 2 N hdbscan_neighbours
-            max_distance, nearest = None, cfg.hdbscan_neighbours
-        else:  # the largest eps DBSCAN runs at
-            max_distance, nearest = (cfg.eps + cfg.eps_gap if cfg.self_paced else cfg.eps), None
+        max_distance, nearest = self.graph_bounds()
         graph = _jaccard(x, cfg.k1, cfg.k2, cfg.knn, max_distance, stats, cfg.ivf_nprobe, nearest, cfg.knn_device)
+        return self.cluster_graph(graph, stats, start)
+
+    def cluster_graph(self, graph: sp.csr_matrix, stats: dict[str, float], start: float) -> ClusterResult:
+        """Labels from the Jaccard graph (``graph_bounds``) of the features, their statistics added to
+        ``stats``; ``start`` is when the clustering began (``total_s``)."""
+        cfg, n = self.cfg, graph.shape[0]
         cluster_start = time.perf_counter()
         if cfg.method == "hdbscan":
             groups = _with_singletons(_hdbscan_labels(graph, cfg.min_samples, cfg.hdbscan_min_cluster_size,
@@ -590,6 +632,6 @@ class SelfPacedClustering:
         sizes = np.bincount(labels[labels >= 0])[:num_clusters] if num_clusters else np.zeros(1)
         stats.update(cluster_s=time.perf_counter() - cluster_start, total_s=time.perf_counter() - start,
                      num_clusters=float(num_clusters), num_outliers=float(num_outliers),
-                     fraction_clustered=1 - num_outliers / len(x), mean_cluster_size=float(sizes.mean()),
+                     fraction_clustered=1 - num_outliers / n, mean_cluster_size=float(sizes.mean()),
                      max_cluster_size=float(sizes.max()))
         return ClusterResult(labels=labels, num_clusters=num_clusters, num_outliers=num_outliers, stats=stats)

@@ -5,8 +5,10 @@ included, neighbours ranked by float64 cosine similarity (sums of float64 produc
 features), ties by index. SpCL's ``compute_jaccard_distance`` (Ge et al., NeurIPS 2020, code
 spcl/utils/faiss_rerank.py, ``search_option=0``) takes it from faiss's float32 brute force, ties in
 faiss's order; ``index="exact"`` here gives the float64 ranking, certified; ``"int8"``, ``"ivf"`` and
-``"hnsw"`` are approximate and report their recall against brute force on 500 queries
-(``stats["knn_recall"]``).
+``"hnsw"`` are approximate and report their recall@k against brute force on a fixed sample of 2,000
+queries (``stats["knn_recall"]``, the sample size ``knn_recall_queries``; one pass over the features,
+``_sample_top``: ~1e12 multiply-adds at 1M x 512, under a minute on 2 cores) and their settings
+(``ivf_nlist``/``ivf_nprobe``, ``hnsw_m``/``hnsw_ef_construction``/``hnsw_ef_search``).
 
 Exact search (``index="exact"``). A symmetric scan over blocks of 2,048 rows (``_blocked_top``: torch
 GEMMs, each block pair serving the rows of both blocks, so half the products of a full scan, and only
@@ -62,7 +64,7 @@ Rounding moves a similarity by at most |x| |r_y| + |r_x| |y| + |r_x| |r_y| (r = 
 2048-d), typically by ~1e-4: a neighbour is missed only where the exact top k and the int8 top k + 8
 disagree beyond that. That bound is too coarse to certify rows whose k-th neighbour sits in the dense
 floor of unrelated similarities, so nothing is certified. On the clustering benchmark's 32,621 x 2048
-features: 99.998 % of the exact table (recall@30 1.0 on the 500 sampled queries) and labels identical
+features: 99.998 % of the exact table (recall@30 1.0 on 500 sampled queries) and labels identical
 to the dense reference's. It is a CPU speed path: on CUDA it runs the float16 scan, uncertified.
 
 Approximate indices (not in the reference). ``ivf`` is IVF-Flat with faiss k-means lists (sqrt(nprobe
@@ -73,8 +75,15 @@ symmetrically: a pair is scored when either point probes the other's list, which
 mutual neighbours, the ones k-reciprocal sets are made of. The scan costs ~sqrt(nprobe) N^1.5.
 Recall@30 against brute force on the benchmark's synthetic features at nprobe 8: 0.79 at 50k, 0.69 at
 200k, 0.54 at 1M (the far, noise-level neighbours are the ones missed); labels at 50k: ARI 0.90 against
-exact kNN. Its centroids are searched on all GPUs when faiss has any. ``hnsw`` is faiss's IndexHNSWFlat
-(M 32, efConstruction 80, efSearch 128); its build is slow on CPU (~1 min per 100k at 512-d here).
+exact kNN. More probes buy little: nprobe 64 at 200k gives 0.86 (3,578 lists, 451 s on a loaded 2-core
+machine, against ~50 s at nprobe 8). Why: on those features 35 % of the true top-30 entries at 200k are
+at noise level (cosine < 0.25 against a spread of 0.045 between unrelated images; 21 % of the queries are
+un-clustered images whose whole top 30 is), and such neighbours fall in no particular list, so each is
+found with about the probability that its list is scanned: 0.95 needs nearly all of them, i.e. close to
+a full scan, which ``int8`` does faster than any list scan (``"auto"``: ``int8`` on CPU, the certified
+exact scan on CUDA). IVF's centroids are searched on all GPUs when faiss has any. ``hnsw`` is faiss's
+IndexHNSWFlat (M 32, efConstruction 80, efSearch 128); its build is slow on CPU (~1 min per 100k at
+512-d on an idle machine here; build and search of 100k x 512 did not finish in 10 min on a loaded one).
 Both re-rank their k + 8 candidates in float64 like the exact search.
 """
 
@@ -89,7 +98,7 @@ import faiss
 import numpy as np
 import torch
 
-INDICES = ("exact", "int8", "ivf", "hnsw")
+INDICES = ("exact", "int8", "ivf", "hnsw", "auto")  # auto: exact where the scan runs on CUDA, else int8
 DEVICES = ("auto", "cpu", "cuda")
 IVF_NPROBE = 8  # default inverted lists visited per query; sqrt(nprobe N) lists balance assignment and scan
 
@@ -104,7 +113,8 @@ _HOLD = 2  # the blocked scan cuts its candidates to each row's top once it hold
 _IVF_TRAIN_PER_LIST = 40  # k-means training points per list (faiss warns below 39)
 _IVF_NITER = 10  # k-means iterations
 _HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF_SEARCH = 32, 80, 128
-_RECALL_QUERIES = 500  # queries for the approximate indices' recall against brute-force search
+_RECALL_QUERIES = 2000  # queries for the approximate indices' recall against brute-force search
+_RECALL_COLUMNS = 1 << 14  # rows scanned at once for the sampled queries' brute force (128 MB of products)
 _NORM_TOL = 1e-3  # accepted |norm - 1| of a feature row
 _UNIT = 2.0**-24  # float32 unit roundoff (round to nearest)
 _BLOCK_SUM_UNIT = 2.0**-22  # float32 tensor-core block sums, truncating: (b + 1) 2^-23 per b products, b >= 1
@@ -428,17 +438,38 @@ def _rows_top(feat: torch.Tensor, rows: np.ndarray, width: int) -> tuple[np.ndar
     return sims, ids
 
 
+def _sample_top(feat: torch.Tensor, rows: np.ndarray, width: int) -> np.ndarray:
+    """Brute force for a sample of rows (the recall's truth): the ids of their ``width`` largest products
+    (float ``feat``) with all rows. One pass over the features, _RECALL_COLUMNS rows at a time against the
+    whole sample, so that at 1M rows it is a few GEMMs rather than one pass per handful of rows."""
+    queries = feat[torch.from_numpy(rows).to(feat.device)]
+    best_v = torch.empty(len(rows), 0, dtype=torch.float32, device=feat.device)
+    best_i = torch.empty(len(rows), 0, dtype=torch.int64, device=feat.device)
+    buffer = torch.empty(len(rows) * min(len(feat), _RECALL_COLUMNS), dtype=torch.float32, device=feat.device)
+    with _full_precision():
+        for c0 in range(0, len(feat), _RECALL_COLUMNS):
+            block = _product(queries, feat[c0:c0 + _RECALL_COLUMNS], buffer)
+            v, c = torch.topk(block, min(width, block.shape[1]), dim=1)
+            best_v, at = torch.topk(torch.cat([best_v, v], 1), min(width, best_v.shape[1] + v.shape[1]), dim=1)
+            best_i = torch.gather(torch.cat([best_i, c + c0], 1), 1, at)
+    return best_i.cpu().numpy()
+
+
 def knn_table(x: np.ndarray, k: int, index: str, stats: dict[str, float], nprobe: int = IVF_NPROBE,
               device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """``knn_search`` of features that passed ``check_features`` (and k ``check_k``, the search
     arguments ``check_search``), recording its timings and counts in ``stats``."""
     n, dim = x.shape
     dev = _resolve(device)
+    if index == "auto":  # the certified scan where it is cheap; on CPU the one search that keeps the neighbours
+        index = "exact" if dev.type == "cuda" else "int8"
     start = time.perf_counter()
     take = min(n, k + _MARGIN)
     err = _product_error(_SCAN_FORMAT[dev.type], dim)
     if index == "hnsw":
         hnsw = _hnsw_index(x)
+        stats.update(hnsw_m=float(_HNSW_M), hnsw_ef_construction=float(_HNSW_EF_CONSTRUCTION),
+                     hnsw_ef_search=float(_HNSW_EF_SEARCH))
 
         def search(rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
             return hnsw.search(x[rows], width)
@@ -481,8 +512,9 @@ def knn_table(x: np.ndarray, k: int, index: str, stats: dict[str, float], nprobe
         sims[retry], ids[retry] = _full_rows(x, retry, k)
     if index != "exact":
         sample = np.random.default_rng(1).choice(n, min(n, _RECALL_QUERIES), replace=False)
-        truth = _rank(x, sample, _rows_top(_scan_operand(x, "exact", dev)[0], sample, take)[1])[1][:, :k]
+        truth = _rank(x, sample, _sample_top(_scan_operand(x, "exact", dev)[0], sample, take))[1][:, :k]
         stats["knn_recall"] = float(np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids[sample], truth)]) / k)
+        stats["knn_recall_queries"] = float(len(sample))
     stats["knn_s"] = time.perf_counter() - start
     return sims, ids
 
@@ -493,7 +525,8 @@ def knn_search(features: np.ndarray, k: int, index: str = "exact", nprobe: int =
     similarities, descending, and (N, k) int64 ids, ties by index. ``index="exact"`` is certified exact
     (module docstring); ``"int8"`` (the same blocked scan on int8 features), ``"ivf"`` (IVF-Flat:
     sqrt(nprobe N) k-means lists, each point probing ``nprobe``) and ``"hnsw"`` (M 32, efSearch 128) are
-    approximate; their k + 8 candidates are re-ranked the same way. ``device``: where the blocked scan's
+    approximate; their k + 8 candidates are re-ranked the same way. ``"auto"`` is ``"exact"`` when the
+    scan runs on CUDA and ``"int8"`` on CPU (module docstring, "Approximate indices"). ``device``: where the blocked scan's
     products run, ``"auto"`` = CUDA when available."""
     check_search(index, nprobe, device)  # the arguments first: checking the features reads them all
     x = check_features(features)

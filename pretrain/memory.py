@@ -199,11 +199,26 @@ class HybridMemory(nn.Module):
         if torch.unique(indices).numel() != indices.numel():
             raise ValueError("initialize: indices contain duplicates")
         for a in range(0, indices.numel(), _INIT_CHUNK):
-            idx = indices[a:a + _INIT_CHUNK]
-            rows = F.normalize(features[a:a + _INIT_CHUNK].to(dev, torch.float32), dim=1)
-            old = self.features.index_select(0, idx).float()
-            self.features.index_copy_(0, idx, rows.to(self.dtype))
-            self._add_to_sums(idx, old)
+            self.write_stored(self.to_storage(features[a:a + _INIT_CHUNK]), indices[a:a + _INIT_CHUNK])
+
+    def to_storage(self, features: Tensor) -> Tensor:
+        """Rows as :meth:`initialize` stores them: L2-normalised in fp32, cast to the storage dtype. What a
+        rank sends of its share of an extraction (fp16 chunks for a float16 memory)."""
+        return F.normalize(features.to(self.features.device, torch.float32), dim=1).to(self.dtype)
+
+    @torch.no_grad()
+    def write_stored(self, rows: Tensor, indices: Tensor) -> None:
+        """Write ``rows`` already in storage form (:meth:`to_storage`) into distinct slots ``indices``, bit
+        for bit, and move the cluster sums with them: every rank writing the same rows stays identical."""
+        if rows.dim() != 2 or rows.shape[1] != self.dim or rows.dtype != self.dtype:
+            raise ValueError(f"write_stored: rows must be ({len(indices)}, {self.dim}) {self.dtype}, got "
+                             f"{rows.dtype} {tuple(rows.shape)}")
+        indices = self._check_indices(indices, "write_stored")
+        if indices.shape[0] != rows.shape[0]:
+            raise ValueError(f"write_stored: {rows.shape[0]} rows but {indices.shape[0]} indices")
+        old = self.features.index_select(0, indices).float()
+        self.features.index_copy_(0, indices, rows.to(self.features.device))
+        self._add_to_sums(indices, old)
 
     @torch.no_grad()
     def set_labels(self, labels: Tensor) -> None:

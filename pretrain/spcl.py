@@ -10,15 +10,19 @@ NeurIPS 2020, in its unsupervised (USL) form: §3.1 the hybrid memory and the un
 
 1. The memory gets one slot per kept pool image (slot = position in the sorted list of kept sample
    indices; CFS-filtered when a ranking is given, ``pretrain/cfs.py``), filled by one sequential
-   extraction pass in evaluation mode (each rank reads a contiguous share, features are gathered).
-2. Every epoch: cluster (rank 0; labels broadcast) the memory's features, or freshly re-extracted
-   ones (``cluster_features: reextract``, which also refreshes the memory: at millions of images an
+   extraction pass in evaluation mode, streamed (``StreamingShards``; each rank reads the shards
+   webdataset's split_by_node gives it and sends its rows to the others in chunks of the memory's
+   storage dtype; a split may be a local directory or a URL prefix, ``data/shards.py`` ``is_url``).
+2. Every epoch: cluster (shared by the ranks, ``pretrain/distributed_clustering.py``; labels broadcast)
+   the memory's features, or freshly re-extracted ones (``cluster_features: reextract``, which also
+   refreshes the memory: at millions of images an
    epoch of ``iters_per_epoch`` batches touches a small fraction of the slots, so memory features go
    stale); un-clustered images stay as one-image classes.
 3. ``iters_per_epoch`` global batches of P x K images per process, read by index: by default SpCL's
    ``RandomMultipleGallerySampler`` semantics (``data.sampler: multiple_gallery``, ``data/samplers.py``:
    every pseudo-class once per pass, an anchor plus K-1 images preferably from other cameras, a
-   one-image class one slot), or P pseudo-identities x K images (``data.sampler: pk``); loss = the memory's
+   one-image class one slot), or P pseudo-identities x K images (``data.sampler: pk``); from a URL pool,
+   streamed P x K batches built as the images arrive (``data/streaming.py``); loss = the memory's
    unified contrastive loss; the memory is updated in backward, in global batch order, identically on
    every rank.
 4. Each epoch's clustering is logged (clusters, outliers, cluster sizes, the clustering's own statistics
@@ -45,9 +49,12 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
   run gives the same updates on any number of processes. ``samples_per_bn`` splits a process's batch
   into BatchNorm groups, so one GPU reproduces the BN statistics of a multi-GPU run (SpCL: 16 images
   per GPU; the BN batch changes results by several mAP).
-* Clustering runs on rank 0 only and its labels are broadcast (OpenUnReID does the same); the process
-  group gets a long timeout (``dist_timeout_minutes``) because clustering millions of images takes
-  minutes while the other ranks wait.
+* Clustering is shared by the ranks (kNN, V and Jaccard rows of each rank's block; DBSCAN and the
+  criteria on rank 0, ``pretrain/distributed_clustering.py``), with one process's labels; SpCL and
+  OpenUnReID cluster on one process while the others wait. Its collectives run on a gloo group whose
+  timeout is 4 x the previous clustering's measured time (at least 10 minutes; the first clustering
+  of a run gets ``dist_timeout_minutes``), so a rank lost during a long clustering is noticed in about
+  that time.
 * Images whose bytes cannot be decoded are left out of the memory's classes and never sampled,
   instead of ending the run.
 * An epoch whose clustering leaves fewer pseudo-classes than P x processes (a collapsed clustering, or
@@ -78,6 +85,7 @@ Deviations from the reference code (yxgeee/SpCL ``examples/spcl_train_usl.py``):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -88,26 +96,30 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from accelerate.utils import broadcast
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from reidforge.data.config import DataConfig
 from reidforge.data.draws import SeededBatches, SeededDraws
-from reidforge.data.readers import ConcatShards, IndexedShards, SampleTally, collate
+from reidforge.data.readers import ConcatShards, IndexedShards, SampleTally, StreamingShards, collate, stream_json
 from reidforge.data.samplers import MultipleGallerySampler, PKSampler
-from reidforge.data.shards import ShardError, load_manifest
+from reidforge.data.shards import ShardError, is_url, load_manifest
+from reidforge.data.streaming import PseudoIdentityStream
 from reidforge.data.transforms import Normalize, build_transforms
 from reidforge.pretrain.cfs import cfs_keep_indices
 from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering
+from reidforge.pretrain.distributed_clustering import (clustering_timeout, distributed_cluster, row_bounds,
+                                                       shared_clustering)
 from reidforge.pretrain.memory import HybridMemory
 from reidforge.shared.backbones import build_backbone
 from reidforge.shared.checkpoints import Checkpoints
 from reidforge.shared.config import ConfigError, bounded, choice, config_main, save_config
 from reidforge.shared.heads import build_pooling
 from reidforge.shared.io import atomic_write_json
+from reidforge.shared.peak_memory import PeakMemory
 from reidforge.shared.optim import OptimConfig, build_optimizer, build_scheduler, check_schedule, clip_gradients
 from reidforge.shared.progress import Progress, RunProgress
 from reidforge.shared.retrieval import evaluate, extract_features
@@ -136,6 +148,10 @@ class PoolConfig(DataConfig):
     cfs_ranking: str = ""  # ranking file (pretrain/cfs.py output or the released CFS_list.pkl); "" keeps all
     cfs_keep: float = bounded(0.5, 0, 1, lo_open=True)  # fraction of each split's ranked images kept when a ranking is given
     max_images: int = bounded(0, 0)  # > 0: only the first this many kept images of the pool (smoke and CPU runs)
+    # Streamed training (a pool given as URLs, data/streaming.py): samples in the shuffle buffer, and the
+    # most undecoded images waiting in incomplete pseudo-class buffers (per DataLoader worker).
+    shuffle_buffer: int = bounded(1000, 0)
+    stream_buffer_images: int = bounded(20000, 1)
 
 
 @dataclass
@@ -193,6 +209,7 @@ class Encoder(nn.Module):
 
 
 SAMPLERS = {"multiple_gallery": MultipleGallerySampler, "pk": PKSampler}
+EXCHANGE_ROWS = 1 << 15  # memory rows a rank broadcasts at a time after an extraction (128 MB at 2048-d fp16)
 PERCENT = ("mAP", "R1")  # shown in % in the summary table, as the papers report them
 
 
@@ -254,10 +271,19 @@ def true_identities(pool: ConcatShards, samples: np.ndarray) -> np.ndarray | Non
 
     def meta(i: int) -> dict[str, Any]:
         k = int(np.searchsorted(pool.offsets, i, side="right")) - 1
-        return json.loads(pool.parts[k].read_bytes(i - int(pool.offsets[k]))[1])
+        part = pool.parts[k]
+        if isinstance(part.split_dir, str):  # a URL split has no random access: its first sample, streamed
+            return next(stream_json(part.split_dir))
+        return json.loads(part.read_bytes(i - int(pool.offsets[k]))[1])
 
     if "hidden_pid" not in meta(int(samples[0])):
         return None
+    if any(isinstance(part.split_dir, str) for part in pool.parts):
+        hidden = np.concatenate([[m.get("hidden_pid", -1) for m in stream_json(part.split_dir)]
+                                 if isinstance(part.split_dir, str) else
+                                 [json.loads(part.read_bytes(i)[1]).get("hidden_pid", -1) for i in range(len(part))]
+                                 for part in pool.parts]).astype(np.int64)
+        return hidden[samples]
     return np.array([meta(int(i)).get("hidden_pid", -1) for i in samples], dtype=np.int64)
 
 
@@ -282,6 +308,16 @@ class SpCLTrainer:
         n = len(self.slots)
         if n < d.p * acc.num_processes:
             raise ConfigError(f"data: {n} pool images kept, fewer than p x processes = {d.p * acc.num_processes}")
+        # Memory fill and re-extraction always stream the kept slots; training streams only a URL pool.
+        self.test_stream = StreamingShards(d.train, build_transforms(d.transform, train=False), keep=self.slots)
+        self.streamed_training = any(is_url(s) for s in d.train)
+        if self.streamed_training:
+            self.train_stream = StreamingShards(d.train, build_transforms(d.transform, train=True), keep=self.slots)
+            shards, readers = len(self.train_stream.all_shards()), acc.num_processes * max(d.workers, 1)
+            if shards < readers:
+                raise ConfigError(f"data.train: streamed training needs a shard per reader, the pool has {shards} "
+                                  f"shards with kept images for processes x workers = {readers}")
+        self.peaks = PeakMemory(acc.device)
 
         encoder = Encoder(cfg.model)
         if cfg.model.weights != "none":
@@ -294,6 +330,7 @@ class SpCLTrainer:
                                    dtype=dtype).to(acc.device)
         self.valid = torch.zeros(n, dtype=torch.bool)  # slots whose image delivered a feature
         self.clustering = SelfPacedClustering(cfg.cluster)
+        self.cluster_seconds: float | None = None  # the last clustering's, on every rank (its collectives' timeout)
         optimizer = build_optimizer(encoder, cfg.optim)  # the trainable parameters: not the BN's frozen bias
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.iters_per_epoch, cfg.epochs)
         self.model, self.optimizer = acc.prepare(encoder, optimizer)
@@ -311,6 +348,7 @@ class SpCLTrainer:
             save_config(cfg, self.run_dir / "config.yaml")
         acc.init_trackers("tensorboard")
         write_config_text(acc, self.run_dir / "config.yaml")
+        acc.log(self.peaks.take(), step=self.state["iteration"])
         self.scalars = TrainScalars(acc, cfg.log_every, d.p * d.k)
 
     def _check_inputs(self) -> None:
@@ -325,7 +363,10 @@ class SpCLTrainer:
         if not d.train:
             raise ConfigError("data.train: give at least one pool split")
         for split in [*d.train, *[s for s in (d.query, d.gallery) if s]]:
-            load_manifest(split)
+            load_manifest(split)  # a URL split: a bad URL fails here, in one line naming it
+        for key, split in (("data.query", d.query), ("data.gallery", d.gallery)):
+            if is_url(split):
+                raise ConfigError(f"{key}: {split}: the retrieval check reads by index; give a local split")
         if bool(d.query) != bool(d.gallery):
             raise ConfigError("data.query and data.gallery go together: give both or neither")
         if d.cfs_ranking and not Path(d.cfs_ranking).is_file():
@@ -378,8 +419,12 @@ class SpCLTrainer:
         size = cfg.data.test_batch_size
         rng = np.random.default_rng(cfg.seed)
         picks = rng.choice(len(self.slots), min(len(self.slots), size * cfg.bn_calibration_batches), replace=False)
-        loader = DataLoader(Subset(self.test_pool, self.slots[np.sort(picks)].tolist()), batch_size=size,
-                            num_workers=cfg.data.workers, collate_fn=collate)
+        chosen = self.slots[np.sort(picks)]
+        # A URL pool streams the chosen images (each rank its shards' share; rank 0's statistics win, as
+        # _sync_batchnorm hands them to every rank before the first extraction).
+        dataset = (StreamingShards(cfg.data.train, self.test_stream.transform, keep=chosen) if self.streamed_training
+                   else Subset(self.test_pool, chosen.tolist()))
+        loader = DataLoader(dataset, batch_size=size, num_workers=cfg.data.workers, collate_fn=collate)
         encoder.train()
         with Progress(len(loader), "BatchNorm calibration", "extract", unit="batch",
                       enabled=acc.is_main_process) as bar:
@@ -391,36 +436,99 @@ class SpCLTrainer:
 
     @torch.no_grad()
     def _initialise_memory(self) -> None:
-        feats, slots = self._extract(self.test_pool, self.slots, "memory features")
-        self.memory.initialize(feats.to(self.accelerator.device), torch.from_numpy(slots).to(self.accelerator.device))
-        self.valid[:] = False
-        self.valid[torch.from_numpy(slots)] = True
+        """Fill (or refresh) the memory by one streamed pass over the kept slots, local or URL shards.
+
+        Each rank embeds the shards webdataset's split_by_node gives it and writes its rows; the rows go
+        to the other ranks in chunks of ``EXCHANGE_ROWS`` in the memory's storage dtype (fp16 for
+        ``memory.dtype: float16``), rank after rank, and every rank (the sender too) writes exactly those
+        stored rows: no rank ever holds N x d fp32 features, and the replicas stay bit-identical.
+        """
+        acc = self.accelerator
+        with self.peaks.phase("extract"):
+            feats, positions = self._stream_features(self.test_stream, "memory features")
+            rows, slots = self.memory.to_storage(feats), torch.from_numpy(positions).to(acc.device)
+            self.valid[:] = False
+            if acc.num_processes == 1:
+                self.memory.write_stored(rows, slots)
+                self.valid[slots.cpu()] = True
+                return
+            counts = acc.gather(torch.tensor([len(rows)], device=acc.device)).tolist()
+            for sender, count in enumerate(counts):
+                for a in range(0, count, EXCHANGE_ROWS):
+                    n = min(EXCHANGE_ROWS, count - a)
+                    mine = sender == acc.process_index
+                    chunk = rows[a:a + n].contiguous() if mine else rows.new_empty(n, rows.shape[1])
+                    where = slots[a:a + n].contiguous() if mine else slots.new_empty(n)
+                    torch.distributed.broadcast(chunk, src=sender)
+                    torch.distributed.broadcast(where, src=sender)
+                    self.memory.write_stored(chunk, where)
+                    self.valid[where.cpu()] = True
+
+    @torch.no_grad()
+    def _stream_features(self, stream: StreamingShards, name: str) -> tuple[torch.Tensor, np.ndarray]:
+        """This rank's share of a streamed eval-mode pass over the kept slots: features (on the device) and
+        their slot positions; images lost to bad data are absent (and counted, ``data.max_bad_fraction``)."""
+        acc, d = self.accelerator, self.cfg.data
+        self._sync_batchnorm()
+        share = stream.my_count()
+        if share == 0:  # fewer shards than ranks: this one has none
+            return torch.zeros(0, acc.unwrap_model(self.model).feature_dim, device=acc.device), np.zeros(0, np.int64)
+        loader = DataLoader(stream, batch_size=d.test_batch_size, num_workers=d.workers, collate_fn=collate)
+        tally = SampleTally(share, d.max_bad_fraction, name)
+        with Progress(share, name, "extract", unit="img", enabled=acc.is_main_process) as bar:
+            def counted() -> Iterator[dict[str, Any]]:
+                for batch in tally.wrap(loader):
+                    bar.update(len(batch["index"]))
+                    yield batch
+
+            feats, index = extract_features(acc.unwrap_model(self.model), counted(), acc.device, self.normalize)
+        return feats.to(acc.device), np.searchsorted(self.slots, index.numpy())
 
     # -- clustering --------------------------------------------------------------------------------
     def _cluster(self, epoch: int, progress: RunProgress) -> dict[str, Any]:
-        """Pseudo labels for every slot (rank 0 clusters, every rank receives the same labels)."""
+        """Pseudo labels for every slot: the ranks share the clustering (``pretrain/distributed_clustering.py``;
+        rank 0 alone for HDBSCAN and the approximate indices), every rank receives rank 0's labels."""
         acc = self.accelerator
         if self.cfg.cluster_features == "reextract" and epoch > 0:
             progress.set_phase("extract")
             self._initialise_memory()
         progress.set_phase("cluster")
-        labels = torch.full((len(self.slots),), -1, dtype=torch.long, device=acc.device)
         row: dict[str, Any] = {"epoch": epoch + 1}
+        start = time.perf_counter()
+        valid = self.valid.numpy()
+        # the clustering's collectives (CPU tensors) run on a gloo group whose timeout follows the last
+        # measured clustering time (pretrain/distributed_clustering.py clustering_timeout)
+        group = dist.new_group(backend="gloo", timeout=clustering_timeout(
+            self.cluster_seconds, self.cfg.dist_timeout_minutes)) if acc.num_processes > 1 else None
+        result = None
+        if group is not None and shared_clustering(self.clustering):  # every rank clusters its block
+            rows = np.flatnonzero(valid)
+            bounds = row_bounds(len(rows), acc.num_processes)
+            mine = torch.from_numpy(rows[bounds[acc.process_index]:bounds[acc.process_index + 1]])
+            block = F.normalize(self.memory.features[mine.to(acc.device)].float(), dim=1).cpu().numpy()
+            result = distributed_cluster(self.clustering, block, len(rows), group)
+        elif acc.is_main_process:
+            result = self.clustering(F.normalize(self.memory.features[self.valid.to(acc.device)].float(),
+                                                 dim=1).cpu().numpy())
+        full = torch.full((len(self.slots),), -1, dtype=torch.long)
+        if result is not None:
+            full[self.valid] = torch.from_numpy(result.labels)
+        if group is not None:  # every rank receives rank 0's labels
+            dist.broadcast(full, group_src=0, group=group)
+            dist.destroy_process_group(group)
+        labels = full.to(acc.device)
+        self.cluster_seconds = time.perf_counter() - start
         if acc.is_main_process:
-            start = time.perf_counter()
-            valid = self.valid.numpy()
-            feats = F.normalize(self.memory.features[self.valid.to(acc.device)].float(), dim=1).cpu().numpy()
-            result = self.clustering(feats)
-            full = np.full(len(valid), -1, dtype=np.int64)
-            full[valid] = result.labels
-            labels.copy_(torch.from_numpy(full))
             clustered = result.labels[(result.labels >= 0) & (result.labels < result.num_clusters)]
             sizes = np.bincount(clustered) if len(clustered) else np.zeros(0, dtype=np.int64)
             row.update(clusters=result.num_clusters, outliers=result.num_outliers,
-                       clustered=float(len(clustered) / max(len(feats), 1)),
+                       clustered=float(len(clustered) / max(len(result.labels), 1)),
                        mean_size=float(sizes.mean()) if len(sizes) else 0.0,
                        max_size=int(sizes.max()) if len(sizes) else 0,
-                       cluster_seconds=time.perf_counter() - start)
+                       cluster_seconds=self.cluster_seconds,
+                       # per stage: kNN search, Jaccard graph, DBSCAN and criteria (the stats' knn_s, ...)
+                       **{f"{name}_seconds": result.stats[key] for name, key in
+                          (("knn", "knn_s"), ("jaccard", "jaccard_s"), ("dbscan", "cluster_s")) if key in result.stats})
             if self.truth is not None:
                 truth = self.truth[valid]
                 row["ARI"] = float(adjusted_rand_score(truth, result.labels))
@@ -430,12 +538,12 @@ class SpCLTrainer:
             # outliers (own classes past num_clusters) shown as -1: the projector colours the clusters
             pseudo = np.where(result.labels < result.num_clusters, result.labels, -1)
             columns = {"pseudo_label": pseudo, **({"true_id": self.truth[valid]} if self.truth is not None else {})}
-            write_embedding(acc, "cluster/memory", torch.from_numpy(feats), columns, self.state["iteration"],
+            feats = F.normalize(self.memory.features[self.valid.to(acc.device)].float(), dim=1).cpu()
+            write_embedding(acc, "cluster/memory", feats, columns, self.state["iteration"],
                             seed=self.cfg.seed + epoch)
             if len(sizes):
                 acc.get_tracker("tensorboard", unwrap=True).add_histogram("cluster/sizes", sizes,
                                                                           self.state["iteration"])
-        labels = broadcast(labels, from_process=0)
         if not (labels >= 0).any():  # cluster.drop_outliers and no cluster at all: nothing would be trained
             valid = self.valid.to(labels.device)
             labels = torch.where(valid, torch.arange(len(labels), device=labels.device), labels)
@@ -451,7 +559,7 @@ class SpCLTrainer:
         acc.log({f"cluster/{k}": float(v) for k, v in stats.items()}, step=step)
         settings = {**asdict(self.clustering.cfg),
                     "indep_threshold (frozen once set)": self.clustering.indep_threshold,
-                    **{k: v for k, v in stats.items() if k.startswith("ivf_")}}
+                    **{k: v for k, v in stats.items() if k.startswith(("ivf_", "hnsw_", "knn_recall_"))}}
         acc.log({"cluster/settings": "\n".join(f"    {k}: {v}" for k, v in settings.items())}, step=step)
 
     # -- training ----------------------------------------------------------------------------------
@@ -479,7 +587,9 @@ class SpCLTrainer:
         for epoch in range(self.state["epoch"], cfg.epochs):
             partial = self.state.pop("partial", None)  # a mid-epoch checkpoint: its labels are restored
             progress.start_epoch(epoch, partial["step"] if partial else 0)
-            row = partial["row"] if partial else self._cluster(epoch, progress)
+            with self.peaks.phase("cluster"):  # with a re-extraction, when there is one, inside it
+                row = partial["row"] if partial else self._cluster(epoch, progress)
+            acc.log(self.peaks.take(), step=self.state["iteration"])
             row["loss"] = self._train_epoch(epoch, row, progress, partial)
             self.state["epoch"] = epoch + 1
             last = epoch + 1 == cfg.epochs
@@ -510,18 +620,41 @@ class SpCLTrainer:
         cfg, acc = self.cfg, self.accelerator
         start, total = (partial["step"], partial["loss_sum"]) if partial else (0, 0.0)
         labels = self.memory.labels.cpu().numpy()
-        sampler = PseudoIdentityBatches(labels, self.slot_camids, cfg.data.p, cfg.data.k, cfg.iters_per_epoch,
-                                        cfg.seed, epoch, acc.process_index, acc.num_processes, start, cfg.data.sampler)
         self._log_pseudo_classes(epoch, labels)
         # Each image's augmentation is seeded by its draw (data/draws.py); the loader's own generator keeps
         # its worker base seed off the global RNG, which the training loop alone consumes.
-        loader = DataLoader(SeededDraws(Subset(self.train_pool, self.slots.tolist())),
-                            batch_sampler=SeededBatches(sampler, cfg.seed), num_workers=cfg.data.workers,
-                            collate_fn=collate, generator=torch.Generator().manual_seed((cfg.seed << 20) + epoch))
+        generator = torch.Generator().manual_seed((cfg.seed << 20) + epoch)
+        if self.streamed_training:  # a URL pool: P x K batches built as the images stream in (data/streaming.py)
+            pool_labels = np.full(int(self.train_stream.offsets[-1]), -1, dtype=np.int64)
+            pool_labels[self.slots] = labels
+            stream = PseudoIdentityStream(self.train_stream, pool_labels, cfg.data.p, cfg.data.k, seed=cfg.seed,
+                                          epoch=epoch, rank=acc.process_index, start=start,
+                                          shuffle_buffer=cfg.data.shuffle_buffer,
+                                          max_buffered=cfg.data.stream_buffer_images)
+            streamed = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers, generator=generator)
+            loader: Any = itertools.islice((b for b in streamed if not b.get("skipped")), cfg.iters_per_epoch - start)
+        else:
+            sampler = PseudoIdentityBatches(labels, self.slot_camids, cfg.data.p, cfg.data.k, cfg.iters_per_epoch,
+                                            cfg.seed, epoch, acc.process_index, acc.num_processes, start,
+                                            cfg.data.sampler)
+            loader = DataLoader(SeededDraws(Subset(self.train_pool, self.slots.tolist())),
+                                batch_sampler=SeededBatches(sampler, cfg.seed), num_workers=cfg.data.workers,
+                                collate_fn=collate, generator=generator)
         tally = SampleTally(len(self.slots), cfg.data.max_bad_fraction, "training")
         self.model.train()
         progress.set_phase("train")
         self.scalars.start_epoch()
+        with self.peaks.phase("train"):
+            total = self._train_steps(loader, tally, start, total, row, progress)
+        acc.log(self.peaks.take(), step=self.state["iteration"])
+        self.scalars.end_epoch(epoch + 1)
+        progress.end_epoch()
+        return total / max(cfg.iters_per_epoch, 1)
+
+    def _train_steps(self, loader: Any, tally: SampleTally, start: int, total: float, row: dict[str, Any],
+                     progress: RunProgress) -> float:
+        """The epoch's steps from iteration ``start`` (loss sum ``total`` so far); the loss sum at its end."""
+        cfg, acc = self.cfg, self.accelerator
         for step, batch in enumerate(self.scalars.timed(tally.wrap(loader)), start + 1):
             images = self.normalize(batch["image"].to(acc.device, non_blocking=True))
             slots = torch.from_numpy(np.searchsorted(self.slots, batch["index"].numpy())).to(acc.device)
@@ -545,9 +678,7 @@ class SpCLTrainer:
                 self._checkpoint(step)
                 progress.set_phase("train")
                 del self.state["partial"]
-        self.scalars.end_epoch(epoch + 1)
-        progress.end_epoch()
-        return total / max(cfg.iters_per_epoch, 1)
+        return total
 
     def _log_pseudo_classes(self, epoch: int, labels: np.ndarray) -> None:
         """Say when the epoch has fewer pseudo-classes than a global batch has identity slots (P x processes)."""
@@ -577,8 +708,11 @@ class SpCLTrainer:
 
     # -- state ---------------------------------------------------------------------------------------
     def _replica_digest(self) -> int:
-        """A 63-bit digest of this rank's memory (features and labels)."""
-        h = hashlib.sha256(self.memory.features.cpu().numpy().tobytes())
+        """A 63-bit digest of this rank's memory (features and labels), hashed a chunk at a time (the
+        whole bank is never copied to host)."""
+        h = hashlib.sha256()
+        for a in range(0, len(self.slots), EXCHANGE_ROWS):
+            h.update(self.memory.features[a:a + EXCHANGE_ROWS].cpu().numpy().tobytes())
         h.update(self.memory.labels.cpu().numpy().tobytes())
         return int.from_bytes(h.digest()[:8], "little") >> 1
 
@@ -594,12 +728,17 @@ class SpCLTrainer:
 
     def _checkpoint(self, step: int = 0) -> None:
         """End of epoch (``step`` 0) or after iteration ``step`` of the epoch in progress."""
-        self._check_replicas()
-        self._sync_batchnorm()
-        self.state["scheduler"] = self.scheduler.state_dict()
-        self.state["clustering"] = self.clustering.state_dict()
-        self.checkpoints.save(self.accelerator, self.state["epoch"], self.state,
-                              {"memory": {**self.memory.state_dict(), "valid": self.valid}}, step)
+        acc = self.accelerator
+        with self.peaks.phase("checkpoint"):
+            self._check_replicas()
+            self._sync_batchnorm()
+            self.state["scheduler"] = self.scheduler.state_dict()
+            self.state["clustering"] = self.clustering.state_dict()
+            # The replicas are identical (checked above): rank 0 alone writes the memory; the others pass
+            # nothing, so no copy of the bank is made on their hosts.
+            memory = {"memory": {**self.memory.state_dict(), "valid": self.valid}} if acc.is_main_process else None
+            self.checkpoints.save(acc, self.state["epoch"], self.state, memory, step)
+        acc.log(self.peaks.take(), step=self.state["iteration"])
 
     def _resume(self, checkpoint: Path) -> None:
         path, self.state = self.checkpoints.restore(self.accelerator, checkpoint)

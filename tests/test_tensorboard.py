@@ -136,6 +136,7 @@ def test_spcl_writes_epoch_means_clustering_statistics_and_hparams(tiny_shards: 
     assert header.split("\t") == ["pseudo_label", "true_id"] and len(rows) == 40
     settings = _text(events, "cluster/settings")
     assert "knn: int8" in settings and "k1: 10" in settings and "indep_threshold" in settings
+    assert "knn_recall_queries: 40.0" in settings  # the recall's sample: every image below 2,000
 
     assert "name: resnet18" in _text(events, "config")
     hparams, metrics = _hparams(events)

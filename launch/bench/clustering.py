@@ -1,9 +1,10 @@
 """SpCL clustering speed and memory on synthetic re-ID features: the dense reference against the sparse step.
 
-    python launch/bench/clustering.py [--msmt 32621] [--msmt-dim 2048] [--dense-size N]
-        [--sizes 10000,50000,200000,1000000] [--dim 512] [--approx-above 100000] [--agreement-size 50000]
-        [--nprobe 8] [--knn-device auto]
+    python launch/bench/clustering.py [--msmt 32621] [--msmt-dim 2048] [--dense-size N] [--hard 12936]
+        [--sizes 10000,50000,200000,1000000] [--dim 512] [--approx-above 100000] [--ari 50000]
+        [--knn ivf] [--nprobe 8] [--knn-device auto] [--features reid]
         [--out runs/bench/clustering.json]
+    python launch/bench/clustering.py --recall 1000000 512 [--knn ivf --nprobe 64] [--ari 200000]
 
 Features: identities of geometrically distributed sizes (>= 3 images), centres random unit vectors (a
 third of them look-alikes of another identity, cosine ~0.7), images = centre + isotropic Gaussian noise of
@@ -22,12 +23,23 @@ merge at the loose eps, noisy identities fragment, and the criteria reject some.
     available memory, or with ``--dense-size n``, it runs at n and n/2 instead (the sparse step at n as
     well, for the label comparison) and is extrapolated: time by (N/n)^2, peak RSS as a + b N^2 through
     the two runs; the float32-kNN run is skipped. The table says when figures are extrapolated.
-(2) Scale curve of the sparse step at ``--sizes`` (512-d, ~16 per identity, 20 % un-clustered): exact
-    kNN below ``--approx-above``, IVF above (kNN recall against brute force on 500 queries reported);
-    targets 1M in <= 20 min and <= 8 GB. ``--agreement-size n`` also clusters n images with both
-    indices and reports the adjusted Rand index between the two labelings (0 skips it).
+(2) Hard features (``--hard n``, 12,936 x 2048 by default, 0 skips): ``centers[pid] + s[pid] * noise``,
+    centres and noise standard normal, n/20 identities, s uniform in [2.6, 3.8] per identity, so an
+    image's cosine to its centre is only ~0.25-0.36 and its neighbours are barely above the noise: many
+    pairs share k-reciprocal support. The sparse step (exact kNN, ``jaccard_distance(...,
+    max_distance=0.62)``, the three DBSCANs) against SpCL's own ``compute_jaccard_distance`` path (faiss
+    float32 search, dense float32 Jaccard, the same DBSCANs), both in the same run: time ratio, labels
+    compared.
+(3) Scale curve of the sparse step at ``--sizes`` (512-d, ~16 per identity, 20 % un-clustered): exact
+    kNN below ``--approx-above``, ``--knn`` above (kNN recall@30 against brute force on 2,000 queries
+    reported); targets 1M in <= 20 min and <= 8 GB. ``--ari n`` also clusters n images with exact and
+    with ``--knn`` search and reports the adjusted Rand index between the two labelings (0 skips it).
+(4) ``--recall N D``: only the approximate search (``--knn``, ``--nprobe``) of N x D features (``--features
+    reid``: the scale curve's; ``hard``: those of (2)), in a fresh process: recall@30 on 2,000 queries,
+    seconds and peak RSS; with ``--ari n``, the labels' ARI against exact search at n as well. Nothing
+    else runs.
 
-Sizes are flags, so ``--msmt 4000 --sizes 10000,50000 --agreement-size 0`` is a quick run.
+Sizes are flags, so ``--msmt 4000 --hard 2000 --sizes 10000,50000 --ari 0`` is a quick run.
 ``--knn-device`` is the sparse step's ``ClusterConfig.knn_device`` (where the exact/int8 scan runs).
 """
 
@@ -49,7 +61,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from reidforge.pretrain.clustering import ClusterConfig, SelfPacedClustering
-from reidforge.pretrain.knn import DEVICES
+from reidforge.pretrain.knn import DEVICES, INDICES, knn_table
 from reidforge.shared.io import atomic_write_json
 from reidforge.shared.table import format_table
 
@@ -93,6 +105,26 @@ def synthetic(n: int, dim: int, mean_size: float, unclustered: float, seed: int 
     return x, owner
 
 
+def hard(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The hard features of the module docstring, (2), and the identity of each."""
+    rng = np.random.default_rng(seed)
+    num_ids = max(1, n // 20)
+    owner = rng.permutation(np.arange(n) % num_ids)
+    centres = rng.standard_normal((num_ids, dim), dtype=np.float32)
+    spread = rng.uniform(2.6, 3.8, num_ids).astype(np.float32)
+    x = np.empty((n, dim), np.float32)
+    for s in range(0, n, CHUNK):
+        own = owner[s:s + CHUNK]
+        block = centres[own] + spread[own, None] * rng.standard_normal((len(own), dim), dtype=np.float32)
+        x[s:s + CHUNK] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return x, owner
+
+
+def features(kind: str, n: int, dim: int, mean_size: float, unclustered: float) -> np.ndarray:
+    """``synthetic`` (``kind="reid"``) or ``hard`` features."""
+    return (hard(n, dim) if kind == "hard" else synthetic(n, dim, mean_size, unclustered))[0]
+
+
 def _reset_peak_rss() -> None:
     """Start the peak-RSS count afresh (Linux: /proc/self/clear_refs), so that the features' generation
     does not count as clustering memory; the features themselves stay resident and count."""
@@ -104,14 +136,18 @@ def _reset_peak_rss() -> None:
 
 
 def _isolated(method: str, n: int, dim: int, mean_size: float, unclustered: float, knn: str,
-              labels_path: str | None, nprobe: int = 8, device: str = "auto") -> dict[str, float]:
-    """Runs in a fresh process: generate the features, cluster them once, report time and peak RSS."""
-    x, _ = synthetic(n, dim, mean_size, unclustered)
+              labels_path: str | None, nprobe: int = 8, device: str = "auto", kind: str = "reid") -> dict[str, float]:
+    """Runs in a fresh process: generate the features, cluster them once (``method="search"``: only the
+    kNN search), report time and peak RSS."""
+    x = features(kind, n, dim, mean_size, unclustered)
     _reset_peak_rss()
     start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result: dict[str, float] = {}
     start = time.perf_counter()
-    if method == "sparse":
+    labels = None
+    if method == "search":
+        knn_table(x, ClusterConfig().k1, knn, result, nprobe, device)
+    elif method == "sparse":
         out = SelfPacedClustering(ClusterConfig(knn=knn, ivf_nprobe=nprobe, knn_device=device))(x)
         labels = out.labels
         result.update(out.stats)
@@ -133,7 +169,7 @@ def _isolated(method: str, n: int, dim: int, mean_size: float, unclustered: floa
     result["seconds"] = time.perf_counter() - start
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["start_rss"] = start_rss
-    if labels_path:
+    if labels_path and labels is not None:
         np.save(labels_path, labels)
     return result
 
@@ -213,11 +249,66 @@ def bench_msmt(args: argparse.Namespace, rows: list, report: dict, tmp: Path) ->
                      + (f"; {spcl_s / sparse['seconds']:.1f}x faster than the float32-kNN dense run" if spcl_s else "")])
 
 
+def bench_hard(args: argparse.Namespace, rows: list, report: dict, tmp: Path) -> None:
+    n, shape = args.hard, (args.hard_dim, 20.0, 0.0)
+    ours = _in_fresh_process("sparse", n, *shape, "exact", str(tmp / "hard_sparse.npy"), args.nprobe,
+                             args.knn_device, "hard")
+    spcl = _in_fresh_process("dense", n, *shape, "faiss", str(tmp / "hard_dense.npy"), args.nprobe,
+                             args.knn_device, "hard")
+    differing = int(np.count_nonzero(np.load(tmp / "hard_sparse.npy") != np.load(tmp / "hard_dense.npy")))
+    ratio = spcl["seconds"] / ours["seconds"]
+    report["hard"] = {"n": n, "dim": args.hard_dim, "sparse": ours, "spcl_faiss": spcl, "speedup": ratio,
+                      "differing_labels": differing}
+    print(f"hard features {n:,} x {args.hard_dim}: ours {ours['seconds']:.1f} s, SpCL's float32 faiss path "
+          f"{spcl['seconds']:.1f} s: {ratio:.1f}x; labels {'identical' if not differing else f'{differing} differ'}",
+          file=sys.stderr, flush=True)
+    rows.append([f"hard features {n:,} x {args.hard_dim}", "sparse (exact kNN)", round(ours["seconds"], 1),
+                 round(ours["peak_rss"] / GB, 2), round(ratio, 1),
+                 f"kNN {ours['knn_s']:.1f} s, Jaccard {ours['jaccard_s']:.1f} s ({ours['v_nnz_per_row']:.0f} "
+                 f"weights and {ours['graph_nnz_per_row']:.0f} stored distances per row), DBSCAN x3 + criteria "
+                 f"{ours['cluster_s']:.1f} s; SpCL's float32 faiss path {spcl['seconds']:.1f} s, "
+                 f"{spcl['peak_rss'] / GB:.2f} GB; labels {'identical' if not differing else f'{differing} differ'}"])
+
+
+def _agreement(args: argparse.Namespace, rows: list, report: dict, shape: tuple) -> None:
+    """Labels of exact and of ``--knn`` search at ``--ari`` images: their adjusted Rand index."""
+    n = args.ari
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {k: _in_fresh_process("sparse", n, *shape, k, f"{tmp}/{k}.npy", args.nprobe, args.knn_device,
+                                     args.features) for k in ("exact", args.knn)}
+        labels = {k: np.load(f"{tmp}/{k}.npy") for k in runs}
+    ari = float(adjusted_rand_score(labels["exact"], labels[args.knn]))
+    fast = runs[args.knn]
+    report["agreement"] = {"n": n, "knn": args.knn, "ari": ari, "runs": runs}
+    rows.append([f"{args.knn} vs exact kNN, {n:,} x {shape[0]}", "sparse", round(fast["seconds"], 1),
+                 round(fast["peak_rss"] / GB, 2), round(runs["exact"]["seconds"] / fast["seconds"], 1),
+                 f"labels ARI {ari:.4f} (target >= 0.95); recall@30 {fast['knn_recall']:.3f}; clusters "
+                 f"{fast['num_clusters']:,.0f} vs {runs['exact']['num_clusters']:,.0f}" + _settings(fast)])
+
+
+def _settings(run: dict[str, float]) -> str:
+    """The approximate index's own settings among a run's stats (``ivf_nlist``, ``ivf_nprobe``, ...)."""
+    found = [f"{k} {v:g}" for k, v in run.items() if k.startswith(("ivf_", "hnsw_"))]
+    return f"; {', '.join(found)}" if found else ""
+
+
+def bench_recall(args: argparse.Namespace, rows: list, report: dict) -> None:
+    n, dim = args.recall
+    run = _in_fresh_process("search", n, dim, 16.0, 0.2, args.knn, None, args.nprobe, args.knn_device, args.features)
+    met = run["knn_recall"] >= 0.95 and run["seconds"] <= 20 * 60 and run["peak_rss"] <= 8 * GB
+    report["recall"] = run | {"n": n, "dim": dim, "knn": args.knn, "features": args.features}
+    rows.append([f"{args.knn} search {n:,} x {dim} ({args.features})", "kNN only", round(run["seconds"], 1),
+                 round(run["peak_rss"] / GB, 2), "",
+                 f"recall@30 {run['knn_recall']:.4f} on {run['knn_recall_queries']:,.0f} queries" + _settings(run)
+                 + (f"; target recall >= 0.95 in <= 20 min and <= 8 GB {'met' if met else 'MISSED'}"
+                    if n >= 1_000_000 else "")])
+
+
 def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
     shape = (args.dim, 16.0, 0.2)
     report["scale"] = []
     for n in args.sizes:
-        knn = "exact" if n < args.approx_above else "ivf"
+        knn = "exact" if n < args.approx_above else args.knn
         run = _in_fresh_process("sparse", n, *shape, knn, None, args.nprobe, args.knn_device)
         run.update(n=n, knn=knn)
         report["scale"].append(run)
@@ -227,36 +318,32 @@ def bench_scale(args: argparse.Namespace, rows: list, report: dict) -> None:
         if n >= 1_000_000:
             met = run["seconds"] <= 20 * 60 and run["peak_rss"] <= 8 * GB
             notes += f"; target <= 20 min and <= 8 GB {'met' if met else 'MISSED'}"
-        if knn == "ivf":
-            notes += (f"; IVF {run['ivf_nlist']:.0f} lists, nprobe {run['ivf_nprobe']:.0f}, "
-                      f"recall@30 {run['knn_recall']:.3f}")
+        if knn != "exact":
+            notes += f"; recall@30 {run['knn_recall']:.3f}" + _settings(run)
         rows.append([f"scale {n:,} x {args.dim}", f"sparse ({knn} kNN)", round(run["seconds"], 1),
                      round(run["peak_rss"] / GB, 2), "", notes])
-    if args.agreement_size:
-        with tempfile.TemporaryDirectory() as tmp:
-            n = args.agreement_size
-            runs = {k: _in_fresh_process("sparse", n, *shape, k, f"{tmp}/{k}.npy", args.nprobe, args.knn_device)
-                    for k in ("exact", "ivf")}
-            labels = {k: np.load(f"{tmp}/{k}.npy") for k in runs}
-        ari = float(adjusted_rand_score(labels["exact"], labels["ivf"]))
-        report["ivf_agreement"] = {"n": n, "ari": ari, "runs": runs}
-        rows.append([f"IVF vs exact kNN, {n:,} x {args.dim}", "sparse", round(runs["ivf"]["seconds"], 1),
-                     round(runs["ivf"]["peak_rss"] / GB, 2),
-                     round(runs["exact"]["seconds"] / runs["ivf"]["seconds"], 1),
-                     f"labels ARI {ari:.4f}; recall@30 {runs['ivf']['knn_recall']:.3f}; clusters "
-                     f"{runs['ivf']['num_clusters']:,.0f} vs {runs['exact']['num_clusters']:,.0f}"])
+    if args.ari:
+        _agreement(args, rows, report, shape)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--msmt", type=int, default=MSMT_TRAIN, help="size of comparison (1); 0 skips it")
     parser.add_argument("--msmt-dim", type=int, default=2048)
+    parser.add_argument("--hard", type=int, default=12_936, help="size of the hard-feature comparison (2); 0 skips it")
+    parser.add_argument("--hard-dim", type=int, default=2048)
     parser.add_argument("--dense-size", type=int, help="run the dense reference at this size and extrapolate")
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",") if v],
                         default=[10_000, 50_000, 200_000, 1_000_000], help="scale-curve sizes, comma-separated ('' skips)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--approx-above", type=int, default=100_000, help="IVF instead of exact kNN from this size")
-    parser.add_argument("--agreement-size", type=int, default=50_000)
+    parser.add_argument("--ari", type=int, default=50_000, help="labels of exact vs --knn search at this size (0 skips)")
+    parser.add_argument("--knn", choices=[i for i in INDICES if i not in ("exact", "auto")], default="ivf",
+                        help="the approximate search of (3) and (4) (ClusterConfig.knn)")
+    parser.add_argument("--recall", type=int, nargs=2, metavar=("N", "D"),
+                        help="only the --knn search of N x D features: recall@30, time, peak RSS (4)")
+    parser.add_argument("--features", choices=("reid", "hard"), default="reid",
+                        help="features of --recall and --ari: the scale curve's or the hard ones of (2)")
     parser.add_argument("--nprobe", type=int, default=8, help="IVF lists each point probes (ClusterConfig.ivf_nprobe)")
     parser.add_argument("--knn-device", choices=DEVICES, default="auto",
                         help="where the exact/int8 kNN scan runs (ClusterConfig.knn_device)")
@@ -265,11 +352,18 @@ def main() -> None:
 
     rows: list[list] = []
     report: dict[str, object] = {"argv": vars(args) | {"out": str(args.out)}}
-    if args.msmt:
+    if args.recall:  # the search alone, and with --ari the labels' agreement
+        bench_recall(args, rows, report)
+        if args.ari:
+            _agreement(args, rows, report, (args.recall[1], 16.0, 0.2))
+    else:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_msmt(args, rows, report, Path(tmp))
-    if args.sizes or args.agreement_size:
-        bench_scale(args, rows, report)
+            if args.msmt:
+                bench_msmt(args, rows, report, Path(tmp))
+            if args.hard:
+                bench_hard(args, rows, report, Path(tmp))
+        if args.sizes or args.ari:
+            bench_scale(args, rows, report)
     print(format_table(["task", "method", "seconds", "peak RSS GB", "sparse faster by", "notes"], rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, report)
