@@ -12,7 +12,7 @@ kept in ``<out>/logs/<stage>.log`` (its progress as plain lines, ``reidforge.sha
  4. cfs       ``pretrain/cfs.py score``: the pool ranked by the cosine between 2 and 3 (CFS's models A and B)
  5. spcl      ``pretrain/spcl.py``: SpCL pretraining of a DM-OSNet backbone on the kept part of the pool
  6. finetune  ``finetune/train.py``: DM-OSNet fine-tuned from the SpCL backbone, same recipe as 3
- 7. fnc, lka  ``finetune/train.py``: the tiny FNC and LKA-ReID variants on the vehicle split
+ 7. fnc, lka  ``finetune/train.py``: FNC and LKA-ReID on ResNet-18 trunks (their tiny variants) on the vehicle split
  8. eval-*    ``finetune/evaluate.py``: metrics, ranked lists, CMC and Grad-CAM for every model
  9. onnx      ``finetune/export_onnx.py``: the SpCL-initialised DM-OSNet as ONNX, checked with onnxruntime
 10. report    ``<out>/report.md``: the results table and the pictures
@@ -30,28 +30,23 @@ of exactly that initialisation: the mechanics of the real recipe, not its ImageN
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reidforge.shared.config import ConfigError, bounded, load_config
-from reidforge.shared.io import atomic_open, atomic_write_json
+from reidforge.shared.io import atomic_open
+from reidforge.shared.stages import Runner, Stage, StageError
 from reidforge.shared.table import Percent, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = REPO / "launch" / "configs"
-THREADS = 1  # intra-op threads of every stage: fixed, so that each stage's arithmetic is too
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass
@@ -63,22 +58,14 @@ class DemoConfig:
     world: list[str] = field(default_factory=lambda: ["pool_images=2000"])  # launch/configs/synthetic.yaml
     person: list[str] = field(default_factory=list)  # both DM-OSNet fine-tunings: dm_osnet_synthetic.yaml
     pretrain: list[str] = field(default_factory=list)  # spcl_dm_osnet_synthetic.yaml
-    vehicle: list[str] = field(default_factory=list)  # fnc_tiny.yaml and lka_reid_tiny.yaml
+    vehicle: list[str] = field(default_factory=list)  # fnc_synthetic.yaml and lka_reid_synthetic.yaml
     cfs_keep: float = 0.5
     pictures: str = "ranked,cmc,gradcam"
     eval_workers: int = 0
-    # Stages run at once, each a process with THREADS intra-op thread: the results are then bit-identical
+    # Stages run at once, each a process with one intra-op thread (reidforge.shared.stages): the results are then bit-identical
     # from run to run (with two threads per process, SpCL's reductions vary in their last bits between runs,
     # and its clustering amplifies that), and independent stages keep every core busy instead.
     jobs: int = bounded(2, 1)
-
-
-@dataclass
-class Stage:
-    name: str
-    command: list[str]
-    after: tuple[str, ...] = ()
-    run_dir: Path | None = None  # a training run: resumed from its checkpoints, else replaced by a fresh one
 
 
 @dataclass
@@ -134,9 +121,9 @@ def stages(cfg: DemoConfig) -> list[Stage]:
         Stage("finetune", train(person, "dm_osnet_spcl", "synthetic_person",
                                 [*cfg.person, f"model.weights={backbone}"]),
               ("spcl",), runs / "dm_osnet_spcl"),
-        Stage("fnc", train("fnc_tiny.yaml", "fnc_tiny", "synthetic_vehicle", cfg.vehicle), ("render",),
+        Stage("fnc", train("fnc_synthetic.yaml", "fnc_tiny", "synthetic_vehicle", cfg.vehicle), ("render",),
               runs / "fnc_tiny"),
-        Stage("lka", train("lka_reid_tiny.yaml", "lka_reid_tiny", "synthetic_vehicle", cfg.vehicle), ("render",),
+        Stage("lka", train("lka_reid_synthetic.yaml", "lka_reid_tiny", "synthetic_vehicle", cfg.vehicle), ("render",),
               runs / "lka_reid_tiny"),
     ]
     for m in MODELS:
@@ -149,95 +136,6 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                                  str(runs / "dm_osnet_spcl" / "model_final.safetensors"),
                                  "--out", str(out / "export" / "dm_osnet_spcl.onnx")], ("finetune",)))
     return result
-
-
-class StageError(RuntimeError):
-    pass
-
-
-class Runner:
-    """Runs stages, ``jobs`` at a time in dependency order, skipping finished ones; ``<out>/stages/<name>.json``
-    vouches for a stage. Each child gets ``THREADS`` intra-op threads (see ``DemoConfig.jobs``)."""
-
-    def __init__(self, out: Path, env: dict[str, str] | None = None):
-        self.out = out
-        self.env = {**(env or os.environ), **{name: str(THREADS) for name in THREAD_VARIABLES}}
-        self.state_dir, self.log_dir = out / "stages", out / "logs"
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.fingerprints: dict[str, str] = {}
-        self.timings: dict[str, list[Any]] = {}
-        self._print = threading.Lock()
-
-    def say(self, line: bytes | str) -> None:
-        with self._print:
-            sys.stdout.buffer.write(line.encode() if isinstance(line, str) else line)
-            sys.stdout.flush()
-
-    def run_all(self, todo: list[Stage], jobs: int) -> None:
-        """Every stage of ``todo`` (listed after the stages it needs), up to ``jobs`` at once."""
-        for stage in todo:
-            upstream = [self.fingerprints[name] for name in stage.after]
-            self.fingerprints[stage.name] = hashlib.sha256(
-                json.dumps([stage.command, upstream, THREADS]).encode()).hexdigest()
-        number = {stage.name: i for i, stage in enumerate(todo, 1)}
-        waiting, finished, failures = list(todo), set(), []
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            running: dict[Future, Stage] = {}
-            while waiting or running:
-                for stage in [s for s in waiting if set(s.after) <= finished] if not failures else []:
-                    if len(running) == jobs:
-                        break
-                    waiting.remove(stage)
-                    running[pool.submit(self.run, stage, number[stage.name], len(todo) + 1)] = stage
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    stage = running.pop(future)
-                    try:
-                        future.result()
-                        finished.add(stage.name)
-                    except StageError as e:
-                        failures.append(str(e))
-        if failures:
-            raise StageError("; ".join(failures))
-        self.timings = {stage.name: self.timings[stage.name] for stage in todo}
-
-    def run(self, stage: Stage, number: int, total: int) -> None:
-        fingerprint = self.fingerprints[stage.name]
-        done, started = self.state_dir / f"{stage.name}.json", self.state_dir / f"{stage.name}.started"
-        record = json.loads(done.read_text()) if done.is_file() else {}
-        if record.get("fingerprint") == fingerprint:
-            self.say(f"[{number}/{total}] {stage.name}: finished by a previous run, skipped\n")
-            self.timings[stage.name] = [stage.name, record["seconds"], "yes"]
-            return
-        done.unlink(missing_ok=True)
-        command = list(stage.command)
-        if stage.run_dir is not None:
-            resumable = started.is_file() and started.read_text() == fingerprint
-            if resumable and any((stage.run_dir / "checkpoints").glob("epoch-*")):
-                command.append("--resume")
-            elif stage.run_dir.exists():  # other settings, or killed before its first checkpoint: start afresh
-                command.append("--overwrite")
-        with atomic_open(started, "w") as f:
-            f.write(fingerprint)
-        self.say(f"[{number}/{total}] {stage.name}: {' '.join(_shown(command))}\n")
-        start = time.perf_counter()
-        log = self.log_dir / f"{stage.name}.log"
-        prefix = f"  {stage.name} | ".encode()
-        with open(log, "wb") as sink:
-            proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
-            assert proc.stdout is not None
-            for line in proc.stdout:  # the stages print plain lines (their output is a pipe)
-                self.say(prefix + line)
-                sink.write(line)
-            code = proc.wait()
-        if code != 0:
-            raise StageError(f"stage {stage.name} failed with exit status {code}; its output is in {log}")
-        seconds = time.perf_counter() - start
-        atomic_write_json(done, {"fingerprint": fingerprint, "seconds": seconds, "command": _shown(command)})
-        self.timings[stage.name] = [stage.name, round(seconds, 1), "no"]
 
 
 def _parameters(weights: Path) -> int:
@@ -308,11 +206,6 @@ def write_report(out: Path, models: tuple[Model, ...], timings: list[list[Any]],
     return table, path
 
 
-def _shown(command: list[str]) -> list[str]:
-    """The command as a user would type it from the repository root."""
-    return ["python" if part == sys.executable else part.replace(f"{REPO}/", "") for part in command]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=CONFIGS / "demo.yaml")
@@ -327,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
     # Through the environment, so that a stage's command (and the fingerprint that vouches for it) stays the same.
-    runner = Runner(out, {**os.environ, "REIDFORGE_PROGRESS": "0"} if args.no_progress else None)
+    runner = Runner(out, REPO, {**os.environ, "REIDFORGE_PROGRESS": "0"} if args.no_progress else None)
     todo = stages(cfg)
     start = time.perf_counter()
     try:

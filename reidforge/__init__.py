@@ -47,6 +47,9 @@ def pretrain(recipe: str | Path, *overrides: str, resume: bool = False, overwrit
     return _run(SpCLConfig, run, recipe, overrides, resume, overwrite)
 
 
+_pretrain = pretrain  # importing reidforge.pretrain.* rebinds the name to the package, which calls this
+
+
 def _run(schema: type, run: Any, recipe: str | Path, overrides: Sequence[str], resume: bool,
          overwrite: bool) -> dict[str, Any]:
     from reidforge.shared.config import is_main_process, load_config

@@ -161,15 +161,16 @@ def _is_list(schema: type, dotted: str) -> bool:
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a ``schema`` instance from its defaults, an optional YAML file and ``key=value`` overrides."""
     _resolve_types(schema)
-    layers = [OmegaConf.structured(schema)]
+    merged = OmegaConf.structured(schema)
     source = "defaults"
     try:
         if path is not None:
             source = str(path)
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(_load_yaml(Path(path)))
-            check_renamed(schema, _dotted(OmegaConf.to_container(layers[-1])), source)
+            recipe = _load_yaml(Path(path))
+            check_renamed(schema, _dotted(OmegaConf.to_container(recipe)), source)
+            merged = OmegaConf.merge(merged, recipe)
         for item in overrides:
             source = f"override '{item}'"
             key, sep, value = item.partition("=")
@@ -178,8 +179,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             check_renamed(schema, [key], source)
             if _is_list(schema, key) and not value.lstrip().startswith("["):
                 item = f"{key}=[{value}]"  # data.train=/path means the one-element list
-            layers.append(OmegaConf.from_dotlist([item]))
-        merged = OmegaConf.merge(*layers)
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))  # one at a time: errors name theirs
+        source = "config"
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)

@@ -42,6 +42,8 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path: Path) -> None:
         (["epochs=many"], "override 'epochs=many': config key 'epochs': Value 'many' of type 'str' could not be converted to Integer"),
         (["optim.name=lamb"], "config key 'optim.name': invalid value 'lamb'; valid choices: adam, sgd, adamw"),
         (["epochs"], "override 'epochs' is not of the form key=value"),
+        # the override at fault is named, not the last one given
+        (["epoch=3", "epochs=4", "optim.lr=0.1"], "override 'epoch=3': unknown config key 'epoch'"),
     ],
 )
 def test_mistakes_are_one_line_naming_the_key(overrides: list[str], message: str) -> None:

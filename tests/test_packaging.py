@@ -140,3 +140,13 @@ def test_train_from_a_recipe_with_overrides(tiny_shards: Path, tmp_path: Path) -
     assert [row["epoch"] for row in summary["history"]] == [1]
     assert (tmp_path / "api" / "model_final.safetensors").is_file()
     assert "| split" in (tmp_path / "api" / "log.txt").read_text()  # the run keeps its log, results table included
+
+
+def test_pretrain_stays_callable_after_its_package_is_imported(tmp_path: Path) -> None:
+    import reidforge.pretrain.clustering  # noqa: F401  (binds the package over the API function)
+
+    missing = tmp_path / "missing.yaml"
+    for _ in range(2):  # the first call imports reidforge.pretrain.spcl itself
+        with pytest.raises(reidforge.ConfigError, match="missing.yaml"):
+            reidforge.pretrain(missing, "epochs=1")
+    assert isinstance(reidforge.pretrain, type(reidforge)) and reidforge.pretrain.clustering.jaccard_distance
