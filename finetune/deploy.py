@@ -312,7 +312,7 @@ def _training_checkpoint(file: Path, input_size: tuple[int, int] | None) -> tupl
         raise WeightsError(f"{file}: neither a reidforge export nor a training checkpoint with its run's {RUN_CONFIG} "
                            "above it: for a foreign checkpoint, name its model with --model NAME")
     try:
-        cfg = load_config(TrainConfig, config)
+        cfg = load_config(TrainConfig, config, translate=True)  # a run of an earlier version reads as today's
     except ConfigError as e:
         raise ConfigError(f"{config}: not a fine-tuning run's config, which {file} needs ({e})") from None
     t = cfg.data.transform

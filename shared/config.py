@@ -13,6 +13,7 @@ fields keep their base's description unless the schema redeclares them with one 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import inspect
 import io
@@ -105,6 +106,33 @@ def check_renamed(schema: type, keys: Iterable[str], source: str) -> None:
                 raise ConfigError(f"{source}: config key '{key}' was renamed to '{RENAMED[old]}{key[len(old):]}'")
 
 
+def translate_renamed(schema: type, tree: dict) -> dict:
+    """``tree`` (a nested mapping) with each renamed key of ``schema`` (:data:`RENAMED`) moved to its new
+    name: an earlier version's saved run config read as today's (recipes and overrides get an error instead)."""
+    _resolve_types(schema)
+    out = copy.deepcopy(tree)
+    for key in _dotted(tree):
+        parts = key.split(".")
+        old = next((".".join(parts[:n]) for n in range(len(parts), 0, -1)
+                    if ".".join(parts[:n]) in RENAMED and not _has_key(schema, ".".join(parts[:n]))), None)
+        if old is None:
+            continue
+        *path, leaf = parts
+        nodes = [out]
+        for part in path:
+            nodes.append(nodes[-1][part])
+        value = nodes[-1].pop(leaf)
+        for parent, part, node in reversed(list(zip(nodes, path, nodes[1:]))):
+            if not node:  # an old section left empty goes too
+                del parent[part]
+        *path, leaf = (RENAMED[old] + key[len(old):]).split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
 def _dotted(tree: dict, prefix: str = "") -> list[str]:
     """The dotted keys of a nested mapping's leaves (an empty mapping is a leaf)."""
     return [k for key, value in tree.items()
@@ -158,8 +186,10 @@ def _is_list(schema: type, dotted: str) -> bool:
     return typing.get_origin(cls) is list
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a ``schema`` instance from its defaults, an optional YAML file and ``key=value`` overrides."""
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                translate: bool = False) -> T:
+    """Build a ``schema`` instance from its defaults, an optional YAML file and ``key=value`` overrides;
+    ``translate``: the file's renamed keys are read under their new names (:func:`translate_renamed`)."""
     _resolve_types(schema)
     merged = OmegaConf.structured(schema)
     source = "defaults"
@@ -169,6 +199,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
             recipe = _load_yaml(Path(path))
+            if translate:
+                recipe = OmegaConf.create(translate_renamed(schema, OmegaConf.to_container(recipe)))
             check_renamed(schema, _dotted(OmegaConf.to_container(recipe)), source)
             merged = OmegaConf.merge(merged, recipe)
         for item in overrides:

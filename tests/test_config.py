@@ -59,3 +59,18 @@ def test_yaml_mistakes_name_the_file(tmp_path: Path) -> None:
         load_config(Recipe, yaml)
     with pytest.raises(ConfigError, match="config file not found: nowhere.yaml"):
         load_config(Recipe, "nowhere.yaml")
+
+
+def test_an_earlier_versions_saved_config_translates_its_renamed_keys(tmp_path: Path) -> None:
+    from reidforge.shared.config import translate_renamed
+    from reidforge.pretrain.spcl import SpCLConfig
+
+    old = {"encoder": {"backbone": "resnet18", "pooling": "gem"}, "lr": 1e-3, "data": {"splits": ["a"]}}
+    assert translate_renamed(SpCLConfig, old) == {"model": {"name": "resnet18", "pooling": "gem"},
+                                                  "optim": {"lr": 1e-3}, "data": {"train": ["a"]}}
+    yaml = tmp_path / "config.yaml"
+    yaml.write_text("encoder:\n  backbone: resnet18\nlr: 0.001\n")
+    with pytest.raises(ConfigError, match="'encoder.backbone' was renamed to 'model.name'"):
+        load_config(SpCLConfig, yaml)  # a recipe is told, a saved run is read
+    cfg = load_config(SpCLConfig, yaml, translate=True)
+    assert (cfg.model.name, cfg.optim.lr) == ("resnet18", 1e-3)

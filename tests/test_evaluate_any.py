@@ -494,3 +494,14 @@ def test_gradcam_without_a_feature_map_is_a_note_not_a_blank_picture(tiny_shards
             "tokens of a patch embedding that gives their grid, so nothing to lay over the image\n"
             in capsys.readouterr().out)
     assert not (tmp_path / "out" / "gradcam.png").exists()
+
+
+def test_a_run_of_an_earlier_version_loads_under_todays_key_names(tmp_path: Path) -> None:
+    checkpoint, _, state = _training_run(tmp_path, "osnet", OSNET, 5, (32, 16))
+    config = tmp_path / "run" / "config.yaml"
+    text = config.read_text()
+    assert "\niters_per_epoch:" in text and "\n  train:" in text
+    config.write_text(text.replace("\niters_per_epoch:", "\nmax_iters_per_epoch:").replace("\n  train:", "\n  splits:"))
+    loaded, meta = load_model(checkpoint / "model.safetensors")
+    _assert_state(loaded, state)
+    assert (meta["architecture"], meta["input_size"]) == ("osnet", [32, 16])
