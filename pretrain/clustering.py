@@ -308,6 +308,14 @@ def _offer(heap_d: np.ndarray, heap_j: np.ndarray, size: np.ndarray, row: int, d
 
 
 @numba.njit(cache=True)
+def jaccard_of(m: float, scale: float) -> float:
+    """d = max(0, 1 - m / (2 - m)) of a min-sum m, rounded as np.round(d, decimals) does (rint(d scale) / scale):
+    the one definition of both walks, the single-process one and the ranks' (``distributed_clustering``)."""
+    d = 1.0 - m / (2.0 - m)
+    return np.rint((d if d >= 0.0 else 0.0) * scale) / scale
+
+
+@numba.njit(cache=True)
 def _walk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, col_ptr: np.ndarray, col_rows: np.ndarray,
           col_data: np.ndarray, first: np.ndarray, max_distance: float, nearest: int,
           scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -338,9 +346,7 @@ def _walk(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, col_ptr: np
                 acc[j] += min(v_il, col_data[f])
         for s in range(t):
             j = touched[s]
-            m = acc[j]
-            d = 1.0 - m / (2.0 - m)
-            d = np.rint((d if d >= 0.0 else 0.0) * scale) / scale  # np.maximum(d, 0), then np.round
+            d = jaccard_of(acc[j], scale)
             if d > max_distance:
                 continue
             if nearest > 0:

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from reidforge.pretrain.clustering import (_DECIMALS, _ROW_CHUNK, ClusterResult, ReciprocalSets, SelfPacedClustering,
-                                           _pair_sims, expanded_rows, stack_rows, symmetric_graph)
+                                           _pair_sims, expanded_rows, jaccard_of, stack_rows, symmetric_graph)
 from reidforge.pretrain.knn import (_BLOCK, _MARGIN, _full_precision, _product, _product_error, _rank,
                                     _resolve, check_features, check_k)
 
@@ -294,9 +294,7 @@ def _walk_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, col_pt
                 acc[j] += min(v_il, col_data[f])
         for s in range(t):
             j = touched[s]
-            m = acc[j]
-            d = 1.0 - m / (2.0 - m)
-            d = np.rint((d if d >= 0.0 else 0.0) * scale) / scale
+            d = jaccard_of(acc[j], scale)
             if d > max_distance:
                 continue
             if count == len(out_d):
